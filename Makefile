@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Both create ./.venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fnl-installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first (a CPU build on local disk; a bare `torch` would pull a CUDA build).
+# fairseq-fixed is installed with --no-deps: its torchaudio requirement cannot load beside torch 2.13
+# and breaks `import transformers`; its real dependencies come from our [fairseq] extra.
+$(STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q cython 'numpy>=1.21.3' 'setuptools>=64' wheel
+	$(BIN)/python -c "import fairseq" 2>/dev/null || \
+	  $(BIN)/pip install -q --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
+	$(BIN)/pip install -q -e '.[fairseq,hf,test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fnl demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info
