@@ -1,5 +1,6 @@
 """The torch-only core: factorized layers, spectral initialization, Frobenius decay, attention forms."""
 from .attention import attention_spectral_init
+from .checks import NonFiniteError, check_finite
 from .forms import (
     KINDS,
     BoundForm,
@@ -26,6 +27,8 @@ from .rank import factorized_param_count, rank_from_scale, rank_scale_for_param_
 from .spectral import head_spectral_init, spectral_init, tail_energy
 
 __all__ = [
+    "NonFiniteError",
+    "check_finite",
     "BoundForm",
     "FactorView",
     "FactorizedEmbedding",
