@@ -1,0 +1,211 @@
+"""Shared helpers for the fairseq tests: a tiny generated parallel corpus and fairseq runs.
+
+API (kept small on purpose, other test files rely on it):
+
+* ``make_tiny_data(root, n_train=64) -> data_bin``: writes a tiny synthetic corpus (source words ``s0..s23``,
+  target = a fixed word mapping in reversed order, so it is learnable) and binarizes it with
+  ``fairseq-preprocess --joined-dictionary`` (joined, so ``--share-all-embeddings`` works). Cached per
+  session and per ``n_train``: later calls return the first directory made.
+* ``user_dir() -> str``: what ``fnl userdir`` prints.
+* ``tiny_train_args(data_bin, save_dir, *extra, arch="fnl_transformer_tiny", updates=4) -> argv``: flags of
+  a short deterministic CPU run (dropout 0, fixed batch size, json logs every update, no progress bar).
+* ``run_fairseq_train(argv, in_process=True, cwd=None) -> FairseqRun``: runs ``fairseq-train`` with ``argv``
+  (without the program name) in this process (``fairseq_cli.train.cli_main``) or in a subprocess.
+  ``FairseqRun.stats`` is the list of json log records (dicts), ``.train`` / ``.valid`` the per-update
+  training records and the validation records, ``.output`` the captured log text.
+* ``run_fairseq_cli(name, argv, stdin=None, cwd=None) -> subprocess.CompletedProcess``: any fairseq console
+  command (``generate``, ``interactive``, ...) in a subprocess (``python -m fairseq_cli.<name>``).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+VOCAB = 24
+_DATA_CACHE: Dict[tuple, str] = {}
+
+
+def _sentence_pair(rng: random.Random):
+    n = rng.randint(3, 8)
+    src = [rng.randrange(VOCAB) for _ in range(n)]
+    tgt = [(7 * w + 3) % VOCAB for w in reversed(src)]
+    return " ".join(f"s{w}" for w in src), " ".join(f"t{w}" for w in tgt)
+
+
+def _write_split(prefix: str, n: int, rng: random.Random) -> None:
+    pairs = [_sentence_pair(rng) for _ in range(n)]
+    with open(prefix + ".src", "w") as fs, open(prefix + ".tgt", "w") as ft:
+        for s, t in pairs:
+            fs.write(s + "\n")
+            ft.write(t + "\n")
+
+
+def make_tiny_data(root, n_train: int = 64, n_valid: int = 16, n_test: int = 8, seed: int = 0) -> str:
+    """Generate and binarize a tiny src->tgt corpus under ``root``; returns the data-bin directory."""
+    key = (n_train, n_valid, n_test, seed)
+    cached = _DATA_CACHE.get(key)
+    if cached and os.path.exists(os.path.join(cached, "dict.src.txt")):
+        return cached
+    base = os.path.join(str(root), f"tiny-{n_train}-{n_valid}-{n_test}-{seed}")
+    raw, data_bin = os.path.join(base, "raw"), os.path.join(base, "data-bin")
+    os.makedirs(raw, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        _write_split(os.path.join(raw, split), n, rng)
+    from fairseq import options
+    from fairseq_cli import preprocess
+
+    parser = options.get_preprocessing_parser()
+    args = parser.parse_args([
+        "--source-lang", "src", "--target-lang", "tgt",
+        "--trainpref", os.path.join(raw, "train"), "--validpref", os.path.join(raw, "valid"),
+        "--testpref", os.path.join(raw, "test"), "--destdir", data_bin,
+        "--joined-dictionary", "--workers", "1",
+    ])
+    with _quiet_logging():
+        preprocess.main(args)
+    _DATA_CACHE[key] = data_bin
+    return data_bin
+
+
+def user_dir() -> str:
+    from fnl_transformers.fairseq_plugin.commands.userdir import user_dir_path
+
+    return user_dir_path()
+
+
+def tiny_train_args(data_bin: str, save_dir: str, *extra: str, arch: str = "fnl_transformer_tiny",
+                    updates: int = 4, user_dir_flag: bool = True) -> List[str]:
+    """argv (without program name) of a short, deterministic CPU training run."""
+    argv = [
+        data_bin, "--task", "translation", "--source-lang", "src", "--target-lang", "tgt",
+        "--arch", arch, "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "fixed",
+        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--batch-size", "16", "--required-batch-size-multiple", "1", "--max-update", str(updates),
+        "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
+        "--seed", "1", "--cpu", "--num-workers", "0", "--save-dir", save_dir,
+        "--log-format", "json", "--log-interval", "1", "--no-progress-bar",
+        "--no-epoch-checkpoints",
+    ]
+    if user_dir_flag:
+        argv += ["--user-dir", user_dir()]
+    return argv + list(extra)
+
+
+@dataclass
+class FairseqRun:
+    output: str
+    stats: List[dict] = field(default_factory=list)
+
+    @property
+    def train(self) -> List[dict]:
+        """Per-update training records (json log lines with a ``loss`` key)."""
+        return [s for s in self.stats if "loss" in s and "train_loss" not in s]
+
+    @property
+    def valid(self) -> List[dict]:
+        return [s for s in self.stats if "valid_loss" in s]
+
+    @property
+    def end_of_epoch(self) -> List[dict]:
+        return [s for s in self.stats if "train_loss" in s]
+
+
+def _parse_stats(text: str) -> List[dict]:
+    stats = []
+    for line in text.splitlines():
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            record = json.loads(line[start:])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            stats.append(record)
+    return stats
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: List[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(old)
+
+
+def _reset_fairseq_globals() -> None:
+    """fairseq keeps the best validation loss of a run in function attributes; clear them between runs."""
+    from fairseq import checkpoint_utils
+    from fairseq_cli import train
+
+    for fn in (checkpoint_utils.save_checkpoint, train.should_stop_early):
+        for attr in ("best", "num_runs"):
+            if hasattr(fn, attr):
+                delattr(fn, attr)
+
+
+def run_fairseq_train(argv: Sequence[str], in_process: bool = True, cwd: Optional[str] = None,
+                      env: Optional[dict] = None, timeout: float = 600) -> FairseqRun:
+    """Run ``fairseq-train argv``; raises ``RuntimeError`` with the log when it fails."""
+    argv = [str(a) for a in argv]
+    if not in_process:
+        res = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *argv], capture_output=True, text=True,
+                             cwd=cwd, env=env, timeout=timeout)
+        text = res.stdout + res.stderr
+        if res.returncode != 0:
+            raise RuntimeError(f"fairseq-train failed (exit {res.returncode}):\n{text[-6000:]}")
+        return FairseqRun(text, _parse_stats(text))
+    from fairseq_cli import train
+
+    _reset_fairseq_globals()
+    handler = _ListHandler()
+    root = logging.getLogger()
+    old_level, old_argv, old_cwd = root.level, sys.argv, os.getcwd()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    sys.argv = ["fairseq-train", *argv]
+    try:
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(io.StringIO()):
+            train.cli_main()
+    except BaseException as exc:  # SystemExit from argparse included
+        raise RuntimeError(f"fairseq-train failed: {exc!r}\n" + "\n".join(handler.lines[-60:])) from exc
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    text = "\n".join(handler.lines)
+    return FairseqRun(text, _parse_stats(text))
+
+
+def run_fairseq_cli(name: str, argv: Sequence[str], stdin: Optional[str] = None, cwd: Optional[str] = None,
+                    env: Optional[dict] = None, timeout: float = 600, check: bool = True):
+    """``fairseq-<name> argv`` in a subprocess; returns the CompletedProcess (text mode)."""
+    res = subprocess.run([sys.executable, "-m", f"fairseq_cli.{name}", *map(str, argv)], input=stdin,
+                         capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"fairseq-{name} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-6000:]}")
+    return res
