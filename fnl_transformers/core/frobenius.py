@@ -126,7 +126,8 @@ def accumulate_fd_grads(
     coeffs: Dict[str, float],
     out: Optional[Dict[int, torch.Tensor]] = None,
 ) -> Dict[int, torch.Tensor]:
-    """``lambda_kind * dFD/dp`` for every parameter ``p`` of ``specs`` (float32), keyed by ``id(p)``.
+    """``lambda_kind * dFD/dp`` for every parameter ``p`` of ``specs`` (float32; float64 for float64 ``p``),
+    keyed by ``id(p)``.
 
     ``lookup(key)`` returns the parameter a spec names. Gradients of parameters shared by several forms
     (fused projections, tied factors) are summed. Used by the optimizers for decoupled FD.
@@ -141,11 +142,11 @@ def accumulate_fd_grads(
             dA, dB, dM = form_grads(bound)
             for view, grad in ((spec.a, dA), (spec.b, dB)):
                 p = lookup(view.key)
-                buf = out.setdefault(id(p), torch.zeros_like(p, dtype=torch.float32))
+                buf = out.setdefault(id(p), torch.zeros_like(p, dtype=_f32(p).dtype))
                 view.view(buf).add_(grad, alpha=lam)  # writes through the view into buf
             if dM is not None:
                 p = lookup(spec.m)
-                buf = out.setdefault(id(p), torch.zeros_like(p, dtype=torch.float32))
+                buf = out.setdefault(id(p), torch.zeros_like(p, dtype=_f32(p).dtype))
                 buf.add_(dM, alpha=lam)
     return out
 
