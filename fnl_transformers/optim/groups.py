@@ -1,0 +1,106 @@
+"""Parameter groups from a model: Frobenius decay on factorized forms, weight decay elsewhere, none on norms/biases."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, List, Optional, Union
+
+from torch import nn
+
+from ..core import KINDS, iter_forms
+from ..core.forms import module_lookup
+from ..core.frobenius import _coefficients
+from ._fd import check_number, encode_forms
+
+NoDecay = Union[Callable[[str, nn.Parameter, nn.Module], bool], Iterable[str]]
+
+
+def default_no_decay(name: str, param: nn.Parameter, module: nn.Module) -> bool:
+    """No decay for biases (``*bias``) and every parameter of a normalization layer (a module whose class
+    name contains ``Norm``: ``nn.LayerNorm``, ``nn.RMSNorm``, HF's ``T5LayerNorm``, fairseq's LayerNorm...)."""
+    return name.rsplit(".", 1)[-1].endswith("bias") or "norm" in type(module).__name__.lower()
+
+
+def _no_decay_rule(no_decay: NoDecay) -> Callable[[str, nn.Parameter, nn.Module], bool]:
+    if callable(no_decay):
+        return no_decay
+    if isinstance(no_decay, str):
+        raise ValueError(f"no_decay must be a callable or a list of name substrings, got the string {no_decay!r}")
+    patterns = tuple(no_decay)
+    return lambda name, param, module: any(s in name for s in patterns)
+
+
+def param_groups(
+    model: nn.Module,
+    fd_linear: float = 0.0,
+    fd_embedding: float = 0.0,
+    fd_qk: float = 0.0,
+    fd_ov: float = 0.0,
+    weight_decay: float = 0.0,
+    no_decay: NoDecay = default_no_decay,
+    params: Optional[Iterable[nn.Parameter]] = None,
+) -> List[dict]:
+    """Optimizer parameter groups of ``model`` for :class:`FLAMBe`, :class:`AdamWFD` (or any optimizer).
+
+    * **FD group**: every factor of a form whose kind has a nonzero coefficient (``fd_<kind>``), with
+      ``weight_decay=0``, ``fd={kind: lambda}`` and ``fd_forms`` (the forms re-keyed to indices into the
+      group's ``params``, stored as plain dicts so ``state_dict`` round-trips).
+    * **decay group**: every other trainable parameter, with ``weight_decay`` (factors of forms whose
+      coefficient is 0 included: ``param_groups(model, fd_ov=1e-2, weight_decay=0.01)`` is FD on the
+      OV forms and regular decay everywhere else, the paper's FLAMBe setting).
+    * **no-decay group**: parameters for which ``no_decay(name, param, module)`` is true (default
+      :func:`default_no_decay`: biases and normalization layers), ``weight_decay=0``. ``no_decay`` may also
+      be a list of substrings of parameter names (HF style: ``["bias", "LayerNorm.weight"]``).
+
+    Frozen parameters (``requires_grad=False``) are left out, except a frozen factor of an FD form with a
+    trainable factor (its value enters the FD gradient; it has no gradient, so it is never updated).
+    ``params`` restricts the groups to those parameters (each must belong to ``model``), e.g. the list a
+    training framework hands its optimizer. Empty groups are omitted. No parameter is in two groups.
+    """
+    coeffs = _coefficients(fd_linear, fd_embedding, fd_qk, fd_ov)
+    weight_decay = check_number("weight_decay", weight_decay, fix=" (0 disables decay)")
+    rule = _no_decay_rule(no_decay)
+
+    owner: Dict[int, tuple] = {}  # id(param) -> (qualified name, param, owning module), first name wins (ties)
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owner.setdefault(id(p), (f"{mname}.{pname}" if mname else pname, p, module))
+    if params is None:
+        wanted = {i for i, (_, p, _) in owner.items() if p.requires_grad}
+    else:
+        wanted = set()
+        for p in params:
+            if id(p) not in owner:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} passed in `params` is not a parameter of "
+                                 "`model`; pass the model that owns it")
+            wanted.add(id(p))
+
+    # FD forms: those of active kinds with at least one wanted factor
+    active = tuple(k for k in KINDS if coeffs[k] > 0)
+    fd_ids: List[int] = []
+    forms = []  # (spec, lookup)
+    for _, module, spec, _ in iter_forms(model, active):
+        get = module_lookup(module)
+        ids = [id(get(key)) for key in spec.keys()]
+        if not any(i in wanted for i in ids):
+            continue
+        forms.append((spec, get))
+        fd_ids.extend(i for i in ids if i not in fd_ids)
+    order = {i: n for n, i in enumerate(owner)}  # model order
+    fd_ids.sort(key=order.__getitem__)
+    index = {i: n for n, i in enumerate(fd_ids)}
+    fd_forms = [spec.with_keys(lambda key, get=get: index[id(get(key))]) for spec, get in forms]
+
+    decay, no = [], []
+    for i, (name, p, module) in owner.items():
+        if i in wanted and i not in index:
+            (no if rule(name, p, module) else decay).append(p)
+
+    groups = []
+    if fd_ids:
+        fd_params = [owner[i][1] for i in fd_ids]
+        groups.append({"params": fd_params, "weight_decay": 0.0, "fd": {k: coeffs[k] for k in active},
+                       "fd_forms": encode_forms(fd_forms, len(fd_params), 0)})
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no:
+        groups.append({"params": no, "weight_decay": 0.0})
+    return groups
