@@ -1,0 +1,95 @@
+"""Shared helpers of the Trainer tests: a tiny factorized BERT, an MLM data set, a short Trainer run.
+
+Also imported by ``tests/hf_trainer_ddp_script.py`` (the torchrun worker), so it must not import pytest.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import torch
+
+VOCAB, HIDDEN, LAYERS, HEADS, FFN, SEQ = 48, 32, 2, 4, 64, 8
+FD = {"linear": 0.05, "qk": 0.05, "ov": 0.05}  # large enough that FD moves the weights visibly in 3 updates
+
+
+def tiny_bert(seed: int = 0, dropout: float = 0.0):
+    """BertForMaskedLM (hidden 32, 2 layers, 4 heads) with rank-16 factorized FFN layers (SI) and QK/OV forms.
+
+    Uses ``fnl_transformers.hf.patch_model`` when it exists; otherwise factorizes by hand with the core."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                     intermediate_size=FFN, max_position_embeddings=2 * SEQ, type_vocab_size=1,
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    model = BertForMaskedLM(cfg)
+    return _factorize_by_hand(model)
+
+
+def _factorize_by_hand(model):
+    from fnl_transformers.core import FactorizedLinear, attention_form_specs, register_attention_forms
+
+    for layer in model.bert.encoder.layer:
+        layer.intermediate.dense = FactorizedLinear.from_linear(layer.intermediate.dense, rank_scale=0.5)
+        layer.output.dense = FactorizedLinear.from_linear(layer.output.dense, rank_scale=0.5)
+        specs = attention_form_specs("self.query.weight", "self.key.weight", "self.value.weight",
+                                     "output.dense.weight", num_heads=HEADS)
+        register_attention_forms(layer.attention, specs)
+    return model
+
+
+class MLMData(torch.utils.data.Dataset):
+    """``n`` random sequences whose MLM labels cover 1..4 positions (so micro-batches differ in label count:
+    a per-micro-batch mean differs from the large-batch mean) and, with ``empty``, some none at all."""
+
+    def __init__(self, n: int = 16, seed: int = 1, empty: bool = False):
+        g = torch.Generator().manual_seed(seed)
+        self.items: List[Dict[str, torch.Tensor]] = []
+        for i in range(n):
+            ids = torch.randint(0, VOCAB, (SEQ,), generator=g)
+            labels = torch.full((SEQ,), -100)
+            k = 0 if empty and i % 4 == 3 else 1 + i % 4
+            pos = torch.randperm(SEQ, generator=g)[:k]
+            labels[pos] = ids[pos]
+            ids = ids.clone()
+            ids[pos] = 0  # the [MASK] stand-in
+            self.items.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long),
+                               "labels": labels})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def training_args(out_dir: str, **kw):
+    from transformers import TrainingArguments
+
+    base = dict(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=3,
+                learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.1,
+                max_grad_norm=0.0, seed=0, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                dataloader_num_workers=0, disable_tqdm=True, average_tokens_across_devices=True)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def params(model) -> Dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def max_rel_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], start: Dict[str, torch.Tensor]) -> float:
+    """max |a - b| over all parameters, relative to how far ``b`` moved from ``start`` (its max |b - start|)."""
+    assert a.keys() == b.keys()
+    diff = max(float((a[n] - b[n]).abs().max()) for n in a)
+    moved = max(float((b[n] - start[n]).abs().max()) for n in b)
+    assert moved > 0, "training did not move the parameters"
+    return diff / moved
+
+
+def quiet():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
