@@ -207,6 +207,7 @@ class FNLTrainer(Trainer):
             from .. import optim
 
             opt_model = self.model if model is None else model
+            factors = {id(p) for _, p, _ in form_parameters(opt_model)}
             groups = optim.param_groups(
                 opt_model,
                 fd_linear=self.fd_coefficients["linear"],
@@ -214,6 +215,8 @@ class FNLTrainer(Trainer):
                 fd_qk=self.fd_coefficients["qk"],
                 fd_ov=self.fd_coefficients["ov"],
                 weight_decay=self.args.weight_decay,
+                # factors of kinds whose coefficient is 0 get neither FD nor weight decay, as in coupled mode
+                no_decay=lambda name, p, module: id(p) in factors or optim.default_no_decay(name, p, module),
             )
             cls = {"adamwfd": optim.AdamWFD, "flambe": optim.FLAMBe}[self.fd_optimizer]
             self.optimizer = cls(
