@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ def make_tiny_data(root, n_train: int = 64, n_valid: int = 16, n_test: int = 8, 
         return cached
     base = os.path.join(str(root), f"tiny-{n_train}-{n_valid}-{n_test}-{seed}")
     raw, data_bin = os.path.join(base, "raw"), os.path.join(base, "data-bin")
+    done = os.path.join(base, "DONE")
+    if os.path.exists(done):  # made earlier (same root)
+        _DATA_CACHE[key] = data_bin
+        return data_bin
+    shutil.rmtree(base, ignore_errors=True)  # a partial earlier attempt
     os.makedirs(raw, exist_ok=True)
     rng = random.Random(seed)
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
@@ -72,6 +78,7 @@ def make_tiny_data(root, n_train: int = 64, n_valid: int = 16, n_test: int = 8, 
     ])
     with _quiet_logging():
         preprocess.main(args)
+    open(done, "w").close()
     _DATA_CACHE[key] = data_bin
     return data_bin
 
@@ -181,7 +188,9 @@ def run_fairseq_train(argv: Sequence[str], in_process: bool = True, cwd: Optiona
     _reset_fairseq_globals()
     handler = _ListHandler()
     root = logging.getLogger()
-    old_level, old_argv, old_cwd = root.level, sys.argv, os.getcwd()
+    old_level, old_argv, old_cwd, old_handlers = root.level, sys.argv, os.getcwd(), list(root.handlers)
+    for h in old_handlers:  # fairseq's stderr handler: the log is returned (and shown on failure) instead
+        root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     sys.argv = ["fairseq-train", *argv]
@@ -196,6 +205,8 @@ def run_fairseq_train(argv: Sequence[str], in_process: bool = True, cwd: Optiona
         sys.argv = old_argv
         os.chdir(old_cwd)
         root.removeHandler(handler)
+        for h in old_handlers:
+            root.addHandler(h)
         root.setLevel(old_level)
     text = "\n".join(handler.lines)
     return FairseqRun(text, _parse_stats(text))

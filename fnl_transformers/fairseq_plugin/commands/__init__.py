@@ -1,0 +1,1 @@
+"""``fnl`` subcommands of the fairseq plugin (``userdir``, ``recompose``)."""

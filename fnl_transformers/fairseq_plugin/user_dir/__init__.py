@@ -1,0 +1,1 @@
+"""Holds the ``--user-dir`` shim package (see ``fnl userdir``)."""
