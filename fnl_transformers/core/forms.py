@@ -37,7 +37,8 @@ class FactorView:
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         rows = tensor.t() if self.transpose else tensor
-        rows = rows[self.start : self.stop]
+        if self.start != 0 or self.stop is not None:  # a no-op slice would cost a zero-fill + copy in backward
+            rows = rows[self.start : self.stop]
         if rows.shape[0] % self.heads:
             raise ValueError(f"{self.key}: {rows.shape[0]} rows do not split into {self.heads} heads")
         return rows.view(self.heads, rows.shape[0] // self.heads, rows.shape[1]).transpose(1, 2)
