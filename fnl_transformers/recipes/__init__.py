@@ -1,0 +1,13 @@
+"""Python helpers for the shell recipes in ``recipes/`` (IWSLT-14 translation, BERT pretraining, SQuAD).
+
+One module per concern, each runnable with ``python -m fnl_transformers.recipes.<module> --help``:
+
+- ``synthetic``: learnable synthetic corpora for ``--smoke`` (parallel text, MLM text, SQuAD-format JSON).
+- ``textprep``: raw parallel text checks, cleaning and length filtering, joint sentencepiece.
+- ``fairseq_eval``: detokenized sacrebleu BLEU of ``fairseq-generate`` output, results JSON with parameter counts.
+- ``fairseq_init``: the untrained checkpoint of a training command line (the "no learning" contrast).
+- ``squad_metric``: the official SQuAD v1.1 exact match / F1 (answer normalization, max over answers).
+- ``summary``: results JSONs -> markdown table + PNG plots (score vs parameters, score vs coefficient).
+
+Importing this package imports neither fairseq nor transformers.
+"""
