@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from hf_trainer_helpers import FD, MLMData, quiet, tiny_bert, training_args  # noqa: E402
+from hf_trainer_helpers import MLMData, quiet, tiny_bert, training_args  # noqa: E402
 
 from fnl_transformers.hf.trainer import FNLTrainer  # noqa: E402
 
@@ -39,7 +39,7 @@ def main() -> None:
                               optim=run.get("optim", "adamw_torch"), learning_rate=1e-2, adam_epsilon=1e-6,
                               logging_steps=args.steps, ddp_find_unused_parameters=False,
                               **({"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}))
-        trainer = FNLTrainer(model=model, args=targs, train_dataset=MLMData(), fnl_config=FD, fd=run["fd"],
+        trainer = FNLTrainer(model=model, args=targs, train_dataset=MLMData(), fd=run["fd"],
                              fd_optimizer=run.get("fd_optimizer", "adamwfd"))
         trainer.train()
         results[name] = {n: p.detach().clone() for n, p in model.named_parameters()}

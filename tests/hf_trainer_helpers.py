@@ -13,30 +13,19 @@ VOCAB, HIDDEN, LAYERS, HEADS, FFN, SEQ = 48, 32, 2, 4, 64, 8
 FD = {"linear": 0.05, "qk": 0.05, "ov": 0.05}  # large enough that FD moves the weights visibly in 3 updates
 
 
-def tiny_bert(seed: int = 0, dropout: float = 0.0):
-    """BertForMaskedLM (hidden 32, 2 layers, 4 heads) with rank-16 factorized FFN layers (SI) and QK/OV forms.
-
-    Uses ``fnl_transformers.hf.patch_model`` when it exists; otherwise factorizes by hand with the core."""
+def tiny_bert(seed: int = 0, dropout: float = 0.0, fd_mode: str = "coupled"):
+    """BertForMaskedLM (hidden 32, 2 layers, 4 heads) patched with rank-16 factorized FFN layers (SI), QK/OV
+    forms, and FD coefficients ``FD`` in its FNLConfig (``model.fnl_config``)."""
     from transformers import BertConfig, BertForMaskedLM
+
+    from fnl_transformers.hf import FNLConfig, patch_model
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                      intermediate_size=FFN, max_position_embeddings=2 * SEQ, type_vocab_size=1,
                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    model = BertForMaskedLM(cfg)
-    return _factorize_by_hand(model)
-
-
-def _factorize_by_hand(model):
-    from fnl_transformers.core import FactorizedLinear, attention_form_specs, register_attention_forms
-
-    for layer in model.bert.encoder.layer:
-        layer.intermediate.dense = FactorizedLinear.from_linear(layer.intermediate.dense, rank_scale=0.5)
-        layer.output.dense = FactorizedLinear.from_linear(layer.output.dense, rank_scale=0.5)
-        specs = attention_form_specs("self.query.weight", "self.key.weight", "self.value.weight",
-                                     "output.dense.weight", num_heads=HEADS)
-        register_attention_forms(layer.attention, specs)
-    return model
+    fd = {f"fd_{k}": v for k, v in FD.items()}
+    return patch_model(BertForMaskedLM(cfg), FNLConfig(rank_scale=0.5, factorize=("ffn",), fd_mode=fd_mode, **fd))
 
 
 class MLMData(torch.utils.data.Dataset):

@@ -26,9 +26,7 @@ EXACT = 1e-6  # same batches, same order (measured: bitwise equal)
 
 def _trainer(tmp_path, model, data, cls=FNLTrainer, name="run", trainer_kw=None, **args_kw):
     args = training_args(str(tmp_path / name), **args_kw)
-    kw = dict(fnl_config=FD) if cls is FNLTrainer else {}
-    kw.update(trainer_kw or {})
-    return cls(model=model, args=args, train_dataset=data, **kw)
+    return cls(model=model, args=args, train_dataset=data, **(trainer_kw or {}))
 
 
 def _manual_adamw(model, data, steps, batch, lr, wd, fd):
@@ -192,8 +190,9 @@ def _manual_flambe(model, data, steps, batch, lr, wd, eps):
 
 
 def test_flambe_fnl_trainer_and_plain_trainer_equal_manual_loop(tmp_path):
-    """FD decoupled through FLAMBe, two ways: FNLTrainer(fd="decoupled", fd_optimizer="flambe") and a plain
-    Trainer given optimizers=(FLAMBe(param_groups(...)), None); both equal a hand-written FLAMBe loop."""
+    """FD decoupled through FLAMBe, two ways: FNLTrainer(fd_optimizer="flambe") on a model patched with
+    FNLConfig(fd_mode="decoupled"), and a plain Trainer given optimizers=(FLAMBe(param_groups(...)), None);
+    both equal a hand-written FLAMBe loop."""
     from fnl_transformers.optim import FLAMBe, param_groups
 
     data = MLMData()
@@ -201,8 +200,8 @@ def test_flambe_fnl_trainer_and_plain_trainer_equal_manual_loop(tmp_path):
     start = params(tiny_bert())
     want = _manual_flambe(tiny_bert(), data, steps=3, batch=4, lr=1e-2, wd=0.1, eps=1e-6)
 
-    model = tiny_bert()
-    trainer = _trainer(tmp_path, model, data, name="fnl", trainer_kw=dict(fd="decoupled", fd_optimizer="flambe"), **kw)
+    model = tiny_bert(fd_mode="decoupled")
+    trainer = _trainer(tmp_path, model, data, name="fnl", trainer_kw=dict(fd_optimizer="flambe"), **kw)
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
                       FLAMBe)
@@ -256,3 +255,15 @@ def test_resume_from_mid_run_checkpoint_equals_uninterrupted(tmp_path, fd, dropo
     assert sorted(res_losses) == [1, 2, 3, 4, 5, 6]  # 1-3 come from the checkpoint's trainer_state.json
     for step in (4, 5, 6):
         assert res_losses[step] == pytest.approx(full_losses[step], rel=1e-5)
+
+
+def test_reloaded_patched_model_brings_its_fd_config(tmp_path):
+    """save_pretrained + hf.from_pretrained: FNLTrainer finds the FD coefficients and mode in the reloaded model."""
+    from fnl_transformers.hf import from_pretrained
+
+    tiny_bert(fd_mode="decoupled").save_pretrained(tmp_path / "saved")
+    model = from_pretrained(str(tmp_path / "saved"))
+    trainer = _trainer(tmp_path, model, MLMData(4), max_steps=1)
+    assert trainer.fd_coefficients == {"linear": FD["linear"], "embedding": 0.0, "qk": FD["qk"], "ov": FD["ov"]}
+    assert trainer.fd_mode == "decoupled"
+    trainer.train()

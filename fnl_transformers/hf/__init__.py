@@ -16,3 +16,6 @@ from .pretrained import from_pretrained
 __all__ = ["FNLConfig", "from_pretrained", "get_fnl_config", "is_patched", "patch_model", "recompose"]
 
 # --- Trainer integration (fnl_transformers/hf/trainer.py, owned by the hf-train member): add its exports below ---
+from .trainer import FNLTrainer  # noqa: E402
+
+__all__ += ["FNLTrainer"]

@@ -59,7 +59,6 @@ from ..core import (
 
 FD_MODES = ("coupled", "decoupled")
 FD_OPTIMIZERS = ("adamwfd", "flambe")
-_CONFIG_ATTRS = ("fnl_config",)  # where a patched model keeps its FNLConfig
 
 
 def fd_coefficients(config) -> Dict[str, float]:
@@ -92,19 +91,18 @@ def fd_coefficients(config) -> Dict[str, float]:
 
 
 def _model_config(model: nn.Module):
-    for attr in _CONFIG_ATTRS:
-        cfg = getattr(model, attr, None)
-        if cfg is not None:
-            return cfg
-    return None
+    """The FNLConfig ``patch_model`` / ``from_pretrained`` left on ``model``, or None."""
+    from .patch import get_fnl_config, is_patched
+
+    cfg = getattr(model, "fnl_config", None)
+    if cfg is None and is_patched(model):
+        cfg = get_fnl_config(model)
+    return cfg
 
 
 def _fd_mode_of(config) -> Optional[str]:
-    """The coupled/decoupled choice an FNLConfig carries, if any (``fd_mode`` or boolean ``fd_decoupled``)."""
-    mode = getattr(config, "fd_mode", None)
-    if mode is None and getattr(config, "fd_decoupled", None) is not None:
-        mode = "decoupled" if config.fd_decoupled else "coupled"
-    return mode
+    """The coupled/decoupled choice an FNLConfig carries (``fd_mode``), None for a dict."""
+    return getattr(config, "fd_mode", None)
 
 
 def is_fd_optimizer(optimizer) -> bool:
