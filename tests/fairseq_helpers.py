@@ -13,6 +13,8 @@ API (kept small on purpose, other test files rely on it):
   (without the program name) in this process (``fairseq_cli.train.cli_main``) or in a subprocess.
   ``FairseqRun.stats`` is the list of json log records (dicts), ``.train`` / ``.valid`` the per-update
   training records and the validation records, ``.output`` the captured log text.
+* ``build_model(argv, seed=1) -> (model, task, args)``: parse training flags (``tiny_train_args(...)``) and
+  build the task and model in this process exactly as ``fairseq-train`` does (seeded the same way).
 * ``run_fairseq_cli(name, argv, stdin=None, cwd=None) -> subprocess.CompletedProcess``: any fairseq console
   command (``generate``, ``interactive``, ...) in a subprocess (``python -m fairseq_cli.<name>``).
 """
@@ -220,3 +222,16 @@ def run_fairseq_cli(name: str, argv: Sequence[str], stdin: Optional[str] = None,
     if check and res.returncode != 0:
         raise RuntimeError(f"fairseq-{name} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-6000:]}")
     return res
+
+
+def build_model(argv: Sequence[str], seed: Optional[int] = None):
+    """(model, task, args) built from fairseq-train flags, with fairseq-train's seeding (``--seed`` unless
+    ``seed`` is given)."""
+    from fairseq import options, tasks, utils
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, input_args=[str(a) for a in argv])
+    utils.set_torch_seed(args.seed if seed is None else seed)
+    task = tasks.setup_task(args)
+    model = task.build_model(args)
+    return model, task, args

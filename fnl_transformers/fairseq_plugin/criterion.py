@@ -59,6 +59,12 @@ class FDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         coeffs = _coefficients(linear=fd_linear, embedding=fd_linear if fd_embedding is None else fd_embedding,
                                qk=fd_qk, ov=fd_ov)  # one clear error for a negative / non-finite value
         self.fd = {k: v for k, v in coeffs.items() if v > 0}
+        # flag -> kinds it decays (--fd-linear covers the embeddings too unless --fd-embedding is given)
+        self._flags = {f"--fd-{k}": {k} for k in ("qk", "ov") if k in self.fd}
+        if fd_linear > 0:
+            self._flags["--fd-linear"] = {"linear"} | ({"embedding"} if fd_embedding is None else set())
+        if fd_embedding is not None and fd_embedding > 0:
+            self._flags["--fd-embedding"] = {"embedding"}
         if isinstance(form_diagnostics_interval, bool) or int(form_diagnostics_interval) != form_diagnostics_interval \
                 or form_diagnostics_interval < 0:
             raise ValueError(f"--form-diagnostics-interval must be an integer >= 0, got {form_diagnostics_interval!r}")
@@ -68,12 +74,13 @@ class FDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
 
     def _check_forms(self, model) -> None:
         present = {spec.kind for _, _, spec, _ in iter_forms(model)}
-        missing = [k for k in self.fd if k not in present]
-        if missing:
-            flags = ", ".join(f"--fd-{k}" for k in missing)
+        idle = {flag: kinds for flag, kinds in self._flags.items() if not kinds & present}
+        if idle:
+            flags = ", ".join(idle)
+            kinds = "/".join(sorted(set().union(*idle.values())))
             raise ValueError(
-                f"{flags} > 0 but the model has no {'/'.join(missing)} forms to decay: use --arch fnl_transformer* "
-                "(it declares the attention QK/OV forms) and --rank-scale for linear/embedding forms, or drop the flag"
+                f"{flags} > 0 but the model has no {kinds} forms to decay: use --arch fnl_transformer* (it declares "
+                "the attention QK/OV forms) and --rank-scale for linear/embedding forms, or drop the flag"
             )
         self._checked = True
 
