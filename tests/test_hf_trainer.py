@@ -267,3 +267,22 @@ def test_reloaded_patched_model_brings_its_fd_config(tmp_path):
     assert trainer.fd_coefficients == {"linear": FD["linear"], "embedding": 0.0, "qk": FD["qk"], "ov": FD["ov"]}
     assert trainer.fd_mode == "decoupled"
     trainer.train()
+
+
+def test_decoupled_mode_needs_an_fd_optimizer(tmp_path):
+    model = tiny_bert(fd_mode="decoupled")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="applies no FD"):
+        _trainer(tmp_path, model, MLMData(4), trainer_kw=dict(optimizers=(opt, None)))
+
+
+def test_eval_loss_is_the_task_mean(tmp_path):
+    """Evaluation reports the plain MLM mean (no FD, no accumulation or world-size factor)."""
+    model = tiny_bert()
+    data = MLMData(4)
+    trainer = _trainer(tmp_path, model, data, per_device_eval_batch_size=4, gradient_accumulation_steps=2)
+    got = trainer.evaluate(eval_dataset=data)["eval_loss"]
+    model.eval()
+    with torch.no_grad():
+        want = model(**{k: torch.stack([data[i][k] for i in range(4)]) for k in data[0]}).loss
+    assert got == pytest.approx(float(want), rel=1e-6)

@@ -151,13 +151,18 @@ class FNLTrainer(Trainer):
 
     def __init__(self, *args, fnl_config=None, fd: Optional[str] = None, fd_optimizer: str = "adamwfd",
                  fnl_diagnostics: bool = True, check_finite: bool = True, **kwargs):
-        if "loss_is_scaled_for_ga" not in vars(Trainer):
+        if "loss_is_scaled_for_ga" not in vars(Trainer):  # added in transformers 5.19.0
             import transformers
 
             raise ImportError(
-                f"FNLTrainer needs a transformers Trainer with `loss_is_scaled_for_ga` (5.x); installed "
-                f"{transformers.__version__}: upgrade with pip install -U 'transformers>=5'"
+                f"FNLTrainer needs transformers >= 5.19 (Trainer.loss_is_scaled_for_ga); installed "
+                f"{transformers.__version__}: pip install -U 'transformers>=5.19' (or use a plain Trainer with "
+                "optimizers=(FLAMBe(param_groups(model, ...)), None))"
             )
+        if fd is not None and fd not in FD_MODES:
+            raise ValueError(f"fd must be one of {FD_MODES}, got {fd!r}")
+        if fd_optimizer not in FD_OPTIMIZERS:
+            raise ValueError(f"fd_optimizer must be one of {FD_OPTIMIZERS}, got {fd_optimizer!r}")
         super().__init__(*args, **kwargs)
         model = _unwrap(self.model)
         config = fnl_config if fnl_config is not None else _model_config(model)
@@ -169,9 +174,7 @@ class FNLTrainer(Trainer):
         self.fd_coefficients = fd_coefficients(config)
         mode = fd if fd is not None else (_fd_mode_of(config) or "coupled")
         if mode not in FD_MODES:
-            raise ValueError(f"fd must be one of {FD_MODES}, got {mode!r}")
-        if fd_optimizer not in FD_OPTIMIZERS:
-            raise ValueError(f"fd_optimizer must be one of {FD_OPTIMIZERS}, got {fd_optimizer!r}")
+            raise ValueError(f"fnl_config.fd_mode must be one of {FD_MODES}, got {mode!r}")
         self.fd_mode, self.fd_optimizer = mode, fd_optimizer
         self.fnl_diagnostics, self.check_finite = fnl_diagnostics, check_finite
         active = [k for k, v in self.fd_coefficients.items() if v > 0]
@@ -186,6 +189,16 @@ class FNLTrainer(Trainer):
             raise ValueError(
                 "the optimizer passed in `optimizers` applies decoupled FD and fd='coupled' adds FD to the loss: "
                 "FD would count twice; pass fd='decoupled' (or an optimizer without FD groups)"
+            )
+        if self.optimizer is not None and mode == "decoupled" and active and not is_fd_optimizer(self.optimizer):
+            raise ValueError(
+                f"fd='decoupled' with FD on {active}, but the optimizer passed in `optimizers` applies no FD: "
+                "pass FLAMBe/AdamWFD(fnl_transformers.optim.param_groups(model, ...)), or leave `optimizers` unset"
+            )
+        if active and (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)):
+            raise ValueError(
+                "FNLTrainer computes FD from whole parameters; FSDP and DeepSpeed shard or flatten them: "
+                "train with DDP (torchrun, no fsdp/deepspeed arguments)"
             )
 
     @property
@@ -229,10 +242,11 @@ class FNLTrainer(Trainer):
     # ---- loss ---------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training:  # evaluation / prediction: the task loss exactly as Trainer computes it
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        custom = self.label_smoother is not None or self.compute_loss_func is not None
+        if not model.training:  # evaluation / prediction: the task loss, a per-batch mean for every model
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch if custom else None)
         k = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-        if self.label_smoother is not None or self.compute_loss_func is not None:
+        if custom:
             # user-defined loss: Trainer's own normalization rule applies to it
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
@@ -255,7 +269,8 @@ class FNLTrainer(Trainer):
         total = task
         fd_parts: Dict[str, torch.Tensor] = {}
         if self.coupled:
-            fd_parts = frobenius_penalty_by_kind(_unwrap(model), **self.fd_coefficients)  # lambda/2 ||W||_F^2, Eq. (3)
+            with torch.autocast(total.device.type, enabled=False):  # FD in float32 even under mixed precision
+                fd_parts = frobenius_penalty_by_kind(_unwrap(model), **self.fd_coefficients)  # lambda/2||W||^2, Eq. 3
             if fd_parts:
                 total = task + torch.stack(list(fd_parts.values())).sum() / k  # k micro-batches: FD once per update
         if self.check_finite and not bool(torch.isfinite(total.detach()).all()):
