@@ -1,0 +1,206 @@
+"""``fnl recompose``: fnl_transformer checkpoint -> stock fairseq ``transformer`` checkpoint.
+
+* Math: zero-padding reduced heads and folding the score scaling into the query equals the reduced attention
+  (against a direct per-head reference, for s_used != s_stock too).
+* End to end, for a low-rank (SI + FD, untied factorized output projection), an overcomplete ``--deep`` (shared
+  embeddings, tied factorized projection) and a reduced-head model (QK and OV dims differ): stock
+  ``fairseq-generate`` WITHOUT ``--user-dir`` on the recomposed file gives the same hypotheses as the fnl
+  checkpoint with the plugin, scores within 1e-4; the file holds no pickled class.
+* Bad input: one ``fnl recompose: error:`` line, exit code 2, and no output (or partial file) left behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+
+import pytest
+import torch
+
+from fairseq_helpers import make_tiny_data, run_fairseq_cli, run_fairseq_train, tiny_train_args, user_dir
+
+pytest.importorskip("fairseq")
+
+from fnl_transformers import cli  # noqa: E402
+from fnl_transformers.fairseq_plugin import recompose  # noqa: E402
+
+CONFIGS = {
+    "low_rank": ["--rank-scale", "0.5", "--spectral-init", "--criterion", "fd_label_smoothed_cross_entropy",
+                 "--fd-linear", "1e-3", "--fd-qk", "1e-3", "--fd-ov", "1e-3"],
+    "deep": ["--rank-scale", "2", "--deep", "--spectral-init", "--share-all-embeddings"],
+    "reduced_heads": ["--head-dim-qk", "3", "--head-dim-ov", "5", "--spectral-init-qk", "--spectral-init-ov",
+                      "--rank-scale", "0.5", "--factorize", "ffn"],
+}
+
+
+# ---------------------------------------------------------------- math
+
+def _attention(x, mem, p, H, scaling):
+    """Per-head attention by the definition (nn.Linear layout), head dims read from the weights."""
+    dq, dv = p["q_weight"].shape[0] // H, p["v_weight"].shape[0] // H
+    lin = lambda t, w, b: t @ w.T + (0 if b is None else b)  # noqa: E731
+    q = lin(x, p["q_weight"], p["q_bias"]).view(x.shape[0], H, dq).transpose(0, 1) * scaling
+    k = lin(mem, p["k_weight"], p["k_bias"]).view(mem.shape[0], H, dq).transpose(0, 1)
+    v = lin(mem, p["v_weight"], p["v_bias"]).view(mem.shape[0], H, dv).transpose(0, 1)
+    a = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v  # H x T x dv
+    return lin(a.transpose(0, 1).reshape(x.shape[0], H * dv), p["o_weight"], p["o_bias"])
+
+
+@pytest.mark.parametrize("scaling", [8 ** -0.5, 0.37])  # fnl's original scaling, and an arbitrary one
+def test_padded_heads_with_folded_scaling_equal_reduced_attention(scaling):
+    g = torch.Generator().manual_seed(0)
+    H, d, dq, dv = 4, 32, 3, 5
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    p = {"q_weight": r(H * dq, d), "q_bias": r(H * dq), "k_weight": r(H * dq, d), "k_bias": r(H * dq),
+         "v_weight": r(H * dv, d), "v_bias": r(H * dv), "o_weight": r(d, H * dv), "o_bias": r(d)}
+    x, mem = r(6, d), r(9, d)
+    dense = recompose.dense_attention(p, H, d, scaling)
+    assert dense["q_weight"].shape == (d, d) and dense["o_weight"].shape == (d, d)
+    expected = _attention(x, mem, p, H, scaling)
+    got = _attention(x, mem, dense, H, (d // H) ** -0.5)  # the stock module's scaling
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_pad_heads_refuses_wider_heads():
+    with pytest.raises(ValueError, match="larger than the stock head dim"):
+        recompose.pad_heads(torch.zeros(4 * 9, 3), 4, 8)
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def fnl_checkpoints(data_bin, tmp_path_factory):
+    out = {}
+    for name, extra in CONFIGS.items():
+        save_dir = str(tmp_path_factory.mktemp(name))
+        run_fairseq_train(tiny_train_args(data_bin, save_dir, *extra, updates=4))
+        out[name] = os.path.join(save_dir, "checkpoint_last.pt")
+    return out
+
+
+def _generate_in_process(argv) -> str:
+    """fairseq-generate in this process (the plugin is imported here anyway); returns its stdout."""
+    from fairseq import options
+    from fairseq_cli import generate
+
+    args = options.parse_args_and_arch(options.get_generation_parser(), [str(a) for a in argv])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        generate.main(args)
+    return buf.getvalue()
+
+
+def _hypotheses(stdout: str):
+    """{sentence id: (hypothesis tokens, score, positional scores)} from fairseq-generate output."""
+    hyps, pos = {}, {}
+    for line in stdout.splitlines():
+        m = re.match(r"^H-(\d+)\t(\S+)\t(.*)$", line)
+        if m:
+            hyps[int(m.group(1))] = (m.group(3), float(m.group(2)))
+        m = re.match(r"^P-(\d+)\t(.*)$", line)
+        if m:
+            pos[int(m.group(1))] = [float(v) for v in m.group(2).split()]
+    return {i: (h, s, pos[i]) for i, (h, s) in hyps.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_recomposed_checkpoint_translates_identically_without_user_dir(name, fnl_checkpoints, data_bin, tmp_path,
+                                                                        capsys):
+    src = fnl_checkpoints[name]
+    dst = str(tmp_path / "stock.pt")
+    assert cli.main(["recompose", src, dst]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(dst) == []
+    assert os.listdir(tmp_path) == ["stock.pt"]  # no temporary file left
+
+    gen = [data_bin, "--beam", "3", "--cpu", "--gen-subset", "test", "--batch-size", "8"]
+    ref = _hypotheses(_generate_in_process(gen + ["--path", src, "--user-dir", user_dir()]))
+    got = _hypotheses(run_fairseq_cli("generate", gen + ["--path", dst]).stdout)  # a fresh process, no plugin
+    assert len(ref) == 8 and got.keys() == ref.keys()
+    for i in ref:
+        assert got[i][0] == ref[i][0], f"sentence {i}: {got[i][0]!r} vs {ref[i][0]!r}"
+        assert abs(got[i][1] - ref[i][1]) <= 1e-4
+        assert max(abs(a - b) for a, b in zip(got[i][2], ref[i][2])) <= 1e-4
+
+    state = torch.load(dst, weights_only=True)  # plain torch, default allow-list
+    assert state["cfg"]["model"]["arch"] == "transformer"
+    sd = state["model"]
+    d, heads = 32, 4  # fnl_transformer_tiny
+    assert sd["encoder.layers.0.self_attn.q_proj.weight"].shape == (d, d)
+    assert sd["decoder.layers.1.encoder_attn.out_proj.weight"].shape == (d, d)
+    assert sd["encoder.layers.0.fc1.weight"].shape == (64, d)
+    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
+    if name == "reduced_heads":  # zero-padded: head h's rows dq..D of q_proj are zero
+        q = sd["encoder.layers.0.self_attn.q_proj.weight"].view(heads, d // heads, d)
+        assert q[:, 3:].abs().max() == 0 and q[:, :3].abs().max() > 0
+
+
+# ---------------------------------------------------------------- bad input
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("fnl recompose: error: ")
+    return err[0]
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert cli.main(["recompose", str(tmp_path / "nope.pt"), str(tmp_path / "out.pt")]) == 2
+    assert "does not exist" in _error_line(capsys)
+    assert os.listdir(tmp_path) == []
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello\n")
+    assert cli.main(["recompose", str(bad), str(tmp_path / "out.pt")]) == 2
+    assert "not a fairseq checkpoint" in _error_line(capsys)
+    torch.save({"weights": torch.zeros(2)}, str(tmp_path / "plain.pt"))
+    assert cli.main(["recompose", str(tmp_path / "plain.pt"), str(tmp_path / "out.pt")]) == 2
+    assert "not a fairseq checkpoint" in _error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "plain.pt"]
+
+
+def test_malicious_checkpoint_is_refused(tmp_path, capsys):
+    from test_fairseq_safety import _malicious_checkpoint
+
+    marker = tmp_path / "pwned"
+    bad = _malicious_checkpoint(tmp_path / "checkpoint_bad.pt", str(marker))
+    assert cli.main(["recompose", bad, str(tmp_path / "out.pt")]) == 2
+    assert "refusing to load" in _error_line(capsys)
+    assert not marker.exists() and not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.slow
+def test_stock_checkpoint_existing_output_and_atomic_write(fnl_checkpoints, tmp_path, capsys, monkeypatch):
+    src = fnl_checkpoints["low_rank"]
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"partial")  # e.g. left by something else: never silently replaced
+    assert cli.main(["recompose", src, str(out)]) == 2
+    assert "already exists" in _error_line(capsys) and out.read_bytes() == b"partial"
+
+    # a failure while writing leaves neither the output nor a temporary file
+    def broken_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(recompose.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        recompose.write_atomically({"x": 1}, str(tmp_path / "new.pt"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["out.pt"]
+
+    assert cli.main(["recompose", src, str(out), "--force"]) == 0
+    capsys.readouterr()
+    stock = str(out)
+    assert cli.main(["recompose", stock, str(tmp_path / "again.pt")]) == 2  # a stock checkpoint
+    assert "'transformer' checkpoint" in _error_line(capsys)
+    assert cli.main(["recompose", src, str(tmp_path / "no_such_dir" / "x.pt")]) == 2
+    assert "does not exist" in _error_line(capsys)
