@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -457,23 +457,3 @@ def _has_module(model: nn.Module, name: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def table_rows(plan: dict) -> List[dict]:
-    """Per-layer rows (name, kind, shape/dims, rank, params before/after, SI relative error) of a plan."""
-    rows = []
-    for name, e in plan["attention"].items():
-        if e["qk_head_dim"] == e["head_dim"] and e["ov_head_dim"] == e["head_dim"]:
-            continue
-        for form in ("qk", "ov"):
-            params = e.get(f"{form}_params", [None, None])
-            rows.append({"name": name, "kind": form, "shape": f"{e['heads']}h x {e['head_dim']}",
-                         "rank": e[f"{form}_head_dim"], "before": params[0], "after": params[1],
-                         "error": e.get(f"{form}_rel_error")})
-    for name, e in plan["layers"].items():
-        if e["type"] == "tied_head":
-            continue
-        params = e.get("params", [None, None])
-        rows.append({"name": name, "kind": e["kind"], "shape": f"{e['shape'][0]} x {e['shape'][1]}",
-                     "rank": e["rank"], "before": params[0], "after": params[1], "error": e.get("rel_error")})
-    return rows

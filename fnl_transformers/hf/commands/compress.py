@@ -1,0 +1,87 @@
+"""``fnl compress MODEL_DIR OUT_DIR``: SI-compress a pretrained HuggingFace model and save it.
+
+Factorizes the FFN (and by default embedding) layers at ``--rank-scale`` (or the scale that keeps
+``--target-param-ratio`` of the parameters) and shrinks attention heads to ``--head-dim`` with per-head
+spectral initialization, prints the per-layer table (ranks, parameters, relative approximation error) and
+saves the model, with the tokenizer files of MODEL_DIR, to OUT_DIR. Reload it with
+``fnl_transformers.hf.from_pretrained(OUT_DIR)``. OUT_DIR appears only once it is complete.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model_dir", help="a save_pretrained directory of a supported model (BERT, RoBERTa, "
+                        "DistilBERT, GPT-2, Llama)")
+    parser.add_argument("out_dir", help="where to save the compressed model (must not exist, or be empty)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--rank-scale", type=float, help="rank = round(scale * min(m, n)) per layer, in (0, 1]")
+    size.add_argument("--target-param-ratio", type=float,
+                      help="choose the rank scale that keeps this fraction of the parameters, in (0, 1]")
+    parser.add_argument("--head-dim", type=int, help="reduced per-head dimension of every attention head")
+    parser.add_argument("--qk-head-dim", type=int, help="reduced per-head dimension of the QK forms only")
+    parser.add_argument("--ov-head-dim", type=int, help="reduced per-head dimension of the OV forms only")
+    parser.add_argument("--factorize", default="ffn,embedding",
+                        help="comma-separated parts to factorize at the rank scale: ffn, embedding, attention "
+                        "(default: ffn,embedding)")
+
+
+def run(args) -> int:
+    from ..config import FNLConfig
+    from ..patch import patch_model
+    from ..report import format_table
+
+    if not os.path.isdir(args.model_dir):
+        raise FileNotFoundError(f"MODEL_DIR {args.model_dir} is not a directory")
+    if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
+        raise ValueError(f"OUT_DIR {args.out_dir} already exists and is not empty; choose a new directory")
+    if args.rank_scale is not None and not 0 < args.rank_scale <= 1:
+        raise ValueError(f"--rank-scale must be in (0, 1] to compress, got {args.rank_scale}")
+    if args.rank_scale is None and args.target_param_ratio is None and args.head_dim is None \
+            and args.qk_head_dim is None and args.ov_head_dim is None:
+        raise ValueError("nothing to compress: give --rank-scale or --target-param-ratio, and/or --head-dim")
+    parts = tuple(p.strip() for p in args.factorize.split(",") if p.strip())
+    config = FNLConfig(rank_scale=args.rank_scale, target_param_ratio=args.target_param_ratio, factorize=parts,
+                       head_dim=args.head_dim, qk_head_dim=args.qk_head_dim, ov_head_dim=args.ov_head_dim)
+    model = load_vanilla(args.model_dir)
+    patch_model(model, config)
+    print(format_table(model.config.fnl_config))
+    parent = os.path.dirname(os.path.abspath(args.out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".fnl-compress-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            src = os.path.join(args.model_dir, name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(tmp, name))
+        if os.path.isdir(args.out_dir):
+            os.rmdir(args.out_dir)  # empty (checked above)
+        os.replace(tmp, args.out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"saved to {args.out_dir}; load it with fnl_transformers.hf.from_pretrained({args.out_dir!r})")
+    return 0
+
+
+def load_vanilla(model_dir: str):
+    """The model of ``model_dir`` with the class its config names (``architectures``), else ``AutoModel``."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except OSError as exc:
+        raise ValueError(f"{model_dir} is not a saved transformers model ({exc})") from None
+    if isinstance(getattr(config, "fnl_config", None), dict):
+        raise ValueError(f"{model_dir} is already a fnl_transformers checkpoint; compress the original model")
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    return (cls or AutoModel).from_pretrained(model_dir)

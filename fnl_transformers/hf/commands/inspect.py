@@ -1,0 +1,30 @@
+"""``fnl inspect DIR``: print the per-layer table (ranks, parameters, relative approximation error at patch
+time) of a model saved after ``patch_model`` / ``fnl compress``. Reads DIR/config.json only."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("dir", help="a directory saved from a patched model (config.json with fnl_config)")
+
+
+def run(args) -> int:
+    from ..patch import CONFIG_KEY
+    from ..report import format_table
+
+    path = os.path.join(args.dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{args.dir} has no config.json; give a save_pretrained directory")
+    with open(path) as f:
+        config = json.load(f)
+    plan = config.get(CONFIG_KEY)
+    if not isinstance(plan, dict):
+        raise ValueError(f"{args.dir} is not a fnl_transformers checkpoint (config.json has no {CONFIG_KEY!r}); "
+                         "`fnl compress` makes one")
+    settings = {k: v for k, v in plan.get("config", {}).items() if v not in (None, 0.0, {}, False)}
+    print(f"{args.dir}: {config.get('architectures', ['?'])[0]} patched by fnl_transformers ({plan.get('arch')}); "
+          f"settings: {json.dumps(settings)}")
+    print(format_table(plan))
+    return 0

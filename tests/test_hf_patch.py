@@ -1,0 +1,308 @@
+"""patch_model: exactness against the unpatched model and best-rank-r optimality against independent SVDs.
+
+Tolerances: outputs of exact rewrites (full rank, or heads shrunk to the rank they already have) agree to 1e-5
+relative (float32); Eckart-Young checks compare squared errors with the tail of independently computed
+singular values (float64) to 1e-4 relative.
+"""
+import copy
+
+import pytest
+import torch
+from hf_patch_helpers import inputs, make_heads_rank_deficient, minilm_dir, outputs, rel_diff, tiny
+
+from fnl_transformers.core import FactorizedEmbedding, FactorizedLinear, form_parameters, frobenius_penalty
+from fnl_transformers.hf import FNLConfig, get_fnl_config, patch_model
+from fnl_transformers.hf.layers import HeadPaddedLinear, TiedFactorizedHead
+
+ARCHS = ["bert", "roberta", "distilbert", "gpt2", "llama", "llama_mha", "llama_tied"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(minilm_dir()).eval()
+
+
+def tail_sq(W: torch.Tensor, r: int) -> torch.Tensor:
+    """Per-matrix squared Frobenius error of the best rank-r approximation (Eckart-Young), float64."""
+    s = torch.linalg.svdvals(W.double())
+    return s[..., r:].pow(2).sum(-1)
+
+
+# --- full rank: outputs unchanged -------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_rank_factorization_keeps_outputs(arch):
+    model = tiny(arch)
+    batch = inputs(model)
+    ref = outputs(model, batch)
+    patched = patch_model(copy.deepcopy(model), FNLConfig(rank_scale=1.0))
+    kinds = {type(m) for m in patched.modules()}
+    assert FactorizedLinear in kinds and FactorizedEmbedding in kinds
+    assert rel_diff(outputs(patched, batch), ref) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "gpt2", "llama_mha"])
+@pytest.mark.parametrize("qk,ov", [(3, 3), (5, 2), (2, 6)])
+def test_shrinking_heads_to_their_rank_is_exact(arch, qk, ov):
+    """Heads whose QK / OV forms have rank <= r shrink to r without changing any output (query bias kept as an
+    extra column, key bias dropped, value bias folded; original scaling), with equal or unequal QK/OV dims."""
+    if arch.startswith("llama"):
+        qk = 8  # RoPE: QK heads are never shrunk
+    model = tiny(arch)
+    make_heads_rank_deficient(model, qk, ov)
+    batch = inputs(model)
+    ref = outputs(model, batch)
+    patched = patch_model(copy.deepcopy(model), FNLConfig(qk_head_dim=qk, ov_head_dim=ov))
+    assert sum(p.numel() for p in patched.parameters()) < sum(p.numel() for p in model.parameters())
+    assert rel_diff(outputs(patched, batch), ref) < 1e-5
+    if qk != ov:
+        assert any(isinstance(m, HeadPaddedLinear) for m in patched.modules()) or arch == "gpt2"
+
+
+def test_output_attentions_still_work_after_shrinking():
+    model = tiny("bert")
+    model.config._attn_implementation = "eager"  # sdpa returns no attention probabilities
+    make_heads_rank_deficient(model, 3, 3)
+    batch = inputs(model)
+    with torch.no_grad():
+        ref = model(**batch, output_attentions=True).attentions
+        patched = patch_model(copy.deepcopy(model), FNLConfig(head_dim=3))
+        got = patched(**batch, output_attentions=True).attentions
+    assert len(got) == len(ref) == 2
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape
+        assert rel_diff(a, b) < 1e-5
+
+
+def test_minilm_full_rank_equivalence(minilm):
+    """The real pretrained MiniLM (its [PAD] embedding row is nonzero, so it is kept, not zeroed)."""
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    ref = outputs(minilm, batch)
+    patched = patch_model(copy.deepcopy(minilm), FNLConfig(rank_scale=1.0))
+    assert patched.embeddings.word_embeddings.padding_idx is None
+    assert patched.config.fnl_config["layers"]["embeddings.word_embeddings"]["orig_padding_idx"] == 0
+    assert rel_diff(outputs(patched, batch), ref) < 1e-5
+
+
+# --- reduced rank: best rank-r approximations ---------------------------------------------------------------------
+def _bert_forms(att, heads):
+    """Dense per-head forms of a BERT attention module: QK with the query-bias column, and OV."""
+    s, o = att.self, att.output.dense
+    d = s.query.in_features
+    r = s.query.out_features // heads
+    Wq = torch.cat([s.query.weight.reshape(heads, r, d), s.query.bias.reshape(heads, r, 1)], 2)  # H x r x (d+1)
+    Wk = s.key.weight.reshape(heads, r, d)
+    qk = Wq.transpose(1, 2) @ Wk  # H x (d+1) x d
+    Wo = o.weight.reshape(o.out_features, heads, r).permute(1, 0, 2)  # H x d x r
+    ov = Wo @ s.value.weight.reshape(heads, r, d)  # H x d x d
+    return qk.double(), ov.double()
+
+
+def test_minilm_heads_are_best_rank_r(minilm):
+    r = 16
+    H = minilm.config.num_attention_heads
+    patched = patch_model(copy.deepcopy(minilm), FNLConfig(head_dim=r))
+    for layer, new_layer in zip(minilm.encoder.layer, patched.encoder.layer):
+        qk, ov = _bert_forms(layer.attention, H)
+        qk2, ov2 = _bert_forms(new_layer.attention, H)
+        for full, approx in ((qk, qk2), (ov, ov2)):
+            err = (full - approx).pow(2).sum((1, 2))
+            assert torch.allclose(err, tail_sq(full, r), rtol=1e-4, atol=1e-9)
+            assert int(torch.linalg.matrix_rank(approx[0].float())) <= r
+        assert new_layer.attention.self.attention_head_size == r
+        assert new_layer.attention.self.scaling == layer.attention.self.scaling  # original 1/sqrt(32)
+        assert float(new_layer.attention.self.key.bias.abs().max()) == 0.0  # key bias dropped (softmax-invariant)
+        assert float(new_layer.attention.self.value.bias.abs().max()) == 0.0  # value bias folded into output bias
+    entry = patched.config.fnl_config["attention"]["encoder.layer.0.attention"]
+    qk, _ = _bert_forms(minilm.encoder.layer[0].attention, H)
+    assert entry["qk_rel_error"] == pytest.approx(float(tail_sq(qk, r).sum().sqrt() / qk.norm()), rel=1e-4)
+
+
+def test_gpt2_fused_heads_are_best_rank_r():
+    model = tiny("gpt2")
+    H, r = 4, 3
+    patched = patch_model(copy.deepcopy(model), FNLConfig(qk_head_dim=r, ov_head_dim=5))
+
+    def forms(att, rq, rv):
+        W, b = att.c_attn.weight, att.c_attn.bias  # d x (H rq + H rq + H rv), Conv1D layout
+        d = W.shape[0]
+        Wq = torch.cat([W[:, :H * rq].t().reshape(H, rq, d), b[:H * rq].reshape(H, rq, 1)], 2)
+        Wk = W[:, H * rq:2 * H * rq].t().reshape(H, rq, d)
+        Wv = W[:, 2 * H * rq:].t().reshape(H, rv, d)
+        Wo = att.c_proj.weight.t().reshape(d, H, rv).permute(1, 0, 2)
+        return (Wq.transpose(1, 2) @ Wk).double(), (Wo @ Wv).double()
+
+    for blk, new in zip(model.transformer.h, patched.transformer.h):
+        qk, ov = forms(blk.attn, 8, 8)
+        qk2, ov2 = forms(new.attn, r, 5)
+        assert torch.allclose((qk - qk2).pow(2).sum((1, 2)), tail_sq(qk, r), rtol=1e-4, atol=1e-10)
+        assert torch.allclose((ov - ov2).pow(2).sum((1, 2)), tail_sq(ov, 5), rtol=1e-4, atol=1e-10)
+        assert new.attn.head_dim == 5 and new.attn.split_size == 4 * 5 and new.attn.scaling == blk.attn.scaling
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_factorized_layers_are_best_rank_r(arch):
+    model = tiny(arch)
+    patched = patch_model(copy.deepcopy(model), FNLConfig(rank_scale=0.25))
+    dense = dict(model.named_modules())
+    checked = 0
+    for name, layer in patched.named_modules():
+        if isinstance(layer, (FactorizedLinear, FactorizedEmbedding)):
+            W = dense[name].weight.detach()
+            W = W.t() if arch == "gpt2" and "mlp" in name else W  # Conv1D stores the transpose
+            err = (W.double() - layer.product().double()).pow(2).sum()
+            assert float(err) == pytest.approx(float(tail_sq(W, layer.rank)), rel=1e-4)
+            assert layer.rank == max(1, round(0.25 * min(W.shape)))
+            checked += 1
+    # 2 blocks x FFN layers (2, or Llama's 3) + input embedding (+ Llama's untied LM head; tied heads have no factors)
+    assert checked == {"bert": 2 * 2 + 1, "gpt2": 2 * 2 + 1, "llama": 2 * 3 + 2}[arch]
+
+
+# --- embeddings, tying, forms ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,head", [("gpt2", "lm_head"), ("bert", "cls.predictions.decoder"),
+                                       ("distilbert", "vocab_projector"), ("roberta", "lm_head.decoder"),
+                                       ("llama_tied", "lm_head")])
+def test_tied_output_embedding_follows_factorized_input_embedding(arch, head):
+    model = patch_model(tiny(arch), FNLConfig(rank_scale=0.5))
+    out = model.get_submodule(head)
+    assert isinstance(out, TiedFactorizedHead) and out.embedding is model.get_input_embeddings()
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith(head + ".U") or n.startswith(head + ".V") for n in names)  # stored once
+    x = torch.randn(3, model.config.hidden_size)
+    bias = 0 if out.bias is None else out.bias
+    logits = x @ model.get_input_embeddings().weight.t()
+    assert torch.allclose(out(x), logits + bias, atol=1e-5)
+    with torch.no_grad():  # a change of the embedding factors is seen by the head
+        model.get_input_embeddings().U.mul_(2)
+    assert torch.allclose(out(x), 2 * logits + bias, atol=1e-5)
+
+
+def test_untied_llama_head_is_factorized_as_an_embedding():
+    model = patch_model(tiny("llama"), FNLConfig(rank_scale=0.5))
+    assert isinstance(model.lm_head, FactorizedLinear) and model.lm_head.fd_kind == "embedding"
+    kinds = {n: k for n, _, k in form_parameters(model)}
+    assert kinds["lm_head.U"] == "embedding" and kinds["model.embed_tokens.U"] == "embedding"
+    assert kinds["model.layers.0.mlp.up_proj.U"] == "linear"
+
+
+def test_llama_gqa_qk_fd_matches_dense_math():
+    """FD on QK/OV under grouped-query attention (4 query heads share 2 key/value heads) equals the dense
+    sum over heads of ||W_q,h W_k,g(h)^T||^2 / 2 (and the OV analogue)."""
+    model = patch_model(tiny("llama"), FNLConfig(fd_qk=1.0, fd_ov=1.0))
+    att = model.model.layers[0].self_attn
+    H, G, hd = 4, 2, 8
+    Wq = att.q_proj.weight.reshape(H, hd, -1).double()
+    Wk = att.k_proj.weight.reshape(G, hd, -1).double().repeat_interleave(H // G, 0)
+    Wv = att.v_proj.weight.reshape(G, hd, -1).double().repeat_interleave(H // G, 0)
+    Wo = att.o_proj.weight.reshape(-1, H, hd).permute(1, 0, 2).double()
+    qk = (Wq.transpose(1, 2) @ Wk).pow(2).sum() / 2
+    ov = (Wo @ Wv).pow(2).sum() / 2
+    one = torch.nn.Module()
+    one.att = att
+    got = frobenius_penalty(one, qk=1.0, ov=1.0)
+    assert float(got) == pytest.approx(float(qk + ov), rel=1e-5)
+    assert get_fnl_config(model).fd_qk == 1.0 and model.fnl_config.fd_ov == 1.0
+
+
+def test_fd_penalty_covers_every_kind_after_patching():
+    model = patch_model(tiny("bert"), FNLConfig(rank_scale=0.5, head_dim=4))
+    expected = 0.0
+    for m in model.modules():
+        if isinstance(m, (FactorizedLinear, FactorizedEmbedding)):
+            expected += 0.5 * float(m.product().double().pow(2).sum())
+    got = frobenius_penalty(model, linear=1.0, embedding=1.0)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    assert float(frobenius_penalty(model, qk=1.0)) > 0
+
+
+def test_deep_factors_start_as_the_si_product():
+    model = tiny("bert")
+    batch = inputs(model)
+    patched = patch_model(copy.deepcopy(model), FNLConfig(rank_scale=1.0, deep=True))
+    layer = patched.bert.encoder.layer[0].intermediate.dense
+    assert layer.M is not None and torch.equal(layer.M, torch.eye(layer.rank))
+    assert rel_diff(outputs(patched, batch), outputs(model, batch)) < 1e-5
+
+
+def test_spectral_init_false_draws_fresh_factors():
+    model = tiny("bert")
+    patched = patch_model(copy.deepcopy(model), FNLConfig(rank_scale=0.5, head_dim=4, spectral_init=False))
+    layer = patched.bert.encoder.layer[0].intermediate.dense
+    W = model.bert.encoder.layer[0].intermediate.dense.weight.detach()
+    assert float((layer.product() - W).norm()) > float(tail_sq(W, layer.rank).sqrt()) * 1.01
+    assert patched.config.fnl_config["layers"]["bert.encoder.layer.0.intermediate.dense"].get("rel_error") is None
+    assert patched.bert.encoder.layer[0].attention.self.query.out_features == 16
+
+
+# --- rank selection -----------------------------------------------------------------------------------------------
+def test_per_module_ranks_override_rank_scale():
+    cfg = FNLConfig(rank_scale=0.5, ranks={"*.layer.0.intermediate.dense": 3, "*word_embeddings": 5})
+    model = patch_model(tiny("bert"), cfg)
+    assert model.bert.encoder.layer[0].intermediate.dense.rank == 3
+    assert model.bert.encoder.layer[1].intermediate.dense.rank == 16
+    assert model.bert.embeddings.word_embeddings.rank == 5
+
+
+def test_rank_pattern_matching_nothing_is_an_error():
+    with pytest.raises(ValueError, match=r"match no layer.*intermediate"):
+        patch_model(tiny("bert"), FNLConfig(ranks={"*.intermediat.dense": 3}))
+
+
+def test_target_param_ratio_is_met():
+    model = tiny("bert")
+    total = sum(p.numel() for p in model.parameters())
+    patched = patch_model(model, FNLConfig(target_param_ratio=0.8, head_dim=6))
+    after = sum(p.numel() for p in patched.parameters())
+    assert after <= 0.8 * total
+    assert after > 0.75 * total  # the largest scale under the target, not a much smaller one
+    with pytest.raises(ValueError, match="unreachable"):
+        patch_model(tiny("bert"), FNLConfig(target_param_ratio=0.05, factorize=("ffn",)))
+
+
+def test_attention_part_shrinks_heads_by_rank_scale():
+    model = patch_model(tiny("distilbert"), FNLConfig(rank_scale=0.5, factorize=("attention",)))
+    att = model.distilbert.transformer.layer[0].attention
+    assert att.attention_head_size == 4 and att.q_lin.out_features == 16
+    assert not any(isinstance(m, FactorizedLinear) for m in model.modules())
+
+
+# --- refusals -------------------------------------------------------------------------------------------------------
+def test_llama_qk_head_shrinking_is_refused_under_rope():
+    with pytest.raises(ValueError, match="rotary position embeddings"):
+        patch_model(tiny("llama_mha"), FNLConfig(head_dim=4))
+
+
+def test_gqa_ov_head_shrinking_is_refused():
+    with pytest.raises(ValueError, match="grouped-query attention"):
+        patch_model(tiny("llama"), FNLConfig(ov_head_dim=4))
+
+
+def test_head_dim_that_does_not_fit_is_refused():
+    with pytest.raises(ValueError, match=r"does not fit .*8 dims.*1\.\.8"):
+        patch_model(tiny("bert"), FNLConfig(head_dim=9))
+
+
+def test_unsupported_architecture_lists_supported_ones():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                     num_attention_heads=2, word_embed_proj_dim=16))
+    with pytest.raises(ValueError, match=r"model_type 'opt'.*bert, distilbert, gpt2, llama, roberta"):
+        patch_model(model, FNLConfig())
+
+
+def test_patching_twice_is_refused():
+    model = patch_model(tiny("bert"), FNLConfig(rank_scale=0.5))
+    with pytest.raises(ValueError, match="already patched"):
+        patch_model(model, FNLConfig(rank_scale=0.5))
+
+
+def test_default_config_only_registers_forms():
+    model = tiny("gpt2")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    patch_model(model, FNLConfig())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    kinds = {k for _, _, k in form_parameters(model)}
+    assert kinds == {"qk", "ov"}
