@@ -50,6 +50,19 @@ STOCK_VARIANTS = {
 }
 
 
+# the plugin's model, optimizers and criterion (their state is in the checkpoint too)
+FNL_VARIANTS = {
+    "fnl_flambe_inverse_sqrt": ["--rank-scale", "0.5", "--optimizer", "flambe", "--decoupled-fd-qk", "1e-3",
+                                "--decoupled-fd-linear", "1e-3", "--weight-decay", "0.01",
+                                "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "2"],
+    "fnl_lamb_deep_heads_fd": ["--rank-scale", "0.5", "--deep", "--head-dim", "4", "--optimizer", "fnl_lamb",
+                               "--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "1e-3"],
+    "fnl_adam_shared_fd_diagnostics": ["--rank-scale", "0.5", "--share-all-embeddings", "--optimizer", "fnl_adam",
+                                       "--weight-decay", "0.01", "--criterion", "fd_label_smoothed_cross_entropy",
+                                       "--fd-linear", "1e-3", "--form-diagnostics-interval", "1"],
+}
+
+
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
     return make_tiny_data(tmp_path_factory.mktemp("data"))
@@ -63,6 +76,17 @@ def stock_checkpoints(data_bin, tmp_path_factory):
         save_dir = str(tmp_path_factory.mktemp(name))
         run_fairseq_train(tiny_train_args(data_bin, save_dir, *STOCK, *extra, arch="transformer", updates=3,
                                           user_dir_flag=False))
+        out[name] = os.path.join(save_dir, "checkpoint_last.pt")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fnl_checkpoints(data_bin, tmp_path_factory):
+    """name -> checkpoint_last.pt of a 3-update fnl_transformer_tiny run (with the plugin)."""
+    out = {}
+    for name, extra in FNL_VARIANTS.items():
+        save_dir = str(tmp_path_factory.mktemp(name))
+        run_fairseq_train(tiny_train_args(data_bin, save_dir, *extra, updates=3))
         out[name] = os.path.join(save_dir, "checkpoint_last.pt")
     return out
 
@@ -101,8 +125,8 @@ def _allow_list_objects() -> set:
     return {g[0] if isinstance(g, tuple) else g for g in safe_loading.fairseq_checkpoint_globals()}
 
 
-def test_allow_list_is_exactly_what_fairseq_checkpoints_need(stock_checkpoints):
-    needed = {name: _needed_globals(path) for name, path in stock_checkpoints.items()}
+def test_allow_list_is_exactly_what_fairseq_checkpoints_need(stock_checkpoints, fnl_checkpoints):
+    needed = {name: _needed_globals(path) for name, path in {**stock_checkpoints, **fnl_checkpoints}.items()}
     for name, globs in needed.items():
         assert argparse.Namespace in globs, name  # cfg["model"] of a legacy (add_args) model
     union = set().union(*needed.values())
@@ -110,6 +134,8 @@ def test_allow_list_is_exactly_what_fairseq_checkpoints_need(stock_checkpoints):
         f"extra in allow-list: {_allow_list_objects() - union}; missing: {union - _allow_list_objects()}")
     # only --eval-bleu stores numpy arrays (BLEU n-gram counts in the meters)
     assert needed["nag_fixed"] == {argparse.Namespace}
+    for name in FNL_VARIANTS:  # the plugin adds nothing: its optimizer groups hold only numbers and lists
+        assert needed[name] == {argparse.Namespace}, name
     assert len(needed["adam_inverse_sqrt_eval_bleu"]) > 1
 
 
@@ -126,7 +152,7 @@ def test_install_is_idempotent(installed):
     assert len(keys) == len(set(keys)), "install() added an allow-list entry twice"
 
 
-def test_real_checkpoints_load_through_fairseq_loaders(installed, stock_checkpoints, monkeypatch):
+def test_real_checkpoints_load_through_fairseq_loaders(installed, stock_checkpoints, fnl_checkpoints, monkeypatch):
     from fairseq import checkpoint_utils
 
     # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only changes torch's default; fairseq's calls are forced to True
@@ -135,6 +161,10 @@ def test_real_checkpoints_load_through_fairseq_loaders(installed, stock_checkpoi
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
         assert state["cfg"].model.arch == "transformer", name
         assert state["model"]["encoder.layers.0.fc1.weight"].shape == (32, 16), name
+    for name, path in fnl_checkpoints.items():
+        state = checkpoint_utils.load_checkpoint_to_cpu(path)
+        assert state["cfg"].model.arch == "fnl_transformer_tiny", name
+        assert "encoder.layers.0.fc1.U" in state["model"], name
     ema = checkpoint_utils.load_ema_from_checkpoint(stock_checkpoints["adam_plateau_memfp16_ema"])
     assert "encoder.layers.0.fc1.weight" in ema["model"]
 
@@ -188,6 +218,7 @@ def test_malicious_checkpoint_refused_in_process(installed, tmp_path, monkeypatc
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_stock_generate_fails_without_plugin_and_works_with_it(stock_checkpoints, data_bin):
     path = stock_checkpoints["nag_fixed"]
     argv = [data_bin, "--path", path, "--beam", "2", "--cpu", "--gen-subset", "test", "--batch-size", "8"]
@@ -197,6 +228,7 @@ def test_stock_generate_fails_without_plugin_and_works_with_it(stock_checkpoints
     assert len(re.findall(r"^H-\d+\t", res.stdout, re.M)) == 8
 
 
+@pytest.mark.slow
 def test_malicious_checkpoint_refused_by_fairseq_commands(tmp_path, data_bin):
     marker = tmp_path / "pwned"
     bad = _malicious_checkpoint(tmp_path / "checkpoint_bad.pt", str(marker))
