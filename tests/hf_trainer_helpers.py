@@ -28,6 +28,20 @@ def tiny_bert(seed: int = 0, dropout: float = 0.0, fd_mode: str = "coupled"):
     return patch_model(BertForMaskedLM(cfg), FNLConfig(rank_scale=0.5, factorize=("ffn",), fd_mode=fd_mode, **fd))
 
 
+def tiny_gpt2(seed: int = 0):
+    """GPT2LMHeadModel (32 wide, 2 layers, 4 heads, fused Conv1D attention) patched like ``tiny_bert``; its loss
+    reads ``num_items_in_batch`` (unlike BERT's MLM head) and shifts labels."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fnl_transformers.hf import FNLConfig, patch_model
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=2 * SEQ,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    fd = {f"fd_{k}": v for k, v in FD.items()}
+    return patch_model(GPT2LMHeadModel(cfg), FNLConfig(rank_scale=0.5, factorize=("ffn",), **fd))
+
+
 class MLMData(torch.utils.data.Dataset):
     """``n`` random sequences whose MLM labels cover 1..4 positions (so micro-batches differ in label count:
     a per-micro-batch mean differs from the large-batch mean) and, with ``empty``, some none at all."""

@@ -17,7 +17,7 @@ from transformers import Trainer  # noqa: E402
 from fnl_transformers.core import NonFiniteError, form_diagnostics, form_parameters, frobenius_penalty  # noqa: E402
 from fnl_transformers.hf.trainer import FNLTrainer  # noqa: E402
 
-from hf_trainer_helpers import FD, MLMData, max_rel_diff, params, quiet, tiny_bert, training_args  # noqa: E402
+from hf_trainer_helpers import FD, MLMData, max_rel_diff, params, quiet, tiny_bert, tiny_gpt2, training_args  # noqa: E402
 
 quiet()
 TOL = 1e-4  # relative to the reference's movement, when the arithmetic runs in another order (see docstring)
@@ -89,23 +89,26 @@ def test_diagnostics_are_logged(tmp_path):
     assert fd_total == pytest.approx(float(frobenius_penalty(model, **FD).detach()), rel=1e-6)
 
 
-@pytest.mark.parametrize("fd", ["coupled", "decoupled"])
-def test_gradient_accumulation_equals_twice_the_batch(tmp_path, fd):
+@pytest.mark.parametrize("arch,fd", [("bert", "coupled"), ("bert", "decoupled"), ("gpt2", "coupled")])
+def test_gradient_accumulation_equals_twice_the_batch(tmp_path, arch, fd):
     """GA=2 x batch 2 vs GA=1 x batch 4, random order (same seed), SGD so a scale error shows 1:1;
-    label counts differ between micro-batches, so only token-weighted normalization matches."""
+    label counts differ between micro-batches, so only token-weighted normalization matches. BERT's MLM loss
+    ignores num_items_in_batch (FNLTrainer reweights its mean); GPT-2's reads it (used as is)."""
+    build = {"bert": tiny_bert, "gpt2": tiny_gpt2}[arch]
     data = MLMData()
     kw = dict(max_steps=3, optim="sgd", learning_rate=0.5, trainer_kw=dict(fd=fd))
     if fd == "decoupled":
         # AdamWFD (Trainer's optim is not used); eps 1e-6 keeps Adam from amplifying rounding in near-zero
         # gradients (eps 1e-8: 2e-4). A per-micro-batch mean instead of token weighting gives 1.7 here.
         kw.update(learning_rate=1e-2, adam_epsilon=1e-6)
-    big_model = tiny_bert()
+    big_model = build()
     start = params(big_model)
     _trainer(tmp_path, big_model, data, name="big", per_device_train_batch_size=4, **kw).train()
-    ga_model = tiny_bert()
+    ga_model = build()
     _trainer(tmp_path, ga_model, data, name="ga", per_device_train_batch_size=2, gradient_accumulation_steps=2,
              **kw).train()
     assert max_rel_diff(params(ga_model), params(big_model), start) < TOL
+    assert not any("_loss_function" in vars(m) for m in ga_model.modules())  # the loss spy left no trace
 
 
 def test_plain_trainer_ga_is_off_for_mean_loss_models(tmp_path):

@@ -16,14 +16,15 @@ Two ways to use it, each at most two added lines after ``patch_model``::
 What :class:`FNLTrainer` changes, and why:
 
 * **Loss scaling under gradient accumulation and data parallelism.** ``Trainer`` passes ``num_items_in_batch``
-  to every model whose ``forward`` takes ``**kwargs`` and then assumes the returned loss is already a sum over
-  the whole accumulated (and, with ``average_tokens_across_devices``, global) batch divided by that count. Many
-  models (BERT's MLM head, for one) ignore it and return a per-micro-batch mean, which ``Trainer`` then never
-  divides by the accumulation steps: gradients come out ``gradient_accumulation_steps`` times too large.
-  ``FNLTrainer`` never passes ``num_items_in_batch`` to the model; it takes the model's per-micro-batch mean
-  and reweights it by ``n_micro / num_items_in_batch`` (the micro-batch's share of the label tokens), which is
-  exact for any model whose loss is a mean over its labels that are not ``-100``, whether or not the model
-  reads ``num_items_in_batch``. So one update with accumulation equals one update on the large batch.
+  (the label count of the whole accumulated, and with ``average_tokens_across_devices`` global, batch) to
+  every model whose ``forward`` takes ``**kwargs`` and then assumes the returned loss is a sum divided by that
+  count, never dividing it by the accumulation steps. Models whose loss goes through ``self.loss_function``
+  (GPT-2, Llama) do that; others (BERT's MLM head, for one) ignore it and return a per-micro-batch mean, so
+  their gradients come out ``gradient_accumulation_steps`` times too large and token weighting is lost.
+  ``FNLTrainer`` watches each forward's ``loss_function`` call: if ``num_items_in_batch`` did not reach it,
+  the model's mean is reweighted by ``n_micro / num_items_in_batch`` (the micro-batch's share of the label
+  tokens, counted as ``Trainer`` counts them). Either way one update with accumulation equals one update on
+  the large batch. (Exact for models whose own mean is over the labels that are not ``-100``.)
 * **Coupled FD counts once per update.** Each micro-batch adds ``FD / k`` (``k`` micro-batches in the
   update); data parallel replicas average their identical FD gradients.
 * **No weight decay on factors.** Every parameter of a factorized form (``core.form_parameters``: ``U``,
@@ -39,12 +40,13 @@ What :class:`FNLTrainer` changes, and why:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, Optional
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 
 from ..core import (
     KINDS,
@@ -122,6 +124,44 @@ def label_count(inputs: dict, shift: bool = False) -> Optional[int]:
         if shift:
             labels = labels[..., 1:]
     return int(labels.ne(-100).sum())
+
+
+class _NumItemsSpy:
+    """Stands in for a model's ``loss_function`` during one forward and records whether ``num_items_in_batch``
+    reached it (then the model's loss is a sum over the accumulated batch divided by that count)."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.used = module, False
+        self.own = vars(module).get("_loss_function")  # a loss function the user set on the model, if any
+
+    def __call__(self, *args, **kwargs):
+        self.used = self.used or kwargs.get("num_items_in_batch") is not None
+        return self._function()(*args, **kwargs)
+
+    def _function(self):
+        if self.own is not None:
+            return self.own
+        del self.module._loss_function  # the model's own choice (from its loss_type), then the spy goes back
+        try:
+            return self.module.loss_function
+        finally:
+            self.module._loss_function = self
+
+
+@contextlib.contextmanager
+def _watch_num_items(model: nn.Module):
+    """Spy on the ``loss_function`` of every ``PreTrainedModel`` inside ``model`` for one forward."""
+    spies = [_NumItemsSpy(m) for m in model.modules() if isinstance(m, PreTrainedModel)]
+    try:
+        for spy in spies:
+            spy.module._loss_function = spy
+        yield spies
+    finally:
+        for spy in spies:
+            if spy.own is not None:
+                spy.module._loss_function = spy.own
+            else:
+                vars(spy.module).pop("_loss_function", None)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -253,18 +293,15 @@ class FNLTrainer(Trainer):
                 self.compute_loss_func is not None
             )
         else:
-            count = label_count(inputs, getattr(self, "_loss_shifts_labels", False))
-            # the model's mean over this micro-batch (num_items_in_batch withheld on purpose, see module doc)
-            loss, outputs = super().compute_loss(model, inputs, True, None)
+            with _watch_num_items(_unwrap(model)) as spies:
+                loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            count = label_count(inputs, getattr(self, "_loss_shifts_labels", False))  # Trainer's counting rule
             scaled = num_items_in_batch is not None and count is not None
-            if scaled:
-                if count == 0:  # no label in this micro-batch: its share of the update's loss is 0
-                    loss = _zero_with_graph(outputs, loss)
-                else:  # mean_micro * n_micro / N = sum_micro / N: the large-batch mean, split over micro-batches
-                    loss = loss * (count / num_items_in_batch)
-                if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                    # N counts every replica's labels; DDP averages gradients over replicas (as Trainer does)
-                    loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            if scaled and not any(spy.used for spy in spies):
+                # the model ignored num_items_in_batch and returned its mean over this micro-batch:
+                # mean_micro * n_micro / N = sum_micro / N, the large-batch mean split over micro-batches
+                # (Trainer already applied its replica factor, as for a model that reads num_items_in_batch)
+                loss = _zero_with_graph(outputs) if count == 0 else loss * (count / num_items_in_batch)
         task = loss if scaled else loss / k
         total = task
         fd_parts: Dict[str, torch.Tensor] = {}
@@ -319,7 +356,7 @@ class FNLTrainer(Trainer):
         return super()._save_checkpoint(model, trial)
 
 
-def _zero_with_graph(outputs, loss: torch.Tensor) -> torch.Tensor:
+def _zero_with_graph(outputs) -> torch.Tensor:
     """An exact zero that still reaches the parameters (the mean over zero labels is NaN)."""
     logits = outputs.get("logits") if isinstance(outputs, dict) else None
     if logits is None:
