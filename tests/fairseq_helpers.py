@@ -13,6 +13,7 @@ API (kept small on purpose, other test files rely on it):
   (without the program name) in this process (``fairseq_cli.train.cli_main``) or in a subprocess.
   ``FairseqRun.stats`` is the list of json log records (dicts), ``.train`` / ``.valid`` the per-update
   training records and the validation records, ``.output`` the captured log text.
+* ``hypotheses(output) -> {source: (hypothesis, score)}`` from generate / interactive output.
 * ``build_model(argv, seed=1) -> (model, task, args)``: parse training flags (``tiny_train_args(...)``) and
   build the task and model in this process exactly as ``fairseq-train`` does (seeded the same way).
 * ``run_fairseq_cli(name, argv, stdin=None, cwd=None) -> subprocess.CompletedProcess``: any fairseq console
@@ -21,6 +22,7 @@ API (kept small on purpose, other test files rely on it):
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -215,13 +217,57 @@ def run_fairseq_train(argv: Sequence[str], in_process: bool = True, cwd: Optiona
 
 
 def run_fairseq_cli(name: str, argv: Sequence[str], stdin: Optional[str] = None, cwd: Optional[str] = None,
-                    env: Optional[dict] = None, timeout: float = 600, check: bool = True):
-    """``fairseq-<name> argv`` in a subprocess; returns the CompletedProcess (text mode)."""
-    res = subprocess.run([sys.executable, "-m", f"fairseq_cli.{name}", *map(str, argv)], input=stdin,
-                         capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
-    if check and res.returncode != 0:
-        raise RuntimeError(f"fairseq-{name} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-6000:]}")
-    return res
+                    env: Optional[dict] = None, timeout: float = 600, check: bool = True, in_process: bool = False):
+    """``fairseq-<name> argv`` (``name``: ``generate``, ``interactive``, ...) in a subprocess, or in this process
+    (``fairseq_cli.<name>.cli_main`` with ``sys.argv``/``sys.stdin``/``sys.stdout`` patched). Returns a
+    ``subprocess.CompletedProcess`` (text); with ``check`` a failure raises ``RuntimeError`` with the output."""
+    argv = [str(a) for a in argv]
+    if not in_process:
+        res = subprocess.run([sys.executable, "-m", f"fairseq_cli.{name}", *argv], input=stdin, capture_output=True,
+                             text=True, cwd=cwd, env=env, timeout=timeout)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"fairseq-{name} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-6000:]}")
+        return res
+    module = importlib.import_module(f"fairseq_cli.{name}")
+    handler = _ListHandler()
+    root = logging.getLogger()
+    old = (sys.argv, sys.stdin, os.getcwd(), list(root.handlers), root.level)
+    for h in old[3]:
+        root.removeHandler(h)
+    root.addHandler(handler)
+    out = io.StringIO()
+    sys.argv = [f"fairseq-{name}", *argv]
+    sys.stdin = io.StringIO(stdin or "")
+    rc = 0
+    try:
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out):
+            module.cli_main()
+    except BaseException as exc:  # noqa: BLE001  (SystemExit from argparse included)
+        rc = getattr(exc, "code", 1) or 1
+        if check:
+            raise RuntimeError(f"fairseq-{name} failed: {exc!r}\n" + "\n".join(handler.lines[-40:])) from exc
+    finally:
+        sys.argv, sys.stdin = old[0], old[1]
+        os.chdir(old[2])
+        root.removeHandler(handler)
+        for h in old[3]:
+            root.addHandler(h)
+        root.setLevel(old[4])
+    return subprocess.CompletedProcess([f"fairseq-{name}", *argv], rc, out.getvalue(), "\n".join(handler.lines))
+
+
+def hypotheses(output: str) -> Dict[str, tuple]:
+    """``{source: (hypothesis, score)}`` from fairseq-generate / fairseq-interactive output (``S-``/``H-`` lines)."""
+    src, hyp = {}, {}
+    for line in output.splitlines():
+        parts = line.split("\t")
+        if line.startswith("S-") and len(parts) >= 2:
+            src[parts[0][2:]] = parts[1]
+        elif line.startswith("H-") and len(parts) >= 3:
+            hyp[parts[0][2:]] = (parts[2], float(parts[1]))
+    return {src[i]: hyp[i] for i in hyp if i in src}
 
 
 def build_model(argv: Sequence[str], seed: Optional[int] = None):
