@@ -199,7 +199,8 @@ def test_parameter_counts_match_the_formula(data_bin):
         return tables * (factorized_param_count(V, d, r, deep) - V * d)
 
     # untied: encoder table, decoder table, decoder output projection (all V x d)
-    assert n_params(build(data_bin, "--rank-scale", "0.5")[0]) == base + ffn_delta(0.5, False) + emb_delta(0.5, False, 3)
+    untied = n_params(build(data_bin, "--rank-scale", "0.5")[0])
+    assert untied == base + ffn_delta(0.5, False) + emb_delta(0.5, False, 3)
     # hand-worked: r = 16 for every 32 x 64 FFN layer and 32 x 56 table
     assert ffn_delta(0.5, False) == 8 * (16 * (64 + 32) - 64 * 32)
     shared, _, _ = build(data_bin, "--share-all-embeddings")
@@ -371,6 +372,8 @@ def test_plugin_optimizers_on_a_stock_model_decay_everything(data_bin):
     (["--deep"], r"--deep needs --rank-scale R"),
     (["--rank-scale", "0.5", "--factorize", "ffn,attention"], r"--factorize must be a comma list of ffn, embeddings"),
     (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "-1"], r"FD coefficient for 'qk' must be"),
+    (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "0.01", "--optimizer", "fnl_adam",
+      "--weight-decay", "0.01", "--fp16"], r"--fp16/--bf16 copies all parameters into one flat buffer"),
 ])
 def test_bad_options_give_one_clear_error(data_bin, flags, message):
     with pytest.raises(ValueError, match=message):
