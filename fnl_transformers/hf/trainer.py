@@ -2,16 +2,22 @@
 
 Paper: Khodak et al., ICLR 2021, Sec. 3.2, Eq. (3): FD penalizes ``lambda/2 ||W||_F^2`` of each factorized
 *product*; weight decay on the factors (which ``Trainer`` applies to every tensor not named bias/norm)
-would penalize the nuclear norm instead. FLAMBe (Sec. 6) applies FD decoupled inside LAMB.
+would penalize the nuclear norm instead. FLAMBe (the paper's BERT optimizer) is LAMB with decoupled FD.
 
-Two ways to use it, each at most two added lines after ``patch_model``::
+Two ways to use it, each adding at most two lines to a ``Trainer`` script::
 
-    # (1) FNLTrainer: coupled FD in the loss, or decoupled FD through AdamWFD / FLAMBe (fd="decoupled")
-    trainer = FNLTrainer(model=model, args=args, train_dataset=ds, fnl_config=config)
+    model = patch_model(model, FNLConfig(rank_scale=0.5, fd_qk=1e-4, fd_ov=1e-4))   # fd_mode="coupled"
+    trainer = FNLTrainer(model=model, args=args, train_dataset=ds)                  # was: Trainer(...)
 
-    # (2) a plain Trainer with an FD optimizer (decoupled FD; param_groups gives factors no weight decay)
+FNLTrainer takes the FD coefficients and ``fd_mode`` (``"coupled"``: penalty in the loss; ``"decoupled"``:
+``AdamWFD``, or ``FLAMBe`` with ``fd_optimizer="flambe"``) from the patched model's ``FNLConfig``. Or keep a
+plain ``Trainer`` and give it an FD optimizer (decoupled FD; ``param_groups`` gives factors no weight decay)::
+
     opt = FLAMBe(param_groups(model, fd_qk=1e-4, fd_ov=1e-4, weight_decay=0.01), lr=1e-3)
     trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None))
+
+(a plain ``Trainer`` keeps its gradient-accumulation scaling, see below: with accumulation on models such as
+BERT MLM use ``FNLTrainer``).
 
 What :class:`FNLTrainer` changes, and why:
 
@@ -30,10 +36,12 @@ What :class:`FNLTrainer` changes, and why:
 * **No weight decay on factors.** Every parameter of a factorized form (``core.form_parameters``: ``U``,
   ``V``, ``M`` of factorized layers, attention Q/K/V/O projections with registered forms) is removed from the
   weight-decay group; FD regularizes them instead.
-* **Decoupled FD** (``fd="decoupled"``): the optimizer is ``AdamWFD`` (default) or ``FLAMBe`` built with
-  ``optim.param_groups``; no penalty is added to the loss.
+* **Decoupled FD** (``fd_mode="decoupled"``): the optimizer is ``AdamWFD`` (default) or ``FLAMBe`` built with
+  ``optim.param_groups`` (lr, betas, eps, weight decay from ``TrainingArguments``); no penalty in the loss.
+  Factors of kinds whose coefficient is 0 get neither FD nor weight decay, in both modes.
 * **Diagnostics** (``core.form_diagnostics``: mean ``||W||_F``, ``||W||_*``, the weight-decay bound and the
-  effective step ``lr / ||W||_F^2`` per kind, and the FD value per kind) are added to each training log.
+  effective step ``lr / ||W||_F^2`` per kind, and the FD value per kind) are added to each training log as
+  ``fnl/<kind>/<quantity>``. The logged ``loss`` is the objective: task loss plus coupled FD.
 * **Non-finite guard**: a NaN/Inf loss raises :class:`~fnl_transformers.core.NonFiniteError` naming the
   parameter and layer that holds it, or the FD kind / task loss that overflowed (``Trainer``'s own
   ``logging_nan_inf_filter`` would silently hide it). Checkpoints are checked before they are written.
@@ -181,7 +189,7 @@ class FNLTrainer(Trainer):
             weight decay on factors) or ``"decoupled"`` (FD inside ``fd_optimizer``). Defaults to the
             config's choice, else ``"coupled"``.
         fd_optimizer: for ``fd="decoupled"``: ``"adamwfd"`` (default; ``lr``, betas, eps and weight decay from
-            ``TrainingArguments``) or ``"flambe"`` (LAMB with decoupled FD, paper Sec. 6).
+            ``TrainingArguments``) or ``"flambe"`` (LAMB with decoupled FD).
         fnl_diagnostics: add ``core.form_diagnostics`` and the FD value per kind to each training log.
         check_finite: raise :class:`NonFiniteError` naming the layer on a NaN/Inf loss or factor.
     """
