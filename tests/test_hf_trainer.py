@@ -289,3 +289,22 @@ def test_eval_loss_is_the_task_mean(tmp_path):
     with torch.no_grad():
         want = model(**{k: torch.stack([data[i][k] for i in range(4)]) for k in data[0]}).loss
     assert got == pytest.approx(float(want), rel=1e-6)
+
+
+def test_weight_decay_stays_on_attention_projections_of_kinds_without_fd(tmp_path):
+    """FD on OV only (the paper's FLAMBe setting): O/V projections and FFN factors leave the weight-decay group,
+    Q/K projections are ordinary dense weights and keep weight decay."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from fnl_transformers.hf import FNLConfig, patch_model
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=48, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=16, type_vocab_size=1)
+    model = patch_model(BertForMaskedLM(cfg), FNLConfig(rank_scale=0.5, factorize=("ffn",), fd_ov=1e-3))
+    trainer = _trainer(tmp_path, model, MLMData())
+    decayed = set(trainer.get_decay_parameter_names(model))
+    attn = "bert.encoder.layer.0.attention"
+    assert {f"{attn}.self.query.weight", f"{attn}.self.key.weight"} <= decayed
+    assert not {f"{attn}.self.value.weight", f"{attn}.output.dense.weight"} & decayed
+    assert not {n for n in decayed if n.endswith((".U", ".V"))}

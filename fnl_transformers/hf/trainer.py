@@ -33,12 +33,13 @@ What :class:`FNLTrainer` changes, and why:
   the large batch. (Exact for models whose own mean is over the labels that are not ``-100``.)
 * **Coupled FD counts once per update.** Each micro-batch adds ``FD / k`` (``k`` micro-batches in the
   update); data parallel replicas average their identical FD gradients.
-* **No weight decay on factors.** Every parameter of a factorized form (``core.form_parameters``: ``U``,
-  ``V``, ``M`` of factorized layers, attention Q/K/V/O projections with registered forms) is removed from the
-  weight-decay group; FD regularizes them instead.
+* **No weight decay on factors.** ``U``, ``V``, ``M`` of factorized layers, and the attention projections of
+  every form kind with a nonzero FD coefficient (``core.form_parameters``), are removed from the weight-decay
+  group; FD regularizes them instead. Attention projections of kinds without FD are ordinary dense weights and
+  keep ``weight_decay`` (the paper's FLAMBe setting: FD on OV, regular decay elsewhere).
 * **Decoupled FD** (``fd_mode="decoupled"``): the optimizer is ``AdamWFD`` (default) or ``FLAMBe`` built with
   ``optim.param_groups`` (lr, betas, eps, weight decay from ``TrainingArguments``); no penalty in the loss.
-  Factors of kinds whose coefficient is 0 get neither FD nor weight decay, in both modes.
+  Factorized-layer factors whose kind has coefficient 0 get neither FD nor weight decay, in both modes.
 * **Diagnostics** (``core.form_diagnostics``: mean ``||W||_F``, ``||W||_*``, the weight-decay bound and the
   effective step ``lr / ||W||_F^2`` per kind, and the FD value per kind) are added to each training log as
   ``fnl/<kind>/<quantity>``. The logged ``loss`` is the objective: task loss plus coupled FD.
@@ -255,10 +256,16 @@ class FNLTrainer(Trainer):
 
     # ---- optimizer ----------------------------------------------------------------------------------
 
+    def _factor_ids(self, model: nn.Module) -> set:
+        """Parameters that never take weight decay: factorized-layer factors (weight decay on ``U`` and ``V``
+        would be a nuclear-norm penalty) and the projections of attention forms whose kind has FD."""
+        kinds = {"linear", "embedding"} | {k for k, v in self.fd_coefficients.items() if v > 0}
+        return {id(p) for _, p, _ in form_parameters(model, tuple(kinds))}
+
     def get_decay_parameter_names(self, model: nn.Module):
-        """``Trainer``'s rule (all but bias/norm) minus every factor of a form: FD regularizes those."""
+        """``Trainer``'s rule (all but bias/norm) minus the factors FD regularizes (:meth:`_factor_ids`)."""
         names = set(super().get_decay_parameter_names(model))
-        factors = {id(p) for _, p, _ in form_parameters(model)}
+        factors = self._factor_ids(model)
         return [n for n, p in model.named_parameters() if n in names and id(p) not in factors]
 
     def create_optimizer(self, model=None):
@@ -266,7 +273,7 @@ class FNLTrainer(Trainer):
             from .. import optim
 
             opt_model = self.model if model is None else model
-            factors = {id(p) for _, p, _ in form_parameters(opt_model)}
+            factors = self._factor_ids(opt_model)
             groups = optim.param_groups(
                 opt_model,
                 fd_linear=self.fd_coefficients["linear"],
