@@ -25,8 +25,8 @@ def minilm():
 
 
 def tail_sq(W: torch.Tensor, r: int) -> torch.Tensor:
-    """Per-matrix squared Frobenius error of the best rank-r approximation (Eckart-Young), float64."""
-    s = torch.linalg.svdvals(W.double())
+    """Per-matrix squared Frobenius error of the best rank-r approximation (Eckart-Young), SVD in W's dtype."""
+    s = torch.linalg.svdvals(W.detach()).double()
     return s[..., r:].pow(2).sum(-1)
 
 
@@ -101,23 +101,25 @@ def _bert_forms(att, heads):
 
 
 def test_minilm_heads_are_best_rank_r(minilm):
+    """Every head of the first and last layer (SVDs in float32 for speed: 1e-3 relative)."""
     r = 16
     H = minilm.config.num_attention_heads
     patched = patch_model(copy.deepcopy(minilm), FNLConfig(head_dim=r))
-    for layer, new_layer in zip(minilm.encoder.layer, patched.encoder.layer):
+    for i in (0, 5):
+        layer, new_layer = minilm.encoder.layer[i], patched.encoder.layer[i]
         qk, ov = _bert_forms(layer.attention, H)
         qk2, ov2 = _bert_forms(new_layer.attention, H)
         for full, approx in ((qk, qk2), (ov, ov2)):
             err = (full - approx).pow(2).sum((1, 2))
-            assert torch.allclose(err, tail_sq(full, r), rtol=1e-4, atol=1e-9)
-            assert int(torch.linalg.matrix_rank(approx[0].float())) <= r
+            assert torch.allclose(err, tail_sq(full.float(), r), rtol=1e-3, atol=1e-9)
         assert new_layer.attention.self.attention_head_size == r
         assert new_layer.attention.self.scaling == layer.attention.self.scaling  # original 1/sqrt(32)
-        assert float(new_layer.attention.self.key.bias.abs().max()) == 0.0  # key bias dropped (softmax-invariant)
-        assert float(new_layer.attention.self.value.bias.abs().max()) == 0.0  # value bias folded into output bias
-    entry = patched.config.fnl_config["attention"]["encoder.layer.0.attention"]
-    qk, _ = _bert_forms(minilm.encoder.layer[0].attention, H)
-    assert entry["qk_rel_error"] == pytest.approx(float(tail_sq(qk, r).sum().sqrt() / qk.norm()), rel=1e-4)
+        with torch.no_grad():
+            assert float(new_layer.attention.self.key.bias.abs().max()) == 0.0  # dropped (softmax-invariant)
+            assert float(new_layer.attention.self.value.bias.abs().max()) == 0.0  # folded into the output bias
+        entry = patched.config.fnl_config["attention"][f"encoder.layer.{i}.attention"]
+        assert entry["qk_rel_error"] == pytest.approx(float(tail_sq(qk.float(), r).sum().sqrt() / qk.norm()), rel=1e-3)
+        assert entry["ov_rel_error"] == pytest.approx(float(tail_sq(ov.float(), r).sum().sqrt() / ov.norm()), rel=1e-3)
 
 
 def test_gpt2_fused_heads_are_best_rank_r():
@@ -153,7 +155,7 @@ def test_factorized_layers_are_best_rank_r(arch):
             W = dense[name].weight.detach()
             W = W.t() if arch == "gpt2" and "mlp" in name else W  # Conv1D stores the transpose
             err = (W.double() - layer.product().double()).pow(2).sum()
-            assert float(err) == pytest.approx(float(tail_sq(W, layer.rank)), rel=1e-4)
+            assert float(err) == pytest.approx(float(tail_sq(W.double(), layer.rank)), rel=1e-4)
             assert layer.rank == max(1, round(0.25 * min(W.shape)))
             checked += 1
     # 2 blocks x FFN layers (2, or Llama's 3) + input embedding (+ Llama's untied LM head; tied heads have no factors)

@@ -8,10 +8,18 @@ attention forms: over all heads, QK forms including the query-bias column). ``-`
 """
 from __future__ import annotations
 
+import re
 from typing import List
+
+_KIND_ORDER = {"embedding": 0, "qk": 1, "ov": 2, "linear": 3}
+
+
+def _natural(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def table_rows(plan: dict) -> List[dict]:
+    """Rows in natural module order (``layer.2`` before ``layer.10``), the same before and after saving."""
     rows = []
     for name, e in plan["attention"].items():
         if e["qk_head_dim"] == e["head_dim"] and e["ov_head_dim"] == e["head_dim"]:
@@ -27,7 +35,7 @@ def table_rows(plan: dict) -> List[dict]:
         params = e.get("params") or [None, None]
         rows.append({"layer": name, "kind": e["kind"], "shape": f"{e['shape'][0]} x {e['shape'][1]}",
                      "rank": e["rank"], "before": params[0], "after": params[1], "error": e.get("rel_error")})
-    return rows
+    return sorted(rows, key=lambda r: (_natural(r["layer"]), _KIND_ORDER[r["kind"]]))
 
 
 def format_table(plan: dict) -> str:

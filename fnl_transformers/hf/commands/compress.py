@@ -36,6 +36,7 @@ def run(args) -> int:
     from ..config import FNLConfig
     from ..patch import patch_model
     from ..report import format_table
+    from transformers.utils import logging as hf_logging
 
     if not os.path.isdir(args.model_dir):
         raise FileNotFoundError(f"MODEL_DIR {args.model_dir} is not a directory")
@@ -49,24 +50,30 @@ def run(args) -> int:
     parts = tuple(p.strip() for p in args.factorize.split(",") if p.strip())
     config = FNLConfig(rank_scale=args.rank_scale, target_param_ratio=args.target_param_ratio, factorize=parts,
                        head_dim=args.head_dim, qk_head_dim=args.qk_head_dim, ov_head_dim=args.ov_head_dim)
-    model = load_vanilla(args.model_dir)
-    patch_model(model, config)
-    print(format_table(model.config.fnl_config))
-    parent = os.path.dirname(os.path.abspath(args.out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fnl-compress-", dir=parent)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # stdout is the table, stderr only errors
     try:
-        model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
-            src = os.path.join(args.model_dir, name)
-            if os.path.isfile(src):
-                shutil.copy2(src, os.path.join(tmp, name))
-        if os.path.isdir(args.out_dir):
-            os.rmdir(args.out_dir)  # empty (checked above)
-        os.replace(tmp, args.out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        model = load_vanilla(args.model_dir)
+        patch_model(model, config)
+        print(format_table(model.config.fnl_config))
+        parent = os.path.dirname(os.path.abspath(args.out_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".fnl-compress-", dir=parent)
+        try:
+            model.save_pretrained(tmp)
+            for name in TOKENIZER_FILES:
+                src = os.path.join(args.model_dir, name)
+                if os.path.isfile(src):
+                    shutil.copy2(src, os.path.join(tmp, name))
+            if os.path.isdir(args.out_dir):
+                os.rmdir(args.out_dir)  # empty (checked above)
+            os.replace(tmp, args.out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     print(f"saved to {args.out_dir}; load it with fnl_transformers.hf.from_pretrained({args.out_dir!r})")
     return 0
 
