@@ -1,0 +1,135 @@
+"""Timing, result rows and the command line shared by the bench scripts.
+
+A script defines ``run(quick: bool) -> list of rows`` and ends with ``main(ITEM, QUESTION, run)``; run as
+``python -m bench.<script> [--quick] [--json PATH]``. A row is a dict (see :func:`row`); a question that cannot
+run on this machine returns :func:`skipped` rows, never made-up numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+
+def median_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, float]:
+    """Median wall time (s) of each function; the functions alternate within each repeat, so drift on a
+    shared machine hits all of them alike. ``warmup`` untimed rounds first."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def row(case: str, baseline: str, baseline_s: Optional[float], ours: str, ours_s: Optional[float],
+        ratio: Optional[float], ratio_def: str, target: str, met: Optional[bool], **extra) -> dict:
+    """One measured comparison. ``ratio_def`` says how ``ratio`` is formed (e.g. "baseline / ours")."""
+    return dict(case=case, baseline=baseline, baseline_s=baseline_s, ours=ours, ours_s=ours_s, ratio=ratio,
+                ratio_def=ratio_def, target=target, met=met, status="ok", **extra)
+
+
+def skipped(case: str, target: str, reason: str) -> dict:
+    return dict(case=case, baseline=None, baseline_s=None, ours=None, ours_s=None, ratio=None, ratio_def="",
+                target=target, met=None, status=f"skipped: {reason}")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def main(item: int, question: str, run: Callable[[bool], List[dict]]) -> None:
+    parser = argparse.ArgumentParser(description=f"bench item {item}: {question}")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (a smoke test; no claims)")
+    parser.add_argument("--json", help="write the result here instead of printing it")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    try:
+        rows = run(args.quick)
+        error = None
+    except Exception as e:  # reported as an error row by run_all, with the traceback
+        rows, error = [], f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    out = dict(item=item, question=question, quick=args.quick, threads=torch.get_num_threads(),
+               seconds=time.perf_counter() - t0, rows=rows, error=error)
+    text = json.dumps(out, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+    sys.exit(1 if error else 0)
+
+
+def fmt_s(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def speedup(baseline_s: float, ours_s: float) -> float:
+    return baseline_s / ours_s
+
+
+def check_close(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius error ``||a - b|| / ||b||`` in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def bert_config(quick: bool):
+    from transformers import BertConfig
+
+    if quick:
+        return BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=128, max_position_embeddings=64)
+    return BertConfig()  # BERT-base: 12 layers, 768 wide, 12 heads of 64, FFN 3072, vocab 30522
+
+
+def bert_model(quick: bool, seed: int = 0):
+    """A randomly initialized BertModel with QK/OV forms registered on every self-attention layer."""
+    from transformers import BertModel
+
+    from fnl_transformers.core import attention_form_specs, register_attention_forms
+
+    torch.manual_seed(seed)
+    config = bert_config(quick)
+    t0 = time.perf_counter()
+    model = BertModel(config, add_pooling_layer=False)
+    model.fnl_build_seconds = time.perf_counter() - t0  # random initialization time, for item 4
+    for layer in model.encoder.layer:
+        register_attention_forms(layer.attention, attention_form_specs(
+            "self.query.weight", "self.key.weight", "self.value.weight", "output.dense.weight",
+            config.num_attention_heads))
+    return model
+
+
+def attention_weights(layer) -> Tuple[torch.Tensor, ...]:
+    att = layer.attention
+    return (att.self.query.weight, att.self.key.weight, att.self.value.weight, att.output.dense.weight)

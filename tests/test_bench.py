@@ -1,0 +1,89 @@
+"""The bench harness runs and writes its JSON and table (tiny --quick sizes; no timing assertions)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.common import row, skipped
+from bench.run_all import END, START, markdown, update_readme
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_all(tmp_path, only):
+    res = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick", "--threads", "1", "--only", only,
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    with open(tmp_path / "results-quick.json") as f:
+        results = json.load(f)
+    table = (tmp_path / "results-quick.md").read_text()
+    assert not (tmp_path / "results.json").exists()  # a quick run never overwrites the real results
+    return results, table
+
+
+def check_rows(results, items):
+    assert [it["item"] for it in results["items"]] == items
+    for it in results["items"]:
+        assert it["error"] is None and it["quick"] is True
+        assert it["rows"], f"item {it['item']} produced no rows"
+        for r in it["rows"]:
+            assert r["status"] == "ok", r
+            assert r["baseline_s"] > 0 and r["ours_s"] > 0 and r["ratio"] > 0
+            assert r["target"] and r["ratio_def"]
+
+
+def test_quick_run_of_core_items_writes_json_and_table(tmp_path):
+    results, table = run_all(tmp_path, "1,4,5")
+    check_rows(results, [1, 4, 5])
+    assert "Intel" in results["machine"] or "cores" in results["machine"]
+    assert "| # | Question | Case | Baseline | Ours | Ratio | Target | Met |" in table
+    assert table.count("\n| 1 |") == 6 and table.count("\n| 4 |") == 2 and table.count("\n| 5 |") == 3
+    si = results["items"][1]["rows"][0]
+    assert si["max_rel_err"] <= 1e-4  # per-head SI equals the dense SVD's truncation
+
+
+@pytest.mark.slow
+def test_quick_run_of_fairseq_items(tmp_path):
+    from bench.fairseq_common import plugin_status
+
+    results, table = run_all(tmp_path, "2,3,6")
+    if plugin_status() is not None:
+        for it in results["items"]:
+            assert all(r["status"].startswith("skipped: plugin not available") for r in it["rows"])
+        return
+    check_rows(results, [2, 3, 6])
+    deploy = results["items"][2]["rows"][0]
+    assert deploy["identical"] == deploy["sentences"] and deploy["same_shape"]
+
+
+def test_table_marks_skipped_errors_and_missed_targets(tmp_path):
+    results = dict(quick=False, date="2026-01-01 00:00 UTC", machine="test machine", load_start="0.0",
+                   total_seconds=1.0, items=[
+                       dict(item=1, question="Q1", rows=[
+                           row("fast case", "base", 2.0, "ours", 0.1, 20.0, "baseline / ours", ">= 10x", True),
+                           row("slow case", "base", 1.0, "ours", 0.5, 2.0, "baseline / ours", ">= 10x", False)],
+                            error=None),
+                       dict(item=2, question="Q2", rows=[skipped("a case", "<= 1.03x", "plugin not available (x)")],
+                            error=None),
+                       dict(item=3, question="Q3", rows=[], error="RuntimeError: boom\ntraceback")])
+    table = markdown(results)
+    assert "| 1 | Q1 | fast case | base: 2.00 s | ours: 100.0 ms | 20.00 (baseline / ours) | >= 10x | yes |" in table
+    assert "| **no** |" in table
+    assert "skipped: plugin not available (x)" in table
+    assert "error: RuntimeError: boom" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nold table\n{END}\nrest\n")
+    assert update_readme(str(readme), table)
+    text = readme.read_text()
+    assert "old table" not in text and "fast case" in text and text.startswith("intro\n") and text.endswith("rest\n")
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert not update_readme(str(plain), table) and plain.read_text() == "no markers\n"
+
+
+def test_bad_only_is_one_clear_error():
+    res = subprocess.run([sys.executable, "-m", "bench.run_all", "--only", "9"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "no item [9]" in res.stderr
