@@ -204,3 +204,17 @@ def test_stock_checkpoint_existing_output_and_atomic_write(fnl_checkpoints, tmp_
     assert "'transformer' checkpoint" in _error_line(capsys)
     assert cli.main(["recompose", src, str(tmp_path / "no_such_dir" / "x.pt")]) == 2
     assert "does not exist" in _error_line(capsys)
+
+
+@pytest.mark.slow
+def test_checkpoint_whose_config_does_not_match_its_weights(fnl_checkpoints, tmp_path, capsys):
+    from fnl_transformers.fairseq_plugin import safe_loading
+
+    state = safe_loading.safe_load(fnl_checkpoints["low_rank"], map_location="cpu")
+    state["cfg"]["model"].rank_scale = 0.25  # weights are rank-scale 0.5
+    bad = str(tmp_path / "mismatch.pt")
+    torch.save(state, bad)
+    assert cli.main(["recompose", bad, str(tmp_path / "out.pt")]) == 2
+    line = _error_line(capsys)
+    assert "does not match this fnl_transformer configuration" in line and "--rank-scale" in line
+    assert not (tmp_path / "out.pt").exists()
