@@ -423,6 +423,7 @@ def test_architectures_have_the_dims_of_fairseqs():
         assert a.rank_scale is None and a.head_dim is None and a.deep is False
 
 
+@pytest.mark.slow
 def test_userdir_command_prints_the_shim_from_any_directory():
     import subprocess
 

@@ -16,6 +16,7 @@ import torch
 import fairseq_helpers as fh
 
 pytest.importorskip("fairseq")
+pytestmark = pytest.mark.slow  # end to end (fairseq-train runs; one test runs the console commands)
 
 from fnl_transformers.fairseq_plugin import FnlTransformerModel  # noqa: E402
 
@@ -127,7 +128,6 @@ def test_update_freq_2_equals_one_batch_twice_the_size(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_console_commands_with_user_dir_from_another_directory(data_bin, tmp_path):
     """The documented usage, verbatim: `fairseq-train ... --user-dir "$(fnl userdir)"` run by bash in another
     working directory, then the stock fairseq-generate; and a script that imports fnl_transformers before fairseq
