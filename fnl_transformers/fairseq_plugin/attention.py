@@ -184,8 +184,10 @@ def check_attention(attn: MultiheadAttention, name: str) -> None:
                          "--spectral-init-qk/-ov (the extra key/value is outside the QK/OV forms); drop them")
     if getattr(attn, "use_xformers", False):
         raise ValueError(f"{name}: xformers attention is not supported with --head-dim; drop --xformers-att-config")
-    if not isinstance(attn.q_proj, nn.Linear) or getattr(attn.q_proj, "weight_orig", None) is not None:
-        raise ValueError(f"{name}: quant-noise projections are not supported with --head-dim; set --quant-noise-pq 0")
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        if type(getattr(attn, proj)) is not nn.Linear:
+            raise ValueError(f"{name}.{proj} is a {type(getattr(attn, proj)).__name__}, not an nn.Linear: "
+                             "--head-dim and --spectral-init-qk/-ov need fairseq's plain projections")
 
 
 def reduce_attention(
