@@ -6,12 +6,13 @@ Comparisons read the parameters from the checkpoints fairseq writes (through its
 Tolerances: runs that only sum the same per-sentence gradients in a different order (``--update-freq 2`` vs one
 batch twice as large, 2 workers vs 1) agree to ``ATOL = 5e-5`` absolute on every parameter after 3 updates of
 Adam at lr 5e-3 (float32 sums differ in the last bits and Adam divides small gradients by their own size;
-measured: 3.5e-6). Key biases are left out of that comparison: their gradient is exactly zero (a per-query
+measured: 3.5e-6 for --update-freq 2 vs a doubled batch, exactly 0 for 2 workers vs one process with
+--update-freq 2). Key biases are left out of that comparison: their gradient is exactly zero (a per-query
 constant the softmax ignores, see ``core/attention.py``), so Adam's normalized step on them is pure rounding
 noise (up to lr per update). A control run with the FD coefficients doubled (what counting FD twice per update
 would do) differs by more than ``100 * ATOL`` (measured: 2.9e-2), so the tolerance is far below the effect being
-tested. Resume repeats the same operations in the same order: the
-parameters must be equal to ``1e-7`` and the logged losses identical.
+tested. Resume repeats the same operations in the same order: the parameters must be equal to ``1e-7`` and the
+logged losses identical.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fairseq_helpers import make_tiny_data, run_fairseq_train, tiny_train_args
 
@@ -155,8 +155,11 @@ def test_two_workers_equal_one_process_and_resume(data16, tmp_path):
 
     multi = tmp_path / "multi"
     multi.mkdir()
-    argv = lambda updates: tiny_train_args(data16, str(multi), *FD_ARGS, "--batch-size", "8", updates=updates) + [  # noqa
-        "--disable-validation"]
+
+    def argv(updates):
+        return tiny_train_args(data16, str(multi), *FD_ARGS, "--batch-size", "8", updates=updates) + [
+            "--disable-validation"]
+
     _two_workers(argv(2), str(tmp_path))
     assert _max_diff(_params(tmp_path / "single_2.pt"), _params(multi / "checkpoint_last.pt"), True) <= ATOL
     _two_workers(argv(3), str(tmp_path))

@@ -177,7 +177,8 @@ def load_fnl_checkpoint(path: str) -> Dict[str, Any]:
     except safe_loading.UnsafeCheckpointError as exc:
         raise ValueError(str(exc)) from exc
     except Exception as exc:  # not a torch file at all
-        raise ValueError(f"{path} is not a fairseq checkpoint (torch.load: {str(exc).strip().splitlines()[0]})") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} is not a fairseq checkpoint (torch.load: {first})") from exc
     if not isinstance(state, dict) or "model" not in state or not ("cfg" in state or "args" in state):
         raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' and 'cfg' entries)")
     return state
@@ -263,7 +264,8 @@ def _stock_cfg(cfg: Optional[dict], stock_args: argparse.Namespace) -> dict:
         cfg["common"]["user_dir"] = None
     crit = cfg.get("criterion")
     if isinstance(crit, dict) and crit.get("_name") == "fd_label_smoothed_cross_entropy":
-        cfg["criterion"] = {k: v for k, v in crit.items() if not k.startswith("fd_") and k != "form_diagnostics_interval"}
+        cfg["criterion"] = {k: v for k, v in crit.items()
+                            if not k.startswith("fd_") and k != "form_diagnostics_interval"}
         cfg["criterion"]["_name"] = STOCK_CRITERION
     opt = cfg.get("optimizer")
     if isinstance(opt, dict) and opt.get("_name") in OPTIMIZERS:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 def add_arguments(parser) -> None:
     parser.description = __doc__.split("\n\n")[0].replace("\n", " ")
-    parser.add_argument("checkpoint", help="checkpoint of a fnl_transformer* model (e.g. checkpoints/checkpoint_best.pt)")
+    parser.add_argument("checkpoint",
+                        help="checkpoint of a fnl_transformer* model (e.g. checkpoints/checkpoint_best.pt)")
     parser.add_argument("output", help="where to write the stock transformer checkpoint (a new file)")
     parser.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
 
