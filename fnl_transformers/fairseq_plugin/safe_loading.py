@@ -16,11 +16,12 @@ checkpoints contain. :func:`install` (called when the plugin is imported; idempo
 
    * ``argparse.Namespace``: ``cfg["model"]`` of every model built through the legacy ``add_args`` route
      (``transformer``, ``fnl_transformer``) and ``state["args"]`` of checkpoints written by fairseq < 0.10.
-   * ``numpy.ndarray``, ``numpy.dtype`` and ``numpy.core.multiarray._reconstruct`` (spelt
-     ``numpy._core.multiarray._reconstruct`` by numpy >= 2; both names are allowed so checkpoints move between
-     numpy versions): ``--eval-bleu`` logs the BLEU n-gram counts as numpy arrays, and fairseq saves all
-     meters in ``extra_state["metrics"]``. Rebuilding an array calls only these three; the elements of an
-     object array would go through the same restricted unpickler.
+   * ``numpy.ndarray``, ``numpy.dtype``, the class of the integer dtype (``numpy.dtypes.Int64DType``; also
+     the platform's default integer dtype class where that differs) and ``numpy.core.multiarray._reconstruct``
+     (spelt ``numpy._core.multiarray._reconstruct`` by numpy >= 2; both names are allowed so checkpoints move
+     between numpy versions): ``--eval-bleu`` logs the BLEU n-gram counts as numpy integer arrays, and fairseq
+     saves all meters in ``extra_state["metrics"]``. Rebuilding such an array needs exactly these; the
+     elements of an object array would go through the same restricted unpickler.
 
    Optimizer and lr-scheduler states, fp16 loss scales, EMA weights and the meters are tensors, dicts,
    lists, tuples, ``OrderedDict`` and numbers, which torch allows by default.
@@ -36,7 +37,7 @@ checkpoints contain. :func:`install` (called when the plugin is imported; idempo
    ``torch.load``. That buffer is not a user's file, but by then ``state["cfg"]`` is an OmegaConf
    ``DictConfig``; rather than allow-listing OmegaConf for every load in the process, that one call site
    loads with ``weights_only=True`` and OmegaConf's classes allowed only for its duration
-   (``torch.serialization.safe_globals``), see :data:`BROADCAST_GLOBALS`.
+   (``torch.serialization.safe_globals``), see :func:`broadcast_globals`.
 
 A file that needs anything else is refused before any of its code runs, with :class:`UnsafeCheckpointError`
 naming the file and the offending global.
