@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             refs = f.read().splitlines()
         score, signature, full = bleu(hyps, refs)
     except (EvalError, FileNotFoundError) as exc:
-        print(f"eval: error: {exc}", file=sys.stderr)
+        print(f"{os.environ.get('FNL_PROG', 'fairseq_eval')}: error: {exc}", file=sys.stderr)
         return 2
     result = {"recipe": "iwslt14", "metric": "bleu", "score": round(score, 2), "bleu": round(score, 2),
               "bleu_detail": str(full), "sacrebleu_signature": signature, "subset": args.subset,

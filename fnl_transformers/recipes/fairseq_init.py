@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     trainer = Trainer(cfg, task, model, criterion)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
+    trainer.consolidate_optimizer()  # as fairseq's checkpoint_utils.save_checkpoint does first
     trainer.save_checkpoint(tmp, {"untrained": True})
     os.replace(tmp, out)
     n = sum(p.numel() for p in model.parameters())

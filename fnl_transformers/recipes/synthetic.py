@@ -82,7 +82,7 @@ class ToyLanguagePair:
 
 
 def _surface(words: Sequence[str]) -> str:
-    text = " ".join(words) + " ."
+    text = " ".join(words) + "."
     return text[0].upper() + text[1:]
 
 

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Evaluate a trained checkpoint: fairseq-generate (beam 5), sentencepiece removal, detokenized sacrebleu BLEU.
+PROG=eval.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+
+usage() {
+  cat <<EOF
+usage: recipes/iwslt14/eval.sh CHECKPOINT|SAVE_DIR [options]
+
+A SAVE_DIR means its checkpoint_best.pt (else checkpoint_last.pt, else checkpoint_init.pt of --untrained).
+Writes CHECKPOINT_STEM.SUBSET.results.json next to the checkpoint: BLEU, sacrebleu signature, parameter counts,
+the run's settings (recipe.json of train.sh); and CHECKPOINT_STEM.SUBSET.hyp.txt (detokenized hypotheses).
+Options:
+  --data DIR        prepared data (default: the one the checkpoint was trained on)
+  --subset S        test (default) or valid
+  --beam N          beam size (default 5)
+  --batch-size N    sentences per batch (default 128)
+  --lenpen X        length penalty (default 1)
+  --ref FILE        reference text (default: the cleaned SUBSET target text from prepare.sh)
+After '--', anything is passed to fairseq-generate last.
+EOF
+}
+
+[ $# -ge 1 ] || { usage >&2; exit 2; }
+case "$1" in -h|--help) usage; exit 0 ;; esac
+TARGET="$1"; shift
+DATA=""; SUBSET=test; BEAM=5; BATCH=128; LENPEN=1; REF=""; EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data) need_value "$1" $#; DATA="$2"; shift 2 ;;
+    --subset) need_value "$1" $#; SUBSET="$2"; shift 2 ;;
+    --beam) need_value "$1" $#; BEAM="$2"; shift 2 ;;
+    --batch-size) need_value "$1" $#; BATCH="$2"; shift 2 ;;
+    --lenpen) need_value "$1" $#; LENPEN="$2"; shift 2 ;;
+    --ref) need_value "$1" $#; REF="$2"; shift 2 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown option '$1' (see --help; fairseq-generate options go after --)" ;;
+  esac
+done
+case "$SUBSET" in test|valid) ;; *) die "--subset must be test or valid, got '$SUBSET'" ;; esac
+[[ "$BEAM" =~ ^[1-9][0-9]*$ ]] || die "--beam must be a positive integer, got '$BEAM'"
+[[ "$BATCH" =~ ^[1-9][0-9]*$ ]] || die "--batch-size must be a positive integer, got '$BATCH'"
+
+if [ -d "$TARGET" ]; then
+  CKPT=""
+  for name in checkpoint_best.pt checkpoint_last.pt checkpoint_init.pt; do
+    [ -f "$TARGET/$name" ] && { CKPT="$TARGET/$name"; break; }
+  done
+  [ -n "$CKPT" ] || die "no checkpoint_best.pt, checkpoint_last.pt or checkpoint_init.pt in $TARGET: train it with recipes/iwslt14/train.sh first"
+elif [ -f "$TARGET" ]; then
+  CKPT="$TARGET"
+else
+  die "checkpoint not found: $TARGET (give a .pt file or a train.sh save directory)"
+fi
+CKPT="$(cd "$(dirname "$CKPT")" && pwd)/$(basename "$CKPT")"
+DIR="$(dirname "$CKPT")"; STEM="$(basename "$CKPT" .pt)"
+RECIPE="$DIR/recipe.json"
+
+if [ -z "$DATA" ]; then
+  [ -f "$RECIPE" ] && DATA="$(json_get "$RECIPE" data)"
+  [ -n "$DATA" ] || die "no recipe.json beside $CKPT to find its data: pass --data DIR (the prepare.sh output)"
+fi
+[ -f "$DATA/fnl_prepare.json" ] || [ ! -f "$DATA/bin/fnl_prepare.json" ] || DATA="$DATA/bin"
+[ -d "$DATA" ] || die "data directory not found: $DATA (pass --data DIR, the prepare.sh output)"
+DATA="$(cd "$DATA" && pwd)"
+if [ -z "$REF" ]; then
+  [ -f "$DATA/fnl_prepare.json" ] || die "$DATA has no fnl_prepare.json (not made by prepare.sh): pass --ref FILE with the $SUBSET references"
+  REF="$(json_get "$DATA/fnl_prepare.json" "${SUBSET}_ref")"
+fi
+[ -f "$REF" ] || die "reference file not found: $REF (pass --ref FILE)"
+
+DEVICE=()
+has_cuda || DEVICE=(--cpu)
+# smoke models are tiny: one thread (see train.sh)
+[ -f "$RECIPE" ] && [ "$(json_get "$RECIPE" smoke)" = True ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+USER_DIR="$(fnl_userdir)"
+GEN="$DIR/$STEM.$SUBSET.generate.txt"
+OUT="$DIR/$STEM.$SUBSET.results.json"
+rm -f "$OUT"  # never leave an old result beside a new, failed evaluation
+echo "fairseq-generate $SUBSET, beam $BEAM: $CKPT"
+PROGRESS=(--log-format simple)
+[ -t 2 ] && PROGRESS=(--log-format tqdm)  # a progress bar on a terminal
+fairseq-generate "$DATA" --user-dir "$USER_DIR" --path "$CKPT" --gen-subset "$SUBSET" --beam "$BEAM" \
+  --batch-size "$BATCH" --lenpen "$LENPEN" --remove-bpe sentencepiece "${PROGRESS[@]}" "${DEVICE[@]}" "${EXTRA[@]}" \
+  > "$GEN.tmp" 2> "$DIR/$STEM.$SUBSET.generate.log" \
+  || { tail -3 "$DIR/$STEM.$SUBSET.generate.log" >&2; rm -f "$GEN.tmp"; die "fairseq-generate failed (log: $DIR/$STEM.$SUBSET.generate.log)"; }
+mv "$GEN.tmp" "$GEN"
+"$PY" -m fnl_transformers.recipes.fairseq_eval "$GEN" --ref "$REF" --checkpoint "$CKPT" --out "$OUT" \
+  --hyp-out "$DIR/$STEM.$SUBSET.hyp.txt" --user-dir "$USER_DIR" --data "$DATA" --recipe-json "$RECIPE" \
+  --subset "$SUBSET" --beam "$BEAM" || exit 2
