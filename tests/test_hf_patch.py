@@ -97,7 +97,7 @@ def _bert_forms(att, heads):
     qk = Wq.transpose(1, 2) @ Wk  # H x (d+1) x d
     Wo = o.weight.reshape(o.out_features, heads, r).permute(1, 0, 2)  # H x d x r
     ov = Wo @ s.value.weight.reshape(heads, r, d)  # H x d x d
-    return qk.double(), ov.double()
+    return qk.detach().double(), ov.detach().double()
 
 
 def test_minilm_heads_are_best_rank_r(minilm):
@@ -308,3 +308,42 @@ def test_default_config_only_registers_forms():
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     kinds = {k for _, _, k in form_parameters(model)}
     assert kinds == {"qk", "ov"}
+
+
+def test_optimizer_groups_find_the_registered_forms():
+    """Decoupled FD (optim.param_groups) sees the shrunk fused GPT-2 projections and the factorized layers;
+    one AdamWFD step with only FD (zero gradients, lr 1) moves each factor by -lr * lambda * dFD/dfactor."""
+    from fnl_transformers.core import fd_grads
+    from fnl_transformers.optim import AdamWFD, param_groups
+
+    cfg = FNLConfig(rank_scale=0.5, qk_head_dim=3, ov_head_dim=5, fd_linear=0.1, fd_embedding=0.1, fd_qk=0.1,
+                    fd_ov=0.1, fd_mode="decoupled")
+    model = patch_model(tiny("gpt2"), cfg)
+    fd = {f"fd_{k}": v for k, v in cfg.fd_coefficients.items()}
+    groups = param_groups(model, **fd)
+    names = {id(p): n for n, p in model.named_parameters()}
+    fd_group = next(g for g in groups if g.get("fd_forms"))
+    in_fd = {names[id(p)] for p in fd_group["params"]}
+    assert {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+            "transformer.h.0.mlp.c_fc.U", "transformer.wte.V"} <= in_fd
+    expected = fd_grads(model, **cfg.fd_coefficients)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = AdamWFD(groups, lr=1.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, g in expected.items():
+        moved = before[name] - dict(model.named_parameters())[name].detach()
+        assert torch.allclose(moved, g, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_refused_plan_leaves_the_model_untouched():
+    model = tiny("bert")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="match no layer"):
+        patch_model(model, FNLConfig(head_dim=4, rank_scale=0.5, ranks={"*.nothing": 2}))
+    with pytest.raises(ValueError, match="unreachable"):
+        patch_model(model, FNLConfig(head_dim=4, target_param_ratio=0.05, factorize=("ffn",)))
+    assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in before.items()}
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert not hasattr(model.config, "fnl_config")

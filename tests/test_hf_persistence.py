@@ -154,3 +154,13 @@ def test_patched_model_trains_and_stays_consistent(tmp_path):
     model.save_pretrained(tmp_path)
     assert torch.equal(outputs(from_pretrained(tmp_path), batch), outputs(model, batch))
     assert rel_diff(outputs(recompose(model), batch), outputs(model, batch)) < 1e-5
+
+
+def test_reload_keeps_the_saved_dtype(tmp_path):
+    model = patch_model(tiny("llama_mha"), FNLConfig(rank_scale=0.5, ov_head_dim=4)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    reloaded = from_pretrained(tmp_path)
+    assert reloaded.model.layers[0].mlp.up_proj.U.dtype == torch.bfloat16
+    sd, sd2 = model.state_dict(), reloaded.state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert from_pretrained(tmp_path, dtype=torch.float32).lm_head.U.dtype == torch.float32

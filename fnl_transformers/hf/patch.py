@@ -64,13 +64,16 @@ def patch_model(model: PreTrainedModel, config: Optional[FNLConfig] = None) -> P
     tied = model.get_expanded_tied_weights_keys(all_submodels=True)
     plan = {"format": FORMAT, "arch": arch.name, "config": config.to_dict(), "attention": {}, "layers": {},
             "params_before": _num_params(model)}
-    for name, att in arch.attention_modules(model):
-        entry = _attention_entry(model, arch, name, att, config)
-        entry.update(_apply_attention(arch, att, entry, init))
-        plan["attention"][name] = entry
-    for name, entry in _layer_entries(model, arch, config, plan["params_before"]).items():
+    # plan everything first (every refusal happens here, before the model is touched), then apply
+    modules = dict(arch.attention_modules(model))
+    plan["attention"] = {name: _attention_entry(model, arch, name, att, config) for name, att in modules.items()}
+    after_heads = plan["params_before"] - sum(_attention_params_removed(arch, modules[n], _dims(e))
+                                              for n, e in plan["attention"].items())
+    plan["layers"] = _layer_entries(model, arch, config, plan["params_before"], after_heads)
+    for name, entry in plan["attention"].items():
+        entry.update(_apply_attention(arch, modules[name], entry, init))
+    for name, entry in plan["layers"].items():
         entry.update(_apply_layer(model, arch, name, entry, init))
-        plan["layers"][name] = entry
     _finish(model, arch, plan, config, tied)
     return model
 
@@ -157,6 +160,10 @@ def _attention_entry(model, arch: Arch, name: str, att: nn.Module, config: FNLCo
             f"{name} uses grouped-query attention ({H} query heads share {G} key/value heads), so per-head OV "
             f"forms do not separate; keep the OV head dim ({hd}) (FD on OV/QK still works)"
         )
+    full = arch.read(att, HeadDims(H, G, hd, hd, hd))
+    if ov != hd and full["v_bias"] is not None and full["o_bias"] is None:
+        raise ValueError(f"{name}: a value bias can only be folded into an output bias, and the output projection "
+                         "has none; keep the OV head dim")
     return {"heads": H, "kv_heads": G, "head_dim": hd, "qk_head_dim": qk, "ov_head_dim": ov}
 
 
@@ -177,8 +184,6 @@ def _apply_attention(arch: Arch, att: nn.Module, entry: dict, init: str) -> dict
             **{f"{k}_bias": orig[f"{k}_bias"] for k in "qkvo"},
             num_kv_heads=None if dims.kv_heads == dims.heads else dims.kv_heads,
         )
-        if orig["o_bias"] is None and si["o_bias"] is not None and dims.ov != dims.head_dim:
-            raise ValueError(f"{arch.name}: a value bias without an output bias cannot be folded exactly")
         t = dict(orig)
         for keys, shrunk in ((qk_keys, dims.qk != dims.head_dim), (ov_keys, dims.ov != dims.head_dim)):
             if shrunk:  # a form kept at full dim is left exactly as it was (RoPE / GQA safe)
@@ -198,6 +203,16 @@ def _apply_attention(arch: Arch, att: nn.Module, entry: dict, init: str) -> dict
         result["qk_rel_error"] = _rel_error(_qk_products(orig, dims.heads), _qk_products(new, dims.heads))
         result["ov_rel_error"] = _rel_error(_ov_products(orig, dims.heads), _ov_products(new, dims.heads))
     return result
+
+
+def _attention_params_removed(arch: Arch, att: nn.Module, dims: HeadDims) -> int:
+    """Parameters that shrinking the unpatched ``att`` to ``dims`` removes (q/k/v rows, o columns scale with the
+    per-head dims; the output bias stays)."""
+    full = HeadDims(dims.heads, dims.kv_heads, dims.head_dim, dims.head_dim, dims.head_dim)
+    t = arch.read(att, full)
+    qk = sum(t[k].numel() for k in ("q_weight", "q_bias", "k_weight", "k_bias") if t[k] is not None)
+    ov = sum(t[k].numel() for k in ("v_weight", "v_bias", "o_weight") if t[k] is not None)
+    return qk * (dims.head_dim - dims.qk) // dims.head_dim + ov * (dims.head_dim - dims.ov) // dims.head_dim
 
 
 def _attention_params(arch: Arch, att: nn.Module, dims: HeadDims) -> Tuple[int, int]:
@@ -252,7 +267,7 @@ def _pad_back(t: dict, dims: HeadDims) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # FFN and embedding layers
 # ----------------------------------------------------------------------------------------------------------------
-def _layer_entries(model, arch: Arch, config: FNLConfig, params_before: int) -> Dict[str, dict]:
+def _layer_entries(model, arch: Arch, config: FNLConfig, params_before: int, params_now: int) -> Dict[str, dict]:
     """Plan entries (kind, layout, shape, rank) of every layer to factorize, in application order."""
     candidates = []  # (name, module, kind, type, (m, n))
     if "ffn" in config.factorize:
@@ -286,7 +301,7 @@ def _layer_entries(model, arch: Arch, config: FNLConfig, params_before: int) -> 
         )
     scale = config.rank_scale
     if config.target_param_ratio is not None:
-        scale = _scale_for_ratio(model, candidates, ranks, config, params_before)
+        scale = _scale_for_ratio(candidates, ranks, config, params_before, params_now)
     entries = {}
     for name, layer, kind, type_, (m, n) in candidates:
         rank = ranks[name]
@@ -310,10 +325,10 @@ def _layer_entries(model, arch: Arch, config: FNLConfig, params_before: int) -> 
     return entries
 
 
-def _scale_for_ratio(model, candidates, ranks, config: FNLConfig, params_before: int) -> float:
+def _scale_for_ratio(candidates, ranks, config: FNLConfig, params_before: int, now: int) -> float:
     """Rank scale whose factorized model keeps ``target_param_ratio`` of ``params_before`` parameters (core
-    ``rank_scale_for_param_ratio`` on a shape-only stand-in of the layers the scale applies to)."""
-    now = _num_params(model)  # after any head shrinking
+    ``rank_scale_for_param_ratio`` on a shape-only stand-in of the layers the scale applies to). ``now``: the
+    parameter count after head shrinking."""
     scaled = [(m, n) for name, _, _, _, (m, n) in candidates if ranks[name] is None]
     fixed = sum(factorized_param_count(m, n, ranks[name], config.deep) - m * n
                 for name, _, _, _, (m, n) in candidates if ranks[name] is not None)

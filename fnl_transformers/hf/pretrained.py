@@ -28,7 +28,8 @@ def from_pretrained(path: str, dtype: Optional[torch.dtype] = None, attn_impleme
 
     Every parameter and persistent buffer of the rebuilt model must come from the checkpoint (tied weights
     excepted), and every checkpoint tensor must be used, with equal shapes; anything else is an error naming the
-    keys. Returns the model in eval mode (as ``transformers`` does), in ``dtype`` if given.
+    keys. Returns the model in eval mode (as ``transformers`` does), in ``dtype`` if given, else in the dtype
+    it was saved in (``config.json``'s ``dtype``), on ``device`` if given.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -52,10 +53,12 @@ def from_pretrained(path: str, dtype: Optional[torch.dtype] = None, attn_impleme
     cls = getattr(transformers, names[0], None) if names else None
     if cls is None:
         raise ValueError(f"{path}/config.json names no transformers model class in 'architectures' ({names})")
+    saved_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else None
     model = cls(config)
     apply_plan(model, plan)
     state = load_state_dict(path)
     _load_strict(model, state, path)
+    dtype = dtype or saved_dtype
     if dtype is not None:
         model.to(dtype)
     if device is not None:
