@@ -347,3 +347,14 @@ def test_a_refused_plan_leaves_the_model_untouched():
     assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in before.items()}
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert not hasattr(model.config, "fnl_config")
+
+
+def test_patching_does_not_touch_other_models_sharing_the_config():
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=48, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    first, second = BertForMaskedLM(cfg), BertForMaskedLM(cfg)
+    patch_model(first, FNLConfig(rank_scale=0.5))
+    assert not hasattr(cfg, "fnl_config") and not hasattr(second.config, "fnl_config")
+    assert all(m.config is first.config for m in first.modules() if "config" in m.__dict__)
+    patch_model(second, FNLConfig(head_dim=4))  # not "already patched"

@@ -74,8 +74,18 @@ def patch_model(model: PreTrainedModel, config: Optional[FNLConfig] = None) -> P
         entry.update(_apply_attention(arch, modules[name], entry, init))
     for name, entry in plan["layers"].items():
         entry.update(_apply_layer(model, arch, name, entry, init))
+    _own_config(model)
     _finish(model, arch, plan, config, tied)
     return model
+
+
+def _own_config(model: nn.Module) -> None:
+    """Give ``model`` (and its submodules, which reference the same object) a private copy of its config, so
+    recording the plan never alters another model built from the same config object."""
+    shared, own = model.config, copy.deepcopy(model.config)
+    for module in model.modules():
+        if module.__dict__.get("config") is shared:
+            module.config = own
 
 
 def recompose(model: PreTrainedModel) -> PreTrainedModel:
@@ -462,6 +472,7 @@ def apply_plan(model: PreTrainedModel, plan: dict) -> PreTrainedModel:
     # tied heads after their embedding (config.json stores the plan with sorted keys)
     for name, entry in sorted(plan["layers"].items(), key=lambda item: item[1]["type"] == "tied_head"):
         _apply_layer(model, arch, name, entry, "skip")
+    _own_config(model)
     _finish(model, arch, copy.deepcopy(plan), config, tied)
     return model
 
