@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List
+from typing import Callable, Dict, List, NamedTuple, Optional, Set
 
 import torch
 
@@ -114,10 +114,29 @@ def check_unique(param_groups: List[dict]) -> None:
             seen[id(p)] = gi
 
 
+class GroupForms(NamedTuple):
+    """A group's FD forms, ready for :func:`fnl_transformers.core.accumulate_fd_grads`."""
+
+    specs: List[FormSpec]
+    lookup: Callable[[int], torch.Tensor]
+    coeffs: Dict[str, float]
+
+    def param_ids(self) -> Set[int]:
+        """``id`` of every parameter read by a form of nonzero coefficient."""
+        return {id(self.lookup(k)) for s in self.specs if self.coeffs.get(s.kind, 0.0) for k in s.keys()}
+
+    def add_to(self, out: Dict[int, torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """``out[id(p)] += lambda_kind * dFD/dp`` from the current weights (new float32 buffers where missing)."""
+        return accumulate_fd_grads(self.specs, self.lookup, self.coeffs, out)
+
+
+def group_forms(group: dict) -> Optional[GroupForms]:
+    if not fd_active(group):
+        return None
+    return GroupForms([decode_form(d) for d in group["fd_forms"]], group["params"].__getitem__, group["fd"])
+
+
 def fd_terms(group: dict) -> Dict[int, torch.Tensor]:
     """``{id(p): lambda_kind * dFD/dp}`` (float32) for the group's forms, from the current weights."""
-    if not fd_active(group):
-        return {}
-    params = group["params"]
-    specs = [decode_form(d) for d in group["fd_forms"]]
-    return accumulate_fd_grads(specs, params.__getitem__, group["fd"])
+    forms = group_forms(group)
+    return {} if forms is None else forms.add_to({})

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._fd import check_number, fd_terms
+from ._fd import GroupForms, check_number, group_forms
 from .base import FDOptimizer
 
 
@@ -37,7 +37,7 @@ def lamb_update(
     exp_avgs: List[torch.Tensor],
     exp_avg_sqs: List[torch.Tensor],
     steps: List[int],
-    fd: Dict[int, torch.Tensor],
+    fd: Optional[GroupForms] = None,
     *,
     lr: float,
     beta1: float,
@@ -48,7 +48,10 @@ def lamb_update(
     trust_clip: Optional[float],
     grad_scale: Optional[torch.Tensor] = None,
 ) -> None:
-    """One LAMB/FLAMBe step on lists of tensors (in place). ``fd[id(w)]`` replaces ``weight_decay * w``."""
+    """One LAMB/FLAMBe step on lists of tensors (in place). For the factors of ``fd``'s forms the decay term is
+    ``lambda_kind * dFD/dw`` (from the weights before the step) instead of ``weight_decay * w``."""
+    fd_ids = fd.param_ids() if fd is not None else set()
+    pending: Dict[int, torch.Tensor] = {}  # factors: r waits for its FD term
     for w, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         if grad_scale is not None:
             g = g / grad_scale  # global gradient-norm pre-normalization
@@ -56,17 +59,27 @@ def lamb_update(
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if bias_correction else (1.0, 1.0)
         r = (m / bc1).div_((v / bc2).sqrt_().add_(eps))  # m_hat / (sqrt(v_hat) + eps)
-        d = fd.get(id(w))
-        if d is not None:
-            r.add_(d)  # FLAMBe: + lambda dFD/dw (paper Sec. 5), where LAMB puts weight decay
-        elif weight_decay != 0:
+        if id(w) in fd_ids:
+            pending[id(w)] = r
+            continue
+        if weight_decay != 0:
             r.add_(w, alpha=weight_decay)  # LAMB: + wd * w
-        w_norm = torch.linalg.vector_norm(w)
-        r_norm = torch.linalg.vector_norm(r)
-        trust = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))  # 1 if a norm is 0
-        if trust_clip is not None:
-            trust = trust.clamp(max=trust_clip)
-        w.add_(r.mul_(trust), alpha=-lr)  # w -= lr * q * r
+        _trust_step(w, r, lr, trust_clip)
+    if pending:
+        fd.add_to(pending)  # FLAMBe: r += lambda dFD/dw (paper Sec. 5), where LAMB puts weight decay
+        for w in params:
+            if id(w) in pending:
+                _trust_step(w, pending[id(w)], lr, trust_clip)
+
+
+def _trust_step(w: torch.Tensor, r: torch.Tensor, lr: float, trust_clip: Optional[float]) -> None:
+    """``w -= lr * q * r`` with the trust ratio ``q = ||w|| / ||r||`` (1 if a norm is 0), ``min(q, trust_clip)``."""
+    w_norm = torch.linalg.vector_norm(w)
+    r_norm = torch.linalg.vector_norm(r)
+    trust = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))
+    if trust_clip is not None:
+        trust = trust.clamp(max=trust_clip)
+    w.add_(r.mul_(trust), alpha=-lr)
 
 
 class Lamb(FDOptimizer):
@@ -123,7 +136,7 @@ class Lamb(FDOptimizer):
                 loss = closure()
         grad_scale = self._grad_scale()
         for group in self.param_groups:
-            fd = fd_terms(group) if self.supports_fd else {}  # from the weights before this step
+            fd = group_forms(group) if self.supports_fd else None
             params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)
             beta1, beta2 = group["betas"]
             lamb_update(params, grads, exp_avgs, exp_avg_sqs, steps, fd, lr=group["lr"], beta1=beta1, beta2=beta2,
