@@ -10,8 +10,8 @@ VOCAB = 61
 
 
 def tiny(arch: str, seed: int = 0, **overrides):
-    """A tiny random model (eval mode) of ``arch`` in {bert, roberta, distilbert, gpt2, llama, llama_mha,
-    llama_tied}; hidden 32, 4 heads of 8 dims, 2 layers."""
+    """A tiny random model (eval mode) of ``arch`` in {bert, roberta, distilbert, gpt2, llama (grouped-query),
+    llama_mha, llama_tied, mistral, qwen2}; hidden 32, 4 heads of 8 dims, 2 layers."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -32,6 +32,11 @@ def tiny(arch: str, seed: int = 0, **overrides):
             vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv,
             intermediate_size=64, max_position_embeddings=40, tie_word_embeddings=arch == "llama_tied",
             bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    elif arch in ("mistral", "qwen2"):
+        cls, cfg_cls = {"mistral": (tf.MistralForCausalLM, tf.MistralConfig),
+                        "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config)}[arch]
+        cfg = cfg_cls(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=40)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():

@@ -14,7 +14,7 @@ from fnl_transformers.core import FactorizedEmbedding, FactorizedLinear, form_pa
 from fnl_transformers.hf import FNLConfig, get_fnl_config, patch_model
 from fnl_transformers.hf.layers import HeadPaddedLinear, TiedFactorizedHead
 
-ARCHS = ["bert", "roberta", "distilbert", "gpt2", "llama", "llama_mha", "llama_tied"]
+ARCHS = ["bert", "roberta", "distilbert", "gpt2", "llama", "llama_mha", "llama_tied", "mistral", "qwen2"]
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_llama_gqa_qk_fd_matches_dense_math():
     one = torch.nn.Module()
     one.att = att
     got = frobenius_penalty(one, qk=1.0, ov=1.0)
-    assert float(got) == pytest.approx(float(qk + ov), rel=1e-5)
+    assert float(got) == pytest.approx(float((qk + ov).detach()), rel=1e-5)
     assert get_fnl_config(model).fd_qk == 1.0 and model.fnl_config.fd_ov == 1.0
 
 
@@ -215,7 +215,7 @@ def test_fd_penalty_covers_every_kind_after_patching():
         if isinstance(m, (FactorizedLinear, FactorizedEmbedding)):
             expected += 0.5 * float(m.product().double().pow(2).sum())
     got = frobenius_penalty(model, linear=1.0, embedding=1.0)
-    assert float(got) == pytest.approx(expected, rel=1e-5)
+    assert float(got.detach()) == pytest.approx(expected, rel=1e-5)
     assert float(frobenius_penalty(model, qk=1.0)) > 0
 
 
@@ -281,6 +281,11 @@ def test_gqa_ov_head_shrinking_is_refused():
         patch_model(tiny("llama"), FNLConfig(ov_head_dim=4))
 
 
+def test_value_bias_without_output_bias_refuses_ov_shrinking():
+    with pytest.raises(ValueError, match="value bias can only be folded into an output bias"):
+        patch_model(tiny("qwen2"), FNLConfig(ov_head_dim=4))
+
+
 def test_head_dim_that_does_not_fit_is_refused():
     with pytest.raises(ValueError, match=r"does not fit .*8 dims.*1\.\.8"):
         patch_model(tiny("bert"), FNLConfig(head_dim=9))
@@ -291,7 +296,7 @@ def test_unsupported_architecture_lists_supported_ones():
 
     model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                      num_attention_heads=2, word_embed_proj_dim=16))
-    with pytest.raises(ValueError, match=r"model_type 'opt'.*bert, distilbert, gpt2, llama, roberta"):
+    with pytest.raises(ValueError, match=r"model_type 'opt'.*bert, distilbert, gpt2, llama, mistral, qwen2, roberta"):
         patch_model(model, FNLConfig())
 
 

@@ -23,6 +23,8 @@ CASES = {  # arch -> config exercising its special cases
     "llama": FNLConfig(rank_scale=0.5),
     "llama_mha": FNLConfig(ov_head_dim=3, ranks={"*.mlp.down_proj": 5}, factorize=("ffn",)),
     "llama_tied": FNLConfig(rank_scale=0.5, ov_head_dim=5),
+    "mistral": FNLConfig(rank_scale=0.5, ov_head_dim=5),
+    "qwen2": FNLConfig(rank_scale=0.5),
 }
 
 

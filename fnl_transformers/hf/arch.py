@@ -3,7 +3,7 @@ attributes and feed-forward layers, and how to read/write the projections in ``n
 
 The math (per-head SI, bias folding, forms) is the core's; an adapter only maps names and layouts:
 
-* ``read(attention)`` returns ``{q,k,v,o}_{weight,bias}`` in ``nn.Linear`` layout (q/k/v ``(heads*hd) x d``,
+* ``read(attention, dims)`` returns ``{q,k,v,o}_{weight,bias}`` in ``nn.Linear`` layout (q/k/v ``(heads*hd) x d``,
   o ``d x (heads*hd)``), the layout of :func:`fnl_transformers.core.attention_spectral_init`.
 * ``write(attention, tensors, dims)`` installs projections of the given per-head dims (zero-padding per head to
   one common width when QK and OV dims differ, see :mod:`.layers`) and updates the head-size attributes the
@@ -11,7 +11,8 @@ The math (per-head SI, bias folding, forms) is the core's; an adapter only maps 
   keeps the original ``1/sqrt(head_dim)``, so it is exactly the per-head truncation.
 * ``form_specs(dims)``: the QK/OV form specs (core :func:`~fnl_transformers.core.attention_form_specs`).
 
-To add an architecture, add an :class:`Arch` (or a subclass for a fused layout) to :data:`ARCHS`.
+Supported: BERT, RoBERTa, DistilBERT, GPT-2 and the Llama layout (Llama, Mistral, Qwen2: RoPE, grouped-query
+attention). To add an architecture, add an :class:`Arch` (or a subclass for a fused layout) to :data:`ARCHS`.
 """
 from __future__ import annotations
 
@@ -208,7 +209,7 @@ ARCHS: Dict[str, Arch] = {
         head_owner="", head_dim_attr="head_dim", total_attr="split_size", ffn=r"(^|\.)h\.\d+\.mlp\.c_(fc|proj)$",
     ),
     "llama": Arch(
-        "llama", ("llama",), attention=r"(^|\.)layers\.\d+\.self_attn$", q="q_proj", k="k_proj", v="v_proj",
+        "llama", ("llama", "mistral", "qwen2"), attention=r"(^|\.)layers\.\d+\.self_attn$", q="q_proj", k="k_proj", v="v_proj",
         o="o_proj", head_owner="", head_dim_attr="head_dim", total_attr=None,
         ffn=r"(^|\.)layers\.\d+\.mlp\.(gate|up|down)_proj$", rope=True,
     ),

@@ -18,7 +18,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def add_arguments(parser) -> None:
     parser.add_argument("model_dir", help="a save_pretrained directory of a supported model (BERT, RoBERTa, "
-                        "DistilBERT, GPT-2, Llama)")
+                        "DistilBERT, GPT-2, Llama, Mistral, Qwen2)")
     parser.add_argument("out_dir", help="where to save the compressed model (must not exist, or be empty)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--rank-scale", type=float, help="rank = round(scale * min(m, n)) per layer, in (0, 1]")
