@@ -204,7 +204,7 @@ def test_llama_gqa_qk_fd_matches_dense_math():
     one = torch.nn.Module()
     one.att = att
     got = frobenius_penalty(one, qk=1.0, ov=1.0)
-    assert float(got) == pytest.approx(float((qk + ov).detach()), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(float((qk + ov).detach()), rel=1e-5)
     assert get_fnl_config(model).fd_qk == 1.0 and model.fnl_config.fd_ov == 1.0
 
 
