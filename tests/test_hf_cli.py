@@ -76,3 +76,15 @@ def test_inspect_refuses_a_vanilla_model(tmp_path, capsys):
     tiny("bert").save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 2
     assert "not a fnl_transformers checkpoint" in capsys.readouterr().err
+
+
+def test_compress_unsupported_architecture_is_one_error_line(tmp_path, capsys):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                             word_embed_proj_dim=16)).save_pretrained(tmp_path / "src")
+    capsys.readouterr()
+    assert main(["compress", str(tmp_path / "src"), str(tmp_path / "out"), "--rank-scale", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not support model_type 'opt'" in err[0] and "supported model types: bert" in err[0]
+    assert not (tmp_path / "out").exists()
