@@ -363,3 +363,14 @@ def test_patching_does_not_touch_other_models_sharing_the_config():
     assert not hasattr(cfg, "fnl_config") and not hasattr(second.config, "fnl_config")
     assert all(m.config is first.config for m in first.modules() if "config" in m.__dict__)
     patch_model(second, FNLConfig(head_dim=4))  # not "already patched"
+
+
+@pytest.mark.parametrize("arch,qk,ov", [("gpt2", 3, 5), ("llama_mha", 8, 3)])
+def test_generation_with_kv_cache_after_shrinking(arch, qk, ov):
+    """Cached decoding with padded per-head widths gives the unpatched model's tokens (exact-rank heads)."""
+    model = tiny(arch)
+    make_heads_rank_deficient(model, qk, ov)
+    patched = patch_model(copy.deepcopy(model), FNLConfig(qk_head_dim=qk, ov_head_dim=ov))
+    ids = torch.tensor([[5, 7, 9]])
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(ids, **kw), model.generate(ids, **kw))
