@@ -209,8 +209,8 @@ ARCHS: Dict[str, Arch] = {
         head_owner="", head_dim_attr="head_dim", total_attr="split_size", ffn=r"(^|\.)h\.\d+\.mlp\.c_(fc|proj)$",
     ),
     "llama": Arch(
-        "llama", ("llama", "mistral", "qwen2"), attention=r"(^|\.)layers\.\d+\.self_attn$", q="q_proj", k="k_proj", v="v_proj",
-        o="o_proj", head_owner="", head_dim_attr="head_dim", total_attr=None,
+        "llama", ("llama", "mistral", "qwen2"), attention=r"(^|\.)layers\.\d+\.self_attn$", q="q_proj",
+        k="k_proj", v="v_proj", o="o_proj", head_owner="", head_dim_attr="head_dim", total_attr=None,
         ffn=r"(^|\.)layers\.\d+\.mlp\.(gate|up|down)_proj$", rope=True,
     ),
 }

@@ -80,7 +80,8 @@ class HeadPaddedConv1D(Conv1D):
         return torch.cat([pad_heads(p, self.heads, i, self.outer) for p, i in zip(parts, self.inners)], dim=-1)
 
     def __repr__(self) -> str:
-        return f"HeadPaddedConv1D(nf={self.nf}, nx={self.nx}, heads={self.heads}, inners={self.inners}, outer={self.outer})"
+        return (f"HeadPaddedConv1D(nf={self.nf}, nx={self.nx}, heads={self.heads}, inners={self.inners}, "
+                f"outer={self.outer})")
 
 
 class HeadSlicedConv1D(Conv1D):
@@ -94,7 +95,8 @@ class HeadSlicedConv1D(Conv1D):
         return super().forward(slice_heads(x, self.heads, self.inner, self.outer))
 
     def __repr__(self) -> str:
-        return f"HeadSlicedConv1D(nf={self.nf}, nx={self.nx}, heads={self.heads}, inner={self.inner}, outer={self.outer})"
+        return (f"HeadSlicedConv1D(nf={self.nf}, nx={self.nx}, heads={self.heads}, inner={self.inner}, "
+                f"outer={self.outer})")
 
 
 class TiedFactorizedHead(nn.Module):
