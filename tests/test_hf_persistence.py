@@ -3,9 +3,7 @@
 Tolerances: a reloaded patched model reproduces the saved one exactly (same float32 weights: 0 difference);
 recomposed (multiplied-out, zero-padded) models agree with the patched ones to 1e-5 relative.
 """
-import copy
 import json
-import os
 
 import pytest
 import torch
