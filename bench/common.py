@@ -20,16 +20,25 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 
+def clock() -> Tuple[Callable[[], float], str]:
+    """The process's CPU time when torch runs single-threaded (then it is the compute time, and time spent
+    waiting for a core on a shared machine does not count), else wall time."""
+    if torch.get_num_threads() == 1:
+        return time.process_time, "process CPU time (single-threaded)"
+    return time.perf_counter, "wall time"
+
+
 def median_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, float]:
-    """Median wall time (s) of each function; the functions alternate within each repeat, so drift on a
-    shared machine hits all of them alike. ``warmup`` untimed rounds first."""
+    """Median time (s, see :func:`clock`) of each function; the functions alternate within each repeat, so
+    drift on a shared machine hits all of them alike. ``warmup`` untimed rounds first."""
+    now = clock()[0]
     times: Dict[str, List[float]] = {k: [] for k in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():
             gc.collect()
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            dt = time.perf_counter() - t0
+            dt = now() - t0
             if r >= warmup:
                 times[name].append(dt)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -76,7 +85,7 @@ def main(item: int, question: str, run: Callable[[bool], List[dict]]) -> None:
         error = None
     except Exception as e:  # reported as an error row by run_all, with the traceback
         rows, error = [], f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-    out = dict(item=item, question=question, quick=args.quick, threads=torch.get_num_threads(),
+    out = dict(item=item, question=question, quick=args.quick, threads=torch.get_num_threads(), clock=clock()[1],
                seconds=time.perf_counter() - t0, rows=rows, error=error)
     text = json.dumps(out, indent=1)
     if args.json:
@@ -91,10 +100,6 @@ def fmt_s(x: Optional[float]) -> str:
     if x is None:
         return "-"
     return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
-
-
-def speedup(baseline_s: float, ours_s: float) -> float:
-    return baseline_s / ours_s
 
 
 def check_close(a: torch.Tensor, b: torch.Tensor) -> float:

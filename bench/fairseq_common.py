@@ -53,7 +53,8 @@ def quiet():
 
 def make_data(root: str, n_train: int, n_test: int = 32, mean_len: int = 24, vocab: int = VOCAB,
               seed: int = 0) -> str:
-    """Write and binarize a synthetic src->tgt corpus under ``root``; returns the data-bin folder."""
+    """Write and binarize a synthetic src->tgt corpus under ``root``; returns the data-bin folder.
+    Sentence lengths are ``N(mean_len, (mean_len / 6)^2)``, so ``--max-tokens`` batches carry little padding."""
     data_bin = os.path.join(root, "data-bin")
     if os.path.exists(os.path.join(data_bin, "DONE")):
         return data_bin
@@ -69,7 +70,7 @@ def make_data(root: str, n_train: int, n_test: int = 32, mean_len: int = 24, voc
         for lang in ("src", "tgt"):
             with open(os.path.join(raw, f"{split}.{lang}"), "w") as f:
                 for _ in range(n):
-                    length = max(3, min(2 * mean_len, int(rng.gauss(mean_len, mean_len / 3))))
+                    length = max(3, min(2 * mean_len, int(rng.gauss(mean_len, mean_len / 6))))  # little padding
                     f.write(" ".join(rng.choices(words, weights, k=length)) + "\n")
     from fairseq import options
     from fairseq_cli import preprocess

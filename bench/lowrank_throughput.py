@@ -29,7 +29,7 @@ def run(quick: bool):
             runs[r] = Run(base + ["--rank-scale", str(r)])
         sample = max(runs["dense"].samples(4), key=lambda x: x["ntokens"])
         flops = {k: train_flops(v, sample) for k, v in runs.items()}
-        t = median_times({k: (lambda v=v: v.step(sample)) for k, v in runs.items()}, repeats=2 if quick else 3)
+        t = median_times({k: (lambda v=v: v.step(sample)) for k, v in runs.items()}, repeats=2)
     tokens = int(sample["ntokens"])
     rows = []
     for r in SCALES:

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_all(tmp_path, only):
-    res = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick", "--threads", "1", "--only", only,
+    res = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick", "--only", only,
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     with open(tmp_path / "results-quick.json") as f:
