@@ -16,6 +16,7 @@ import sys
 from collections import OrderedDict
 from typing import Dict, List
 
+LOWER_IS_BETTER = {"mlm_loss"}
 METRIC_LABELS = {"bleu": "BLEU (sacrebleu, detokenized)", "f1": "SQuAD v1.1 F1", "exact_match": "SQuAD v1.1 EM",
                  "mlm_loss": "MLM eval loss (lower is better)"}
 
@@ -48,11 +49,11 @@ def load(paths: List[str]) -> List[dict]:
     return rows
 
 
-def _fmt(v, digits=2):
+def _fmt(v):
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.{digits}f}" if abs(v) >= 0.01 or v == 0 else f"{v:.0e}"
+        return f"{v:g}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
@@ -61,15 +62,17 @@ def _fmt(v, digits=2):
 def markdown(rows: List[dict]) -> str:
     out = []
     for metric in sorted({r["metric"] for r in rows}):
-        sel = sorted((r for r in rows if r["metric"] == metric), key=lambda r: (-r["score"], r["_run"]))
+        sign = 1 if metric in LOWER_IS_BETTER else -1  # best first
+        sel = sorted((r for r in rows if r["metric"] == metric), key=lambda r: (sign * r["score"], r["_run"]))
         out.append(f"### {METRIC_LABELS.get(metric, metric)}\n")
-        out.append("| run | variant | " + metric + " | parameters | regularizer | coefficient | rank scale | updates |")
-        out.append("|---|---|---:|---:|---|---:|---:|---:|")
+        out.append("| run | variant | " + metric + " | parameters | regularizer | coefficient | rank scale | head dim "
+                   "| updates |")
+        out.append("|---|---|---:|---:|---|---:|---:|---:|---:|")
         for r in sel:
             out.append("| " + " | ".join([
                 r["_run"], str(r.get("variant", "-")), f"{r['score']:.2f}", _fmt(r.get("params")),
-                str(r.get("regularizer", "-")), _fmt(r.get("coef"), 6) if r.get("coef") else "0",
-                _fmt(r.get("rank_scale")), _fmt(r.get("updates"))]) + " |")
+                str(r.get("regularizer", "-")), f"{r['coef']:g}" if r.get("coef") else "0",
+                _fmt(r.get("rank_scale")), _fmt(r.get("head_dim")), _fmt(r.get("updates"))]) + " |")
         sigs = sorted({r["sacrebleu_signature"] for r in sel if r.get("sacrebleu_signature")})
         for s in sigs:
             out.append(f"\nsacrebleu signature: `{s}`")
@@ -96,10 +99,11 @@ def plot(rows: List[dict], path: str) -> None:
             vs = [r for r in sel if str(r.get("variant", r["_run"])) == v]
             m = markers[j % len(markers)]
             with_params = [r for r in vs if r.get("params")]
-            if with_params:
-                axes[i][0].scatter([r["params"] for r in with_params], [r["score"] for r in with_params],
-                                   marker=m, s=60, label=v)
-            axes[i][1].scatter([r.get("coef") or 0.0 for r in vs], [r["score"] for r in vs], marker=m, s=60, label=v)
+            if with_params:  # a sweep of one variant is one line, sorted along x
+                pts = sorted((r["params"], r["score"]) for r in with_params)
+                axes[i][0].plot(*zip(*pts), marker=m, markersize=7, linewidth=1, label=v)
+            pts = sorted((r.get("coef") or 0.0, r["score"]) for r in vs)
+            axes[i][1].plot(*zip(*pts), marker=m, markersize=7, linewidth=1, label=v)
         axes[i][0].set_xlabel("parameters")
         axes[i][1].set_xlabel("regularization coefficient (weight decay / Frobenius decay)")
         if positive:
