@@ -6,10 +6,12 @@ import sys
 
 import pytest
 
-from bench.common import row, skipped
-from bench.run_all import END, START, markdown, update_readme
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # bench/ is a folder of the repository, not an installed package
+    sys.path.insert(0, ROOT)
+
+from bench.common import row, skipped  # noqa: E402
+from bench.run_all import END, START, markdown, update_readme  # noqa: E402
 
 
 def run_all(tmp_path, only):

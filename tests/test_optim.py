@@ -192,6 +192,27 @@ def test_flambe_one_step_factorized_linear_hand_formula():
         torch.testing.assert_close(p.detach(), expected[name], rtol=1e-12, atol=1e-12, msg=lambda m: name + m)
 
 
+def test_flambe_one_step_deep_factorized_linear_hand_formula():
+    torch.manual_seed(3)
+    layer = FactorizedLinear(5, 4, rank=3, bias=False, deep=True).double()
+    with torch.no_grad():
+        layer.M.add_(0.3 * torch.randn(3, 3, dtype=torch.float64))  # M away from the identity
+    lam, lr, eps = 0.2, 0.05, 1e-6
+    U, M, V = (layer.U.detach().clone(), layer.M.detach().clone(), layer.V.detach().clone())
+    opt = FLAMBe(param_groups(layer, fd_linear=lam), lr=lr, eps=eps)
+    layer(torch.randn(7, 5, dtype=torch.float64)).pow(2).sum().backward()
+    g = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    opt.step()
+    W = U @ M @ V.T  # FD = 1/2 ||U M V^T||_F^2
+    expected = {
+        "U": lamb_first_step(U, g["U"], lam * (W @ V @ M.T), lr, eps),  # dFD/dU = W V M^T
+        "M": lamb_first_step(M, g["M"], lam * (U.T @ W @ V), lr, eps),  # dFD/dM = U^T W V
+        "V": lamb_first_step(V, g["V"], lam * (W.T @ U @ M), lr, eps),  # dFD/dV = W^T U M
+    }
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-12, atol=1e-12, msg=lambda m: name + m)
+
+
 def test_flambe_one_step_attention_ov_form_hand_formula():
     torch.manual_seed(1)
     d, H, hd = 8, 2, 4
