@@ -54,17 +54,49 @@ def _product(f: BoundForm) -> torch.Tensor:
     return A @ _expand(_f32(f.B), A.shape[0]).transpose(1, 2)  # W_h = A_h M B_g^T
 
 
+def _times_sym(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``A_h X_h`` for symmetric ``X_h``, computed in ``A``'s memory layout: for a transposed view (q/k/v rows of
+    an ``nn.Linear``) as ``(X A^T)^T``, so the result lands in the parameter's layout without a strided copy."""
+    At = A.transpose(1, 2)
+    if A.is_contiguous() or not At.is_contiguous():
+        return A @ X
+    return (X @ At).transpose(1, 2)
+
+
+class _GramSqNorms(torch.autograd.Function):
+    """Per-head ``||A M B^T||_F^2 = <A^T A, M B^T B M^T>`` with a closed-form backward: one matmul per factor
+    (``d/dA = 2 A (M B^T B M^T)``, ``d/dB = 2 B (M^T A^T A M)``, ``d/dM = 2 A^T A M B^T B``) instead of the two
+    that autograd spends on each Gram (paper Eq. (3), computed without the m x n product)."""
+
+    @staticmethod
+    def forward(ctx, A, B, M):
+        Ga = _gram(A)
+        Gb = _expand(_gram(B), A.shape[0])
+        GbM = Gb if M is None else M @ Gb @ M.t()
+        ctx.save_for_backward(A, B, M, Ga, Gb, GbM)
+        return (Ga * GbM).sum((1, 2))  # <A^T A, M B^T B M^T>, both symmetric
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        A, B, M, Ga, Gb, GbM = ctx.saved_tensors
+        g2 = 2 * g.view(-1, 1, 1)
+        dA = _times_sym(A, g2 * GbM) if ctx.needs_input_grad[0] else None
+        dB = dM = None
+        if ctx.needs_input_grad[1]:
+            GaM = Ga if M is None else M.t() @ Ga @ M
+            dB = _times_sym(B, _group_sum(g2 * GaM, B.shape[0]))
+        if M is not None and ctx.needs_input_grad[2]:
+            dM = (g2 * (Ga @ M @ Gb)).sum(0)
+        return dA, dB, dM
+
+
 def form_sq_norms(f: BoundForm) -> torch.Tensor:
     """Per-head ``||A_h M B_g(h)^T||_F^2`` (float32, differentiable), shape ``(H,)``."""
     H, m, k = f.A.shape
     if use_product(m, f.B.shape[1], k):
         return _product(f).pow(2).sum((1, 2))
-    Ga = _gram(f.A)
-    Gb = _expand(_gram(f.B), H)
-    if f.M is not None:
-        M = _f32(f.M)
-        Gb = M @ Gb @ M.t()
-    return (Ga * Gb).sum((1, 2))  # <A^T A, M B^T B M^T>, both symmetric
+    return _GramSqNorms.apply(_f32(f.A), _f32(f.B), None if f.M is None else _f32(f.M))
 
 
 def form_grads(f: BoundForm) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -84,9 +116,9 @@ def form_grads(f: BoundForm) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch
     Ga, Gb = _gram(A), _gram(B)
     Gbh = _expand(Gb, H)
     if M is None:
-        return A @ Gbh, B @ _group_sum(Ga, G), None  # U (V^T V), V (U^T U)
-    dA = A @ (M @ Gbh @ M.t())  # A M (B^T B) M^T
-    dB = B @ (M.t() @ _group_sum(Ga, G) @ M)  # B M^T (A^T A) M
+        return _times_sym(A, Gbh), _times_sym(B, _group_sum(Ga, G)), None  # U (V^T V), V (U^T U)
+    dA = _times_sym(A, M @ Gbh @ M.t())  # A M (B^T B) M^T
+    dB = _times_sym(B, M.t() @ _group_sum(Ga, G) @ M)  # B M^T (A^T A) M
     dM = (Ga @ M @ Gbh).sum(0)  # (A^T A) M (B^T B)
     return dA, dB, dM
 
