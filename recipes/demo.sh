@@ -15,9 +15,9 @@ EOF
 OUT=runs/demo; VARIANTS="baseline lowrank-si-fd"; MAXUP=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) need_value "$1" $#; OUT="$2"; shift 2 ;;
-    --variants) need_value "$1" $#; VARIANTS="$2"; shift 2 ;;
-    --max-update) need_value "$1" $#; MAXUP=(--max-update "$2"); shift 2 ;;
+    --out) need_value "$1" $# "${2:-}"; OUT="$2"; shift 2 ;;
+    --variants) need_value "$1" $# "${2:-}"; VARIANTS="$2"; shift 2 ;;
+    --max-update) need_value "$1" $# "${2:-}"; MAXUP=(--max-update "$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac

@@ -12,7 +12,7 @@ die() {  # one clear line naming the problem and the fix, exit code 2
 
 # Use the repository's virtual environment when the current python lacks the package (make install creates it).
 PY="${PYTHON:-python}"
-if ! "$PY" -c "import fnl_transformers" 2>/dev/null; then
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('torch', 'fnl_transformers')))" 2>/dev/null; then
   if [ -x "$REPO/.venv/bin/python" ]; then
     export PATH="$REPO/.venv/bin:$PATH"
     PY="$REPO/.venv/bin/python"
@@ -23,11 +23,12 @@ fi
 PY_BIN_DIR="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")"
 export PATH="$PY_BIN_DIR:$PATH"
 
-need_value() {  # need_value OPTION "$#": an option's value is missing
-  [ "$2" -ge 2 ] || die "$1 needs a value"
+need_value() {  # need_value OPTION "$#" VALUE: the option's value is missing (or is the next option)
+  [ "$2" -ge 2 ] && [[ "${3:-}" != --* ]] || die "$1 needs a value"
 }
 
-has_cuda() {
+has_cuda() {  # no GPU device node: no CUDA (skips a torch import); else ask torch
+  ls /dev/nvidia[0-9]* /dev/kfd >/dev/null 2>&1 || return 1
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null
 }
 

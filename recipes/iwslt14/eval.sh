@@ -27,12 +27,12 @@ TARGET="$1"; shift
 DATA=""; SUBSET=test; BEAM=5; BATCH=128; LENPEN=1; REF=""; EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --data) need_value "$1" $#; DATA="$2"; shift 2 ;;
-    --subset) need_value "$1" $#; SUBSET="$2"; shift 2 ;;
-    --beam) need_value "$1" $#; BEAM="$2"; shift 2 ;;
-    --batch-size) need_value "$1" $#; BATCH="$2"; shift 2 ;;
-    --lenpen) need_value "$1" $#; LENPEN="$2"; shift 2 ;;
-    --ref) need_value "$1" $#; REF="$2"; shift 2 ;;
+    --data) need_value "$1" $# "${2:-}"; DATA="$2"; shift 2 ;;
+    --subset) need_value "$1" $# "${2:-}"; SUBSET="$2"; shift 2 ;;
+    --beam) need_value "$1" $# "${2:-}"; BEAM="$2"; shift 2 ;;
+    --batch-size) need_value "$1" $# "${2:-}"; BATCH="$2"; shift 2 ;;
+    --lenpen) need_value "$1" $# "${2:-}"; LENPEN="$2"; shift 2 ;;
+    --ref) need_value "$1" $# "${2:-}"; REF="$2"; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (see --help; fairseq-generate options go after --)" ;;

@@ -30,17 +30,17 @@ SRC=de; TGT=en; RAW_DIR=""; SMOKE=0; OUT=""; VOCAB=""; MODEL_TYPE=bpe; MAX_LEN=1
 WORKERS="$(nproc 2>/dev/null || echo 1)"; URL="$DEFAULT_URL"; FORCE=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --raw-dir) need_value "$1" $#; RAW_DIR="$2"; shift 2 ;;
+    --raw-dir) need_value "$1" $# "${2:-}"; RAW_DIR="$2"; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
-    --src) need_value "$1" $#; SRC="$2"; shift 2 ;;
-    --tgt) need_value "$1" $#; TGT="$2"; shift 2 ;;
-    --out) need_value "$1" $#; OUT="$2"; shift 2 ;;
-    --vocab-size) need_value "$1" $#; VOCAB="$2"; shift 2 ;;
-    --spm-model-type) need_value "$1" $#; MODEL_TYPE="$2"; shift 2 ;;
-    --max-len) need_value "$1" $#; MAX_LEN="$2"; shift 2 ;;
-    --ratio) need_value "$1" $#; RATIO="$2"; shift 2 ;;
-    --workers) need_value "$1" $#; WORKERS="$2"; shift 2 ;;
-    --url) need_value "$1" $#; URL="$2"; shift 2 ;;
+    --src) need_value "$1" $# "${2:-}"; SRC="$2"; shift 2 ;;
+    --tgt) need_value "$1" $# "${2:-}"; TGT="$2"; shift 2 ;;
+    --out) need_value "$1" $# "${2:-}"; OUT="$2"; shift 2 ;;
+    --vocab-size) need_value "$1" $# "${2:-}"; VOCAB="$2"; shift 2 ;;
+    --spm-model-type) need_value "$1" $# "${2:-}"; MODEL_TYPE="$2"; shift 2 ;;
+    --max-len) need_value "$1" $# "${2:-}"; MAX_LEN="$2"; shift 2 ;;
+    --ratio) need_value "$1" $# "${2:-}"; RATIO="$2"; shift 2 ;;
+    --workers) need_value "$1" $# "${2:-}"; WORKERS="$2"; shift 2 ;;
+    --url) need_value "$1" $# "${2:-}"; URL="$2"; shift 2 ;;
     --force) FORCE=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;

@@ -44,22 +44,22 @@ DATA=""; SAVE_DIR=""; SMOKE=0; UNTRAINED=0; DRY=0; COEF=""; RS=""; HEAD_DIM=""; 
 WARMUP=""; MAX_TOKENS=""; DROPOUT=""; CLIP=""; ARCH=""; EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --data) need_value "$1" $#; DATA="$2"; shift 2 ;;
-    --save-dir) need_value "$1" $#; SAVE_DIR="$2"; shift 2 ;;
+    --data) need_value "$1" $# "${2:-}"; DATA="$2"; shift 2 ;;
+    --save-dir) need_value "$1" $# "${2:-}"; SAVE_DIR="$2"; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
     --untrained) UNTRAINED=1; shift ;;
     --dry-run) DRY=1; shift ;;
-    --coef) need_value "$1" $#; COEF="$2"; shift 2 ;;
-    --rank-scale) need_value "$1" $#; RS="$2"; shift 2 ;;
-    --head-dim) need_value "$1" $#; HEAD_DIM="$2"; shift 2 ;;
-    --lr) need_value "$1" $#; LR="$2"; shift 2 ;;
-    --max-update) need_value "$1" $#; MAX_UPDATE="$2"; shift 2 ;;
-    --seed) need_value "$1" $#; SEED="$2"; shift 2 ;;
-    --warmup-updates) need_value "$1" $#; WARMUP="$2"; shift 2 ;;
-    --max-tokens) need_value "$1" $#; MAX_TOKENS="$2"; shift 2 ;;
-    --dropout) need_value "$1" $#; DROPOUT="$2"; shift 2 ;;
-    --clip-norm) need_value "$1" $#; CLIP="$2"; shift 2 ;;
-    --arch) need_value "$1" $#; ARCH="$2"; shift 2 ;;
+    --coef) need_value "$1" $# "${2:-}"; COEF="$2"; shift 2 ;;
+    --rank-scale) need_value "$1" $# "${2:-}"; RS="$2"; shift 2 ;;
+    --head-dim) need_value "$1" $# "${2:-}"; HEAD_DIM="$2"; shift 2 ;;
+    --lr) need_value "$1" $# "${2:-}"; LR="$2"; shift 2 ;;
+    --max-update) need_value "$1" $# "${2:-}"; MAX_UPDATE="$2"; shift 2 ;;
+    --seed) need_value "$1" $# "${2:-}"; SEED="$2"; shift 2 ;;
+    --warmup-updates) need_value "$1" $# "${2:-}"; WARMUP="$2"; shift 2 ;;
+    --max-tokens) need_value "$1" $# "${2:-}"; MAX_TOKENS="$2"; shift 2 ;;
+    --dropout) need_value "$1" $# "${2:-}"; DROPOUT="$2"; shift 2 ;;
+    --clip-norm) need_value "$1" $# "${2:-}"; CLIP="$2"; shift 2 ;;
+    --arch) need_value "$1" $# "${2:-}"; ARCH="$2"; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (see --help; fairseq-train options go after --)" ;;

@@ -1,0 +1,394 @@
+"""Recipe helpers: the SQuAD v1.1 metric against hand-checked cases, the synthetic corpora, raw-corpus checks and
+cleaning, BLEU scoring of fairseq-generate output, the summary table/plot, the scripts' options and errors.
+(End-to-end smoke runs of every recipe: tests/test_recipes_smoke.py.)"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+
+import pytest
+
+from fnl_transformers.recipes import fairseq_eval, summary, synthetic, textprep
+from fnl_transformers.recipes.squad_metric import evaluate, exact_match, f1, max_over_truths, normalize_answer
+from recipes_helpers import RECIPES, is_png, last_line, load_json, run_script
+
+TRAIN = os.path.join(RECIPES, "iwslt14", "train.sh")
+PREPARE = os.path.join(RECIPES, "iwslt14", "prepare.sh")
+EVAL = os.path.join(RECIPES, "iwslt14", "eval.sh")
+
+
+# ------------------------------------------------------------------------------ SQuAD v1.1 metric, by hand
+@pytest.mark.parametrize("text, normalized", [
+    ("Paris", "paris"),                                  # lower case
+    ("PARIS", "paris"),
+    ("Paris!", "paris"),                                 # ASCII punctuation removed
+    ("U.S.A.", "usa"),                                   # ... without leaving a space
+    ("state-of-the-art", "stateoftheart"),               # hyphens too; 'the' is then inside a word, kept
+    ("(1,000)", "1000"),
+    ("Paris\u2026", "paris\u2026"),                      # non-ASCII punctuation (ellipsis) is NOT removed
+    ("The Eiffel Tower", "eiffel tower"),                # articles a / an / the as whole words
+    ("an apple a day", "apple day"),
+    ("theater banana", "theater banana"),                # ... not inside words
+    ("the.", ""),                                        # punctuation first, then the article goes
+    ("a.b", "ab"),                                       # punctuation first: 'ab' is no article
+    ("  New \t York \n", "new york"),                    # whitespace collapsed
+    ("The  Beatles ,  a band", "beatles band"),
+])
+def test_normalize_answer_rules(text, normalized):
+    assert normalize_answer(text) == normalized
+
+
+def test_exact_match_and_f1_hand_values():
+    assert exact_match("The Eiffel Tower!", "eiffel tower") == 1.0
+    assert exact_match("Eiffel", "Eiffel Tower") == 0.0
+    # 'the big red dog' -> [big, red, dog]; 'a red dog' -> [red, dog]: 2 shared, P = 2/3, R = 1, F1 = 0.8
+    assert f1("the big red dog", "a red dog") == pytest.approx(0.8, abs=1e-12)
+    # repeated tokens count by multiplicity: P = 1/2, R = 1 -> 2/3
+    assert f1("dog dog", "dog") == pytest.approx(2 / 3, abs=1e-12)
+    assert f1("cat", "dog") == 0.0
+    # the official quirk: both normalize to '' -> EM 1 but F1 0 (no shared token)
+    assert exact_match("The", "a") == 1.0 and f1("The", "a") == 0.0
+    # 'Denver Broncos' vs '1,000 Denver Broncos.': P = 1, R = 2/3 -> 0.8
+    assert f1("Denver Broncos", "1,000 Denver Broncos.") == pytest.approx(0.8, abs=1e-12)
+
+
+def test_max_over_ground_truths():
+    truths = ["Denver Broncos", "The Denver Broncos", "Broncos"]
+    assert max_over_truths(exact_match, "the denver broncos", truths) == 1.0
+    # 'broncos team' vs 'denver broncos': P = R = 1/2 -> 0.5; vs 'broncos': P = 1/2, R = 1 -> 2/3: max 2/3
+    assert max_over_truths(f1, "Broncos team", ["Denver Broncos", "Broncos"]) == pytest.approx(2 / 3, abs=1e-12)
+    assert max_over_truths(exact_match, "Broncos team", ["Denver Broncos", "Broncos"]) == 0.0
+    with pytest.raises(ValueError, match="no ground-truth answer"):
+        max_over_truths(f1, "x", [])
+
+
+def test_evaluate_dataset_percentages_and_unanswered():
+    data = [{"paragraphs": [{"context": "...", "qas": [
+        {"id": "a", "answers": [{"text": "Denver Broncos"}, {"text": "Broncos"}]},
+        {"id": "b", "answers": [{"text": "a red dog"}]},
+        {"id": "c", "answers": [{"text": "1999"}]},
+    ]}]}]
+    preds = {"a": "Broncos", "b": "the big red dog"}  # 'c' unanswered: scores 0, is counted
+    r = evaluate(data, preds)
+    assert r["questions"] == 3 and r["unanswered"] == 1
+    assert r["exact_match"] == pytest.approx(100 * 1 / 3, abs=1e-9)
+    assert r["f1"] == pytest.approx(100 * (1 + 0.8) / 3, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------ synthetic data
+def test_toy_language_pair_is_a_lexicon_mapping_with_local_reordering(tmp_path):
+    pair = synthetic.ToyLanguagePair(seed=3)
+    src2tgt = {s: t for pos in synthetic.POS_SIZES for s, t in zip(pair.src[pos], pair.tgt[pos])}
+    assert len(set(src2tgt.values())) == len(src2tgt)  # a bijection onto disjoint target words
+    assert not set(src2tgt) & set(src2tgt.values())
+    counts = synthetic.write_parallel(str(tmp_path), "xx", "yy", sizes=(200, 20, 20), seed=3)
+    assert counts == {"train": 200, "valid": 20, "test": 20}
+    src = {s: open(tmp_path / f"{s}.xx").read().splitlines() for s in synthetic.SPLITS}
+    tgt = {s: open(tmp_path / f"{s}.yy").read().splitlines() for s in synthetic.SPLITS}
+    assert not set(src["test"]) & set(src["train"])  # test sentences never seen in training
+    pos_of = {w: pos for pos in synthetic.POS_SIZES for w in pair.src[pos]}
+    for s, t in zip(src["train"], tgt["train"]):
+        sw, tw = s[:-1].lower().split(), t[:-1].lower().split()
+        assert s.endswith(".") and t.endswith(".") and s[0].isupper()
+        assert sorted(src2tgt[w] for w in sw) == sorted(tw)  # word-by-word mapping ...
+        # ... with reordering: ADJ* NOUN -> NOUN ADJ* (reversed), VERB ADV -> ADV VERB
+        expected, i = [], 0
+        while i < len(sw):
+            if pos_of[sw[i]] == "adj":
+                j = i
+                while pos_of[sw[j]] == "adj":
+                    j += 1
+                expected += [src2tgt[sw[j]]] + [src2tgt[w] for w in reversed(sw[i:j])]
+                i = j + 1
+            elif pos_of[sw[i]] == "verb" and i + 1 < len(sw) and pos_of[sw[i + 1]] == "adv":
+                expected += [src2tgt[sw[i + 1]], src2tgt[sw[i]]]
+                i += 2
+            else:
+                expected.append(src2tgt[sw[i]])
+                i += 1
+        assert expected == tw
+    again = tmp_path / "again"
+    synthetic.write_parallel(str(again), "xx", "yy", sizes=(200, 20, 20), seed=3)
+    assert open(again / "train.yy").read() == open(tmp_path / "train.yy").read()  # deterministic
+
+
+def test_synthetic_squad_answers_are_exact_spans():
+    data = synthetic.squad_examples(30, seed=5)
+    n = 0
+    for p in data["data"][0]["paragraphs"]:
+        for qa in p["qas"]:
+            a = qa["answers"][0]
+            assert p["context"][a["answer_start"]:a["answer_start"] + len(a["text"])] == a["text"]
+            n += 1
+    assert n == 90
+
+
+# ------------------------------------------------------------------------------ raw corpus checks and cleaning
+def _raw(tmp_path, lines=("Hallo Welt .", "Guten Tag ."), tgt_lines=("Hello world .", "Good day .")):
+    d = tmp_path / "raw"
+    d.mkdir(exist_ok=True)
+    for split in textprep.SPLITS:
+        (d / f"{split}.de").write_text("\n".join(lines) + "\n")
+        (d / f"{split}.en").write_text("\n".join(tgt_lines) + "\n")
+    return d
+
+
+def test_check_raw_dir_errors(tmp_path):
+    d = _raw(tmp_path)
+    assert textprep.check_raw_dir(str(d), "de", "en") == {"train": 2, "valid": 2, "test": 2}
+    (d / "valid.en").write_text("Hello world .\n")
+    with pytest.raises(textprep.PrepError, match=r"mismatched line counts in split 'valid'.*has 2 lines but .* has 1"):
+        textprep.check_raw_dir(str(d), "de", "en")
+    (d / "valid.en").write_text("")
+    with pytest.raises(textprep.PrepError, match=r"empty file .*valid\.en"):
+        textprep.check_raw_dir(str(d), "de", "en")
+    (d / "valid.en").unlink()
+    with pytest.raises(textprep.PrepError, match=r"missing file .*valid\.en.*\{train,valid,test\}\.\{de,en\}"):
+        textprep.check_raw_dir(str(d), "de", "en")
+    with pytest.raises(textprep.PrepError, match="both 'de'"):
+        textprep.check_raw_dir(str(d), "de", "de")
+
+
+def test_count_lines_without_final_newline(tmp_path):
+    p = tmp_path / "x"
+    p.write_text("a\nb")
+    assert textprep.count_lines(str(p)) == 2
+
+
+def test_clean_split_filters_train_and_reports_counts():
+    src = ["a b c", "", "w " * 200, "one", "x  y\u200b z", "q"]
+    tgt = ["A B C", "x", "W", "one two three four", "X Y Z", "Q"]
+    kept, removed = textprep.clean_split(src, tgt, max_len=175, ratio=1.5, keep_all=False)
+    assert kept == [("a b c", "A B C"), ("x y z", "X Y Z"), ("q", "Q")]
+    assert removed == {"empty": 1, "longer than 175 words": 1, "length ratio above 1.5": 1}
+
+
+def test_clean_split_never_drops_test_pairs():
+    kept, _ = textprep.clean_split(["w " * 300, "a"], ["x", "b c d e"], max_len=175, ratio=1.5, keep_all=True)
+    assert len(kept) == 2
+    with pytest.raises(textprep.PrepError, match="test line 2 is empty"):
+        textprep.clean_split(["a", " "], ["b", "c"], max_len=175, ratio=1.5, keep_all=True)
+
+
+def test_extract_iwslt_layout(tmp_path):
+    """The official archive's layout: tagged train files, XML dev/test sets; fairseq's split (every 23rd = valid)."""
+    base = tmp_path / "orig" / "de-en"
+    base.mkdir(parents=True)
+    for lang, word in (("de", "Satz"), ("en", "sentence")):
+        lines = ["<url>http://x</url>", "<keywords>k</keywords>", "<talkid>1</talkid>", "<title>Titel</title>"]
+        lines += [f"{word} {i}" for i in range(1, 47)]
+        (base / f"train.tags.de-en.{lang}").write_text("\n".join(lines) + "\n")
+        for part in textprep._TEST_PARTS:
+            segs = "\n".join(f'<seg id="{i}"> {part} {lang} {i} it\u2019s </seg>' for i in range(1, 3))
+            (base / f"{part}.de-en.{lang}.xml").write_text(f"<refset>\n<doc docid=\"1\">\n{segs}\n</doc>\n</refset>\n")
+    counts = textprep.extract_iwslt(str(tmp_path / "orig"), str(tmp_path / "raw"), "de", "en")
+    # 47 text lines (the title's text stays, tags go): lines 23 and 46 are valid, 5 test parts x 2 segments
+    assert counts == {"train": 45, "valid": 2, "test": 10}
+    valid = (tmp_path / "raw" / "valid.en").read_text().splitlines()
+    assert valid == ["sentence 22", "sentence 45"]
+    test = (tmp_path / "raw" / "test.en").read_text().splitlines()
+    assert test[0] == "IWSLT14.TED.dev2010 en 1 it's" and len(test) == 10
+
+
+# ------------------------------------------------------------------------------ BLEU of fairseq-generate output
+def test_read_hypotheses_orders_by_id_and_scores_with_sacrebleu(tmp_path):
+    import sacrebleu
+
+    gen = tmp_path / "gen.txt"
+    gen.write_text("S-1\tsrc b\nH-1\t-0.1\tb hyp\nD-1\t-0.1\tthe cat sat on the mat.\n"
+                   "S-0\tsrc a\nD-0\t-0.2\tHello world!\nD-0\t-0.9\tsecond best\n")
+    hyps = fairseq_eval.read_hypotheses(str(gen))
+    assert hyps == ["Hello world!", "the cat sat on the mat."]
+    refs = ["Hello world!", "the cat sat on a mat."]
+    score, sig, _ = fairseq_eval.bleu(hyps, refs)
+    assert score == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
+    assert "tok:13a" in sig and "case:mixed" in sig
+    assert fairseq_eval.bleu(refs, refs)[0] == pytest.approx(100.0)
+    with pytest.raises(fairseq_eval.EvalError, match="2 hypotheses but 1 references"):
+        fairseq_eval.bleu(hyps, refs[:1])
+    gen.write_text("D-0\t-0.1\ta\nD-2\t-0.1\tc\n")
+    with pytest.raises(fairseq_eval.EvalError, match=r"lacks hypotheses for sentence ids \[1\]"):
+        fairseq_eval.read_hypotheses(str(gen))
+    gen.write_text("Traceback ...\n")
+    with pytest.raises(fairseq_eval.EvalError, match="no 'D-<id>'"):
+        fairseq_eval.read_hypotheses(str(gen))
+
+
+# ------------------------------------------------------------------------------ summary table and plot
+def _result(path, **kw):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(kw, f)
+
+
+def test_summary_table_and_plot(tmp_path):
+    runs = tmp_path / "runs"
+    _result(str(runs / "base" / "checkpoint_best.test.results.json"), metric="bleu", score=30.5, variant="baseline",
+            params=1000, coef=0.0, regularizer="none", updates=10, sacrebleu_signature="nrefs:1|tok:13a")
+    _result(str(runs / "fd1" / "checkpoint_best.test.results.json"), metric="bleu", score=31.25, variant="fd-ov",
+            params=1000, coef=1e-5, regularizer="fd", updates=10)
+    _result(str(runs / "fd2" / "checkpoint_best.test.results.json"), metric="bleu", score=29.0, variant="fd-ov",
+            params=1000, coef=1e-4, regularizer="fd", updates=10)
+    _result(str(tmp_path / "mlm.eval.results.json"), metric="mlm_loss", score=2.5, variant="lamb-full", params=50)
+    _result(str(tmp_path / "mlm2" / "mlm.eval.results.json"), metric="mlm_loss", score=2.0, variant="flambe-full",
+            params=50)
+    out = summary.summarize([str(runs), str(tmp_path / "mlm.eval.results.json"), str(tmp_path / "mlm2")],
+                            str(tmp_path / "sum"))
+    text = open(out["table"]).read()
+    rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| run")]
+    # best first: BLEU descending, MLM loss ascending; a run is named by its directory
+    assert [r.split("|")[1].strip() for r in rows] == ["fd1", "base", "fd2", "mlm2", tmp_path.name]
+    assert "| fd1 | fd-ov | 31.25 | 1,000 | fd | 1e-05 |" in text
+    assert "sacrebleu signature: `nrefs:1|tok:13a`" in text
+    assert is_png(out["plot"])
+    with pytest.raises(FileNotFoundError, match="no such results"):
+        summary.summarize([str(tmp_path / "nothere")], str(tmp_path / "sum2"))
+    with pytest.raises(FileNotFoundError, match=r"no \*\.results\.json"):
+        summary.summarize([str(tmp_path / "sum")], str(tmp_path / "sum2"))
+
+
+# ------------------------------------------------------------------------------ scripts: options and errors
+PAPER = ["--optimizer nag", "--lr 0.25", "--lr-scheduler inverse_sqrt", "--warmup-init-lr 0.25",
+         "--warmup-updates 4000", "--clip-norm 0.1", "--dropout 0.2", "--max-tokens 4000", "--label-smoothing 0.1",
+         "--max-update 100000", "--arch fnl_transformer_iwslt_de_en", "--share-all-embeddings"]
+VARIANT_FLAGS = {
+    "baseline": ["--criterion label_smoothed_cross_entropy"],
+    "wd": ["--criterion label_smoothed_cross_entropy", "--weight-decay 1e-4"],
+    "fd-ov": ["--criterion fd_label_smoothed_cross_entropy", "--fd-ov 1e-4"],
+    "fd-qkov": ["--fd-qk 1e-4", "--fd-ov 1e-4"],
+    "lowrank-si-fd": ["--rank-scale 0.5", "--spectral-init", "--spectral-init-qk", "--spectral-init-ov",
+                      "--fd-linear 1e-4", "--fd-qk 1e-4", "--fd-ov 1e-4"],
+    "lowrank-nosi": ["--rank-scale 0.5", "--fd-linear 1e-4"],
+    "head-dim-half": ["--head-dim 64", "--spectral-init-qk", "--spectral-init-ov", "--fd-ov 1e-4"],
+}
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data") / "bin"
+    d.mkdir()
+    for lang in ("de", "en"):
+        (d / f"dict.{lang}.txt").write_text("a 1\n")
+    return str(d)
+
+
+def _dry(variant, data, *args):
+    r = run_script(TRAIN, variant, "--data", data, "--dry-run", *args)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+OVERRIDES = ("--coef", "5e-6", "--rank-scale", "0.25", "--lr", "0.5", "--max-update", "77", "--seed", "3",
+             "--warmup-updates", "10", "--max-tokens", "999", "--dropout", "0.3", "--clip-norm", "0", "--",
+             "--fd-qk", "0")
+
+
+@pytest.fixture(scope="module")
+def dry_runs(fake_data):
+    """train.sh --dry-run of every variant, paper and smoke settings, and one with every override (2 at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = {(v, smoke): (v, fake_data, *(["--smoke"] if smoke else [])) for v in VARIANT_FLAGS for smoke in (0, 1)}
+    jobs["overrides"] = ("lowrank-si-fd", fake_data, *OVERRIDES)
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(jobs, pool.map(lambda a: _dry(*a), jobs.values())))
+    return results
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_FLAGS))
+def test_train_variants_use_the_paper_setting(variant, dry_runs):
+    cmd = " ".join(shlex.split(dry_runs[(variant, 0)]))
+    for flag in PAPER + VARIANT_FLAGS[variant]:
+        assert f" {flag}" in cmd + " ", (flag, cmd)
+    assert "--user-dir " in cmd and "fnl_fairseq_plugin" in cmd
+    if variant in ("baseline", "wd", "fd-ov", "fd-qkov"):
+        assert "--rank-scale" not in cmd and "--spectral-init" not in cmd
+    if variant == "lowrank-nosi":
+        assert "--spectral-init" not in cmd
+
+
+def test_train_overrides_and_fairseq_accepts_every_variant(dry_runs):
+    """Every tuned option is overridable, the later '--' arguments win, and fairseq's own parser (with the plugin)
+    accepts each variant's command line."""
+    from fairseq import options
+
+    cmd = shlex.split(dry_runs["overrides"])
+    args = options.parse_args_and_arch(options.get_training_parser(), cmd[1:])
+    assert (args.fd_linear, args.fd_ov, args.fd_qk, args.rank_scale) == (5e-6, 5e-6, 0.0, 0.25)
+    assert (args.lr, args.warmup_init_lr, args.max_update, args.seed) == ([0.5], 0.5, 77, 3)
+    assert (args.warmup_updates, args.max_tokens, args.dropout, args.clip_norm) == (10, 999, 0.3, 0.0)
+    assert cmd[cmd.index("--save-dir") + 1] == "runs/iwslt14/lowrank-si-fd-c5e-6-r0.25-s3"
+    for key, line in dry_runs.items():
+        args = options.parse_args_and_arch(options.get_training_parser(), shlex.split(line)[1:])
+        assert args.arch == ("fnl_transformer_tiny" if key[1] == 1 else "fnl_transformer_iwslt_de_en"), key
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope"], "unknown variant 'nope': choose one of baseline wd fd-ov"),
+    (["baseline", "--coef", "1e-4"], "baseline has no regularizer"),
+    (["fd-ov", "--rank-scale", "0.5"], "--rank-scale applies to the lowrank-* variants"),
+    (["lowrank-si-fd", "--rank-scale", "0"], "--rank-scale must be > 0"),
+    (["lowrank-si-fd", "--rank-scale", "abc"], "--rank-scale must be a non-negative number, got 'abc'"),
+    (["wd", "--max-update", "0"], "--max-update must be >= 1"),
+    (["wd", "--seed"], "--seed needs a value"),
+    (["wd", "--bogus"], "unknown option '--bogus'"),
+    (["wd", "--head-dim", "8"], "--head-dim applies to the head-dim-half variant"),
+])
+def test_train_bad_input(args, message, fake_data):
+    r = run_script(TRAIN, *args, "--data", fake_data, "--dry-run")
+    assert r.returncode == 2
+    assert message in last_line(r.stderr) and last_line(r.stderr).startswith("train.sh: error: ")
+
+
+def test_train_missing_data(tmp_path):
+    r = run_script(TRAIN, "baseline", "--data", str(tmp_path / "none"), "--dry-run")
+    assert r.returncode == 2 and "no prepared data in" in r.stderr and "prepare.sh" in r.stderr
+
+
+def test_eval_bad_input(tmp_path):
+    r = run_script(EVAL, str(tmp_path / "missing.pt"))
+    assert r.returncode == 2 and last_line(r.stderr).startswith("eval.sh: error: checkpoint not found")
+    r = run_script(EVAL, str(tmp_path))
+    assert r.returncode == 2 and "no checkpoint_best.pt, checkpoint_last.pt or checkpoint_init.pt" in r.stderr
+    (tmp_path / "c.pt").write_bytes(b"x")
+    r = run_script(EVAL, str(tmp_path / "c.pt"))
+    assert r.returncode == 2 and "no recipe.json beside" in r.stderr and "--data DIR" in r.stderr
+    r = run_script(EVAL, str(tmp_path / "c.pt"), "--beam", "0")
+    assert r.returncode == 2 and "--beam must be a positive integer" in r.stderr
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda d: (d / "valid.en").unlink(), "missing file {d}/valid.en"),
+    (lambda d: (d / "test.de").write_text("a\nb\nc\n"), "mismatched line counts in split 'test'"),
+    (lambda d: (d / "train.en").write_text(""), "empty file {d}/train.en"),
+])
+def test_prepare_raw_dir_failures_leave_no_output(break_it, message, tmp_path):
+    d = _raw(tmp_path)
+    break_it(d)
+    out = tmp_path / "out"
+    r = run_script(PREPARE, "--raw-dir", str(d), "--out", str(out))
+    assert r.returncode == 2
+    assert last_line(r.stderr).startswith("prepare.sh: error: " + message.format(d=d).split(" {")[0])
+    assert message.format(d=d) in r.stderr
+    assert not out.exists()  # nothing that could look like a prepared corpus
+
+
+def test_prepare_option_errors(tmp_path):
+    d = _raw(tmp_path)
+    for args, message in ((["--raw-dir", str(d), "--smoke"], "give --raw-dir or --smoke, not both"),
+                          (["--smoke", "--vocab-size", "abc"], "--vocab-size must be a positive integer"),
+                          (["--raw-dir", str(tmp_path / "nope")], "is not a directory"),
+                          (["--src", "fr", "--tgt", "es"], "for fr-es give --raw-dir DIR"),
+                          (["--spm-model-type", "char"], "--spm-model-type must be bpe or unigram")):
+        r = run_script(PREPARE, *args, "--out", str(tmp_path / "o"))
+        assert r.returncode == 2 and message in last_line(r.stderr), (args, r.stderr)
+
+
+def test_summary_cli_error(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fnl_transformers.recipes.summary", str(tmp_path), "--out",
+                        str(tmp_path / "s")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no *.results.json under" in r.stderr
