@@ -84,7 +84,9 @@ PROGRESS=(--log-format simple)
 fairseq-generate "$DATA" --user-dir "$USER_DIR" --path "$CKPT" --gen-subset "$SUBSET" --beam "$BEAM" \
   --batch-size "$BATCH" --lenpen "$LENPEN" --remove-bpe sentencepiece "${PROGRESS[@]}" "${DEVICE[@]}" "${EXTRA[@]}" \
   > "$GEN.tmp" 2> "$DIR/$STEM.$SUBSET.generate.log" \
-  || { tail -3 "$DIR/$STEM.$SUBSET.generate.log" >&2; rm -f "$GEN.tmp"; die "fairseq-generate failed (log: $DIR/$STEM.$SUBSET.generate.log)"; }
+  || { rm -f "$GEN.tmp"
+       err="$(grep -E "^[A-Za-z.]*(Error|Exception)" "$DIR/$STEM.$SUBSET.generate.log" | tail -1)"
+       die "fairseq-generate failed${err:+: $err} (log: $DIR/$STEM.$SUBSET.generate.log)"; }
 mv "$GEN.tmp" "$GEN"
 "$PY" -m fnl_transformers.recipes.fairseq_eval "$GEN" --ref "$REF" --checkpoint "$CKPT" --out "$OUT" \
   --hyp-out "$DIR/$STEM.$SUBSET.hyp.txt" --user-dir "$USER_DIR" --data "$DATA" --recipe-json "$RECIPE" \

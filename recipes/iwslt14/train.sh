@@ -164,7 +164,8 @@ json.dump(info, open(path, "w"), indent=2)
 EOF
 if [ "$UNTRAINED" = 1 ]; then
   "$PY" -m fnl_transformers.recipes.fairseq_init "$SAVE_DIR/checkpoint_init.pt" -- "${ARGS[@]}" 2> "$SAVE_DIR/init.log" \
-    || { tail -3 "$SAVE_DIR/init.log" >&2; die "could not build the model (log: $SAVE_DIR/init.log)"; }
+    || { err="$(grep -E "^[A-Za-z.]*(Error|Exception)" "$SAVE_DIR/init.log" | tail -1)"
+         die "could not build the model${err:+: $err} (log: $SAVE_DIR/init.log)"; }
   echo "evaluate with: recipes/iwslt14/eval.sh $SAVE_DIR/checkpoint_init.pt"
   exit 0
 fi
@@ -175,7 +176,7 @@ if [ -t 2 ]; then  # fairseq's tqdm progress bar
   status=${PIPESTATUS[0]}
 else  # the per-interval and validation lines only
   fairseq-train "${ARGS[@]}" 2>&1 | tee "$SAVE_DIR/train.log" \
-    | grep --line-buffered -E "train_inner|valid on|done training|Error" | cut -c1-200
+    | grep --line-buffered -E "train_inner|valid on|done training" | cut -c1-200
   status=${PIPESTATUS[0]}
 fi
 set -e
