@@ -181,3 +181,17 @@ def test_squad_smoke_minilm_and_pretrained(pretrained, tmp_path):
     s = summarize([str(tmp_path), str(root)], str(tmp_path / "summary"))
     assert "### SQuAD v1.1 F1" in s["markdown"] and "### MLM eval loss" in s["markdown"]
     assert is_png(s["plot"])
+
+
+def test_eval_refuses_a_checkpoint_of_another_configuration(demo, tmp_path):
+    import shutil
+
+    out, _ = demo
+    for name in ("checkpoint_best.pt", "recipe.json"):
+        shutil.copy(out / "baseline" / name, tmp_path / name)
+    r = run_script(os.path.join(RECIPES, "iwslt14", "eval.sh"), str(tmp_path / "checkpoint_best.pt"), "--",
+                   "--model-overrides", "{'rank_scale': 0.5}")
+    assert r.returncode == 2
+    line = last_line(r.stderr)
+    assert line.startswith("eval.sh: error: fairseq-generate failed: ValueError: checkpoint does not match")
+    assert not glob.glob(str(tmp_path / "*.results.json")) and not glob.glob(str(tmp_path / "*.hyp.txt"))

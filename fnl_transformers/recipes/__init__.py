@@ -7,6 +7,8 @@ One module per concern, each runnable with ``python -m fnl_transformers.recipes.
 - ``fairseq_eval``: detokenized sacrebleu BLEU of ``fairseq-generate`` output, results JSON with parameter counts.
 - ``fairseq_init``: the untrained checkpoint of a training command line (the "no learning" contrast).
 - ``squad_metric``: the official SQuAD v1.1 exact match / F1 (answer normalization, max over answers).
+- ``squad``: SQuAD v1.1 fine-tuning and evaluation (``recipes/bert/squad.sh``).
+- ``bert_pretrain``: masked-LM pretraining, Lamb vs FLAMBe, full or half head dim (``recipes/bert/pretrain.sh``).
 - ``summary``: results JSONs -> markdown table + PNG plots (score vs parameters, score vs coefficient).
 
 Importing this package imports neither fairseq nor transformers.
