@@ -64,13 +64,19 @@ def test_demo_learns_and_scores_with_sacrebleu(demo):
     assert "test BLEU: untrained" in stdout
 
 
-def test_prepare_is_idempotent_and_refuses_other_settings(demo):
+def test_prepare_and_train_are_idempotent(demo):
     out, _ = demo
     prepare = os.path.join(RECIPES, "iwslt14", "prepare.sh")
     r = run_script(prepare, "--smoke", "--out", str(out / "data"))
     assert r.returncode == 0 and "already prepared" in r.stdout
     r = run_script(prepare, "--smoke", "--out", str(out / "data"), "--vocab-size", "400")
     assert r.returncode == 2 and "was prepared with other settings" in last_line(r.stderr) and "--force" in r.stderr
+    # the same training command again: nothing retrained (fairseq would resume and add an update)
+    before = os.path.getmtime(out / "baseline" / "checkpoint_best.pt")
+    r = run_script(os.path.join(RECIPES, "iwslt14", "train.sh"), "baseline", "--smoke", "--data", str(out / "data"),
+                   "--save-dir", str(out / "baseline"))
+    assert r.returncode == 0 and "already trained" in r.stdout
+    assert os.path.getmtime(out / "baseline" / "checkpoint_best.pt") == before
 
 
 VARIANT_LOG_KEYS = {"wd": [], "fd-ov": ["fd_ov"], "fd-qkov": ["fd_qk", "fd_ov"],

@@ -169,6 +169,13 @@ if [ "$UNTRAINED" = 1 ]; then
   echo "evaluate with: recipes/iwslt14/eval.sh $SAVE_DIR/checkpoint_init.pt"
   exit 0
 fi
+# a finished run with the same command is not trained again (fairseq would resume and add one update)
+COMMAND="$(printf '%q ' fairseq-train "${ARGS[@]}")"
+if [ -f "$SAVE_DIR/train.done" ] && [ "$(cat "$SAVE_DIR/train.done")" = "$COMMAND" ] && [ -f "$SAVE_DIR/checkpoint_best.pt" ]; then
+  echo "already trained: $SAVE_DIR/checkpoint_best.pt (same command; delete $SAVE_DIR/train.done to train again)"
+  exit 0
+fi
+rm -f "$SAVE_DIR/train.done"
 echo "training $VARIANT -> $SAVE_DIR (log: $SAVE_DIR/train.log)"
 set +e
 if [ -t 2 ]; then  # fairseq's tqdm progress bar
@@ -185,4 +192,5 @@ if [ "$status" != 0 ]; then
   die "fairseq-train failed${err:+: $err} (log: $SAVE_DIR/train.log)"
 fi
 [ -f "$SAVE_DIR/checkpoint_best.pt" ] || die "fairseq-train wrote no checkpoint_best.pt (log: $SAVE_DIR/train.log)"
+echo "$COMMAND" > "$SAVE_DIR/train.done"
 echo "trained: $SAVE_DIR/checkpoint_best.pt (evaluate with: recipes/iwslt14/eval.sh $SAVE_DIR)"
