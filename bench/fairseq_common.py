@@ -87,7 +87,7 @@ def make_data(root: str, n_train: int, n_test: int = 32, mean_len: int = 24, voc
 
 
 def user_dir() -> str:
-    from fnl_transformers.fairseq_plugin.commands.userdir import user_dir_path
+    from fnl_transformers.userdir import user_dir_path
 
     return user_dir_path()
 

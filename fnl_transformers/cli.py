@@ -10,7 +10,7 @@ from typing import List, Optional
 # name -> (module, help); each module defines add_arguments(parser) and run(args) -> int
 COMMANDS = {
     "demo": ("fnl_transformers.demo", "run the built-in demonstration"),
-    "userdir": ("fnl_transformers.fairseq_plugin.commands.userdir", "print the path to pass to fairseq --user-dir"),
+    "userdir": ("fnl_transformers.userdir", "print the path to pass to fairseq --user-dir"),
     "recompose": (
         "fnl_transformers.fairseq_plugin.commands.recompose",
         "multiply out a fnl_transformer checkpoint into a stock fairseq transformer checkpoint",

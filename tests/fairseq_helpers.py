@@ -88,7 +88,7 @@ def make_tiny_data(root, n_train: int = 64, n_valid: int = 16, n_test: int = 8, 
 
 
 def user_dir() -> str:
-    from fnl_transformers.fairseq_plugin.commands.userdir import user_dir_path
+    from fnl_transformers.userdir import user_dir_path
 
     return user_dir_path()
 

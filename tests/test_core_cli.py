@@ -25,3 +25,14 @@ def test_demo_bad_rank_scale_is_one_clear_line():
     assert res.stderr.strip().splitlines() == [
         "fnl demo: error: rank_scale must be a finite number > 0 (< 1 compresses, >= 1 is overcomplete), got 0.0"
     ]
+
+
+def test_userdir_prints_the_shim_without_importing_fairseq():
+    code = (
+        "import sys; from fnl_transformers.cli import main; rc = main(['userdir']); "
+        "assert rc == 0 and 'fairseq' not in sys.modules, sorted(m for m in sys.modules if 'fairseq' in m)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    path = res.stdout.strip()
+    assert path.endswith("fnl_fairseq_plugin") and (__import__("os").path.isfile(path + "/__init__.py"))

@@ -2,7 +2,7 @@
 
 The folder is ``fnl_transformers/fairseq_plugin/user_dir/fnl_fairseq_plugin``, a shim package that only imports
 ``fnl_transformers.fairseq_plugin`` (fairseq imports a user dir by its basename, which must be unique). This
-command does not import fairseq.
+module lives outside ``fairseq_plugin`` so that the command imports neither fairseq nor the plugin (fast).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 def user_dir_path() -> str:
     """Absolute path of the shim package fairseq's ``--user-dir`` should import."""
     here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.normpath(os.path.join(here, "..", "user_dir", "fnl_fairseq_plugin"))
+    return os.path.join(here, "fairseq_plugin", "user_dir", "fnl_fairseq_plugin")
 
 
 def add_arguments(parser) -> None:
