@@ -8,14 +8,11 @@ Importing this package imports ``transformers`` (``import fnl_transformers`` alo
     model.save_pretrained(out)            # stores the plan in config.json
     model = from_pretrained(out)          # rebuilds and loads strictly
     vanilla = recompose(model)            # plain architecture, same outputs
+    trainer = FNLTrainer(model=model, args=training_args, train_dataset=ds)  # FD once per update
 """
 from .config import FNLConfig
 from .patch import get_fnl_config, is_patched, patch_model, recompose
 from .pretrained import from_pretrained
+from .trainer import FNLTrainer
 
-__all__ = ["FNLConfig", "from_pretrained", "get_fnl_config", "is_patched", "patch_model", "recompose"]
-
-# --- Trainer integration (fnl_transformers/hf/trainer.py, owned by the hf-train member): add its exports below ---
-from .trainer import FNLTrainer  # noqa: E402
-
-__all__ += ["FNLTrainer"]
+__all__ = ["FNLConfig", "FNLTrainer", "from_pretrained", "get_fnl_config", "is_patched", "patch_model", "recompose"]
