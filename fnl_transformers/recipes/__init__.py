@@ -13,3 +13,17 @@ One module per concern, each runnable with ``python -m fnl_transformers.recipes.
 
 Importing this package imports neither fairseq nor transformers.
 """
+
+import os as _os
+import sys as _sys
+
+
+def run_cli(run, args, prog: str, errors) -> int:
+    """``run(args)``; an expected error (``errors``) becomes one ``PROG: error: ...`` line and exit code 2
+    (``PROG`` is the calling shell script's name, ``$FNL_PROG``, when set)."""
+    try:
+        run(args)
+    except errors as exc:
+        print(f"{_os.environ.get('FNL_PROG', prog)}: error: {exc}", file=_sys.stderr)
+        return 2
+    return 0

@@ -21,6 +21,7 @@ import sys
 import time
 from typing import List
 
+from . import run_cli
 from .squad import RecipeError, count_params, minilm_path
 
 
@@ -282,13 +283,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (RecipeError, FileNotFoundError) as exc:
-        print(f"{os.environ.get('FNL_PROG', 'pretrain')}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, build_parser().parse_args(argv), "pretrain", (RecipeError, FileNotFoundError))
 
 
 if __name__ == "__main__":

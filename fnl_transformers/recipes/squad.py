@@ -18,8 +18,9 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
+from . import run_cli
 from .squad_metric import evaluate as squad_evaluate
 
 
@@ -356,13 +357,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (RecipeError, FileNotFoundError) as exc:
-        print(f"{os.environ.get('FNL_PROG', 'squad')}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, build_parser().parse_args(argv), "squad", (RecipeError, FileNotFoundError))
 
 
 if __name__ == "__main__":
