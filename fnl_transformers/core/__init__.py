@@ -15,6 +15,7 @@ from .forms import (
 )
 from .frobenius import (
     accumulate_fd_grads,
+    check_fd_coefficients,
     fd_grads,
     form_diagnostics,
     form_grads,
@@ -27,6 +28,7 @@ from .rank import factorized_param_count, rank_from_scale, rank_scale_for_param_
 from .spectral import head_spectral_init, spectral_init, tail_energy
 
 __all__ = [
+    "check_fd_coefficients",
     "NonFiniteError",
     "check_finite",
     "BoundForm",

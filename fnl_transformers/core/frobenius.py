@@ -123,7 +123,8 @@ def form_grads(f: BoundForm) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch
     return dA, dB, dM
 
 
-def _coefficients(linear=0.0, embedding=0.0, qk=0.0, ov=0.0) -> Dict[str, float]:
+def check_fd_coefficients(linear=0.0, embedding=0.0, qk=0.0, ov=0.0) -> Dict[str, float]:
+    """``{kind: coefficient}`` as floats; one clear error for a negative, NaN or infinite coefficient."""
     coeffs = {"linear": linear, "embedding": embedding, "qk": qk, "ov": ov}
     for kind, value in coeffs.items():
         value = float(value)
@@ -134,7 +135,7 @@ def _coefficients(linear=0.0, embedding=0.0, qk=0.0, ov=0.0) -> Dict[str, float]
 
 def frobenius_penalty_by_kind(model: nn.Module, linear=0.0, embedding=0.0, qk=0.0, ov=0.0) -> Dict[str, torch.Tensor]:
     """``{kind: lambda_kind / 2 * sum_forms ||W_form||_F^2}`` for each kind with a nonzero coefficient."""
-    coeffs = _coefficients(linear, embedding, qk, ov)
+    coeffs = check_fd_coefficients(linear, embedding, qk, ov)
     active = tuple(k for k in KINDS if coeffs[k] > 0)
     out: Dict[str, torch.Tensor] = {}
     for _, _, spec, bound in iter_forms(model, active):
@@ -185,7 +186,7 @@ def accumulate_fd_grads(
 
 def fd_grads(model: nn.Module, linear=0.0, embedding=0.0, qk=0.0, ov=0.0) -> Dict[str, torch.Tensor]:
     """``{parameter_name: lambda * dFD/dparameter}`` for every factor parameter of ``model`` (float32)."""
-    coeffs = _coefficients(linear, embedding, qk, ov)
+    coeffs = check_fd_coefficients(linear, embedding, qk, ov)
     by_id: Dict[int, torch.Tensor] = {}
     for _, module, spec, _ in iter_forms(model):
         accumulate_fd_grads([spec], module_lookup(module), coeffs, by_id)

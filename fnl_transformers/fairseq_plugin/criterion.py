@@ -30,7 +30,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 
 from ..core import KINDS, form_diagnostics, frobenius_penalty_by_kind, iter_forms
-from ..core.frobenius import _coefficients
+from ..core import check_fd_coefficients
 
 
 @dataclass
@@ -56,7 +56,7 @@ class FDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
                  fd_qk=0.0, fd_ov=0.0, fd_linear=0.0, fd_embedding=None, form_diagnostics_interval=0):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        coeffs = _coefficients(linear=fd_linear, embedding=fd_linear if fd_embedding is None else fd_embedding,
+        coeffs = check_fd_coefficients(linear=fd_linear, embedding=fd_linear if fd_embedding is None else fd_embedding,
                                qk=fd_qk, ov=fd_ov)  # one clear error for a negative / non-finite value
         self.fd = {k: v for k, v in coeffs.items() if v > 0}
         # flag -> kinds it decays (--fd-linear covers the embeddings too unless --fd-embedding is given)

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..core import KINDS, iter_forms
 from ..core.forms import module_lookup
-from ..core.frobenius import _coefficients
+from ..core import check_fd_coefficients
 from ._fd import check_number, encode_forms
 
 NoDecay = Union[Callable[[str, nn.Parameter, nn.Module], bool], Iterable[str]]
@@ -55,7 +55,7 @@ def param_groups(
     ``params`` restricts the groups to those parameters (each must belong to ``model``), e.g. the list a
     training framework hands its optimizer. Empty groups are omitted. No parameter is in two groups.
     """
-    coeffs = _coefficients(fd_linear, fd_embedding, fd_qk, fd_ov)
+    coeffs = check_fd_coefficients(fd_linear, fd_embedding, fd_qk, fd_ov)
     weight_decay = check_number("weight_decay", weight_decay, fix=" (0 disables decay)")
     rule = _no_decay_rule(no_decay)
 
