@@ -98,7 +98,8 @@ def attention_spectral_init(
     out["o_weight"] = A.permute(1, 0, 2).reshape(d_out, H * r_ov).contiguous()
     out["v_weight"] = B.transpose(1, 2).reshape(H * r_ov, d).contiguous()
     out["v_bias"] = None if v_bias is None else v_weight.new_zeros(H * r_ov)
-    folded = None if v_bias is None else (o_weight.detach().float() @ v_bias.detach().float()).to(o_weight.dtype)
+    dt = torch.float64 if o_weight.dtype == torch.float64 else torch.float32  # float64 inputs stay float64
+    folded = None if v_bias is None else (o_weight.detach().to(dt) @ v_bias.detach().to(dt)).to(o_weight.dtype)
     if o_bias is None:
         out["o_bias"] = folded
     else:
