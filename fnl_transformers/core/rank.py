@@ -3,14 +3,18 @@
 The paper (Khodak et al., ICLR 2021, Section 2) parameterizes a factorized layer's rank by a
 *rank scale* ``rho``: a layer ``W in R^{m x n}`` gets rank ``round(rho * min(m, n))``.
 ``rho < 1`` compresses, ``rho >= 1`` is overcomplete (teacher-free distillation).
+
+This module imports torch only inside the functions that need it, so its validators run (in the ``fnl`` command,
+in settings classes) before torch is loaded.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
 
 
 def check_positive_int(name: str, value, hint: str = "") -> int:
@@ -33,7 +37,21 @@ def check_rank_scale(rank_scale, name: str = "rank_scale") -> float:
     return value
 
 
+def check_param_ratio(ratio, name: str = "target_param_ratio") -> float:
+    """A target fraction of a model's parameters to keep: a finite number in (0, 1] (factorizing can only remove
+    parameters towards a target; overcomplete factors are chosen by rank_scale >= 1 instead)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f"{name} must be a number in (0, 1] (the fraction of the parameters to keep), got {ratio!r}")
+    if ratio > 1:
+        raise ValueError(f"{name} must be in (0, 1], got {ratio!r}: keeping more parameters than the model has "
+                         "would need factorized layers larger than the dense ones; ask for a smaller fraction "
+                         "(overcomplete factors are chosen with rank_scale >= 1)")
+    return float(ratio)
+
+
 def check_matrix(name: str, weight: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
@@ -66,6 +84,8 @@ def factorized_param_count(m: int, n: int, rank: int, deep: bool = False, bias: 
 
 
 def _shapes(model: nn.Module, include: Callable[[str, nn.Module], bool]) -> list:
+    from torch import nn
+
     shapes = []
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Embedding)) and include(name, module):
@@ -84,12 +104,12 @@ def rank_scale_for_param_ratio(
     """Smallest-error rank scale whose factorized layers keep ``target_ratio`` of the whole model's parameters.
 
     ``include(name, module)`` selects the ``nn.Linear``/``nn.Embedding`` layers that would be factorized.
+    ``target_ratio`` must be in (0, 1] (:func:`check_param_ratio`, the rule every setting of a target ratio uses).
     The ratio counts all parameters of ``model`` (factorized layers at their new size, everything else unchanged).
     Bisection on the rank scale; the rank rule makes the count a step function, so the returned scale is the
     largest one whose count does not exceed the target.
     """
-    if not (isinstance(target_ratio, (int, float)) and math.isfinite(target_ratio) and target_ratio > 0):
-        raise ValueError(f"target_ratio must be a number > 0, got {target_ratio!r}")
+    target_ratio = check_param_ratio(target_ratio, "target_ratio")
     shapes = _shapes(model, include)
     if not shapes:
         raise ValueError("no nn.Linear or nn.Embedding layer matched `include`; nothing to factorize")

@@ -1,6 +1,7 @@
 """HuggingFace integration: factorize a ``transformers`` model before training, reload it, recompose it.
 
-Importing this package imports ``transformers`` (``import fnl_transformers`` alone never does)::
+The names below import ``transformers`` on first use (``import fnl_transformers`` alone never does, and the
+``fnl`` command checks its options before loading it)::
 
     from fnl_transformers.hf import FNLConfig, patch_model, from_pretrained, recompose
 
@@ -10,9 +11,26 @@ Importing this package imports ``transformers`` (``import fnl_transformers`` alo
     vanilla = recompose(model)            # plain architecture, same outputs
     trainer = FNLTrainer(model=model, args=training_args, train_dataset=ds)  # FD once per update
 """
-from .config import FNLConfig
-from .patch import get_fnl_config, is_patched, patch_model, recompose
-from .pretrained import from_pretrained
-from .trainer import FNLTrainer
+from importlib import import_module
+
+_EXPORTS = {
+    ".config": ("FNLConfig",),
+    ".patch": ("get_fnl_config", "is_patched", "patch_model", "recompose"),
+    ".pretrained": ("from_pretrained",),
+    ".trainer": ("FNLTrainer",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = ["FNLConfig", "FNLTrainer", "from_pretrained", "get_fnl_config", "is_patched", "patch_model", "recompose"]
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

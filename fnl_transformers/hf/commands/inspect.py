@@ -11,12 +11,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..patch import CONFIG_KEY
-    from ..report import format_table
-
     path = os.path.join(args.dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{args.dir} has no config.json; give a save_pretrained directory")
+    from ..patch import CONFIG_KEY
+    from ..report import format_table
+
     with open(path) as f:
         config = json.load(f)
     plan = config.get(CONFIG_KEY)
