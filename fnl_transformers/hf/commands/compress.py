@@ -3,17 +3,16 @@
 Factorizes the FFN (and by default embedding) layers at ``--rank-scale`` (or the scale that keeps
 ``--target-param-ratio`` of the parameters) and shrinks attention heads to ``--head-dim`` with per-head
 spectral initialization, prints the per-layer table (ranks, parameters, relative approximation error) and
-saves the model, with the tokenizer files of MODEL_DIR, to OUT_DIR. Reload it with
-``fnl_transformers.hf.from_pretrained(OUT_DIR)``. OUT_DIR appears only once it is complete.
+saves the model to OUT_DIR with every other file of MODEL_DIR (tokenizer, sentence-transformers modules such as
+``modules.json`` and ``1_Pooling/``; not the original weights). OUT_DIR is marked so that plain transformers
+refuses it (:mod:`fnl_transformers.hf.guard`); reload it with ``fnl_transformers.hf.from_pretrained(OUT_DIR)``.
+OUT_DIR appears only once it is complete.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                   "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
 
 
 def add_arguments(parser) -> None:
@@ -33,10 +32,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..config import FNLConfig
-    from ..patch import patch_model
-    from ..report import format_table
-    from transformers.utils import logging as hf_logging
+    from ..config import FNLConfig  # torch-free: every option is checked before torch and transformers load
 
     if not os.path.isdir(args.model_dir):
         raise FileNotFoundError(f"MODEL_DIR {args.model_dir} is not a directory")
@@ -50,6 +46,14 @@ def run(args) -> int:
     parts = tuple(p.strip() for p in args.factorize.split(",") if p.strip())
     config = FNLConfig(rank_scale=args.rank_scale, target_param_ratio=args.target_param_ratio, factorize=parts,
                        head_dim=args.head_dim, qk_head_dim=args.qk_head_dim, ov_head_dim=args.ov_head_dim)
+
+    from transformers.utils import logging as hf_logging
+
+    from ..files import copy_non_weight_files
+    from ..guard import mark_checkpoint
+    from ..patch import patch_model
+    from ..report import format_table
+
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # stdout is the table, stderr only errors
     try:
@@ -61,10 +65,8 @@ def run(args) -> int:
         tmp = tempfile.mkdtemp(prefix=".fnl-compress-", dir=parent)
         try:
             model.save_pretrained(tmp)
-            for name in TOKENIZER_FILES:
-                src = os.path.join(args.model_dir, name)
-                if os.path.isfile(src):
-                    shutil.copy2(src, os.path.join(tmp, name))
+            mark_checkpoint(tmp)
+            copied, skipped = copy_non_weight_files(args.model_dir, tmp)
             if os.path.isdir(args.out_dir):
                 os.rmdir(args.out_dir)  # empty (checked above)
             os.replace(tmp, args.out_dir)
@@ -74,7 +76,9 @@ def run(args) -> int:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    print(f"saved to {args.out_dir}; load it with fnl_transformers.hf.from_pretrained({args.out_dir!r})")
+    print(f"saved to {args.out_dir} with {len(copied)} other files of MODEL_DIR"
+          + (f" (not copied, weights of the original: {', '.join(skipped)})" if skipped else "")
+          + f"; load it with fnl_transformers.hf.from_pretrained({args.out_dir!r})")
     return 0
 
 
