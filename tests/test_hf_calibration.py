@@ -13,7 +13,13 @@ from hf_patch_helpers import minilm_dir, tiny
 from hf_text_helpers import CALIBRATION, HELD_OUT
 
 from fnl_transformers.core import spectral_init
-from fnl_transformers.core.activation import InputStats, TokenCounts, activation_init, attention_activation_init
+from fnl_transformers.core.activation import (
+    HeadInputStats,
+    InputStats,
+    TokenCounts,
+    activation_init,
+    attention_activation_init,
+)
 from fnl_transformers.hf.calibration import check_texts, collect_input_stats, read_texts
 from fnl_transformers.hf.fidelity import (
     embedding_cosine,
@@ -225,3 +231,46 @@ def test_causal_lm_loss_matches_transformers(minilm):
     assert report["lm_loss"]["kind"] == "clm"
     assert report["lm_loss"]["candidate"] == pytest.approx(report["lm_loss"]["reference"], rel=1e-9)
     assert "next-token loss" in format_fidelity(report)
+
+
+def test_per_head_mixed_statistics_are_exact_for_the_ov_forms(minilm):
+    """Each head's attention-weighted inputs z_h,i = sum_j a_h,ij x_j (recorded with eager attention, padded
+    batches): their second moment matches texts run alone, and with it the reported OV output error equals the
+    error of the truncated per-head OV outputs measured on those z (exact statistics; float32 sums: 1e-4)."""
+    model, tok = minilm
+    name = "encoder.layer.2.attention"
+    stats = collect_input_stats(model, tok, CALIBRATION[:8], modules=["encoder.layer.2.attention.self.query"],
+                                attention=[name], batch_size=3)
+    zs = []
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")  # the probabilities, for the reference
+    handle = eager.get_submodule(name).register_forward_hook(
+        lambda mod, args, kwargs, out: zs.append(torch.einsum(
+            "bhij,bjd->bihd", out[1], kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])[0].double()),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for text in CALIBRATION[:8]:  # each text alone: no padding
+                eager(**tok(text, return_tensors="pt"))
+    finally:
+        handle.remove()
+    att = model.get_submodule(name)
+    Z = torch.cat(zs)  # N x heads x d
+    mixed = stats[name]
+    assert isinstance(mixed, HeadInputStats) and mixed.count == len(Z)
+    ref = torch.einsum("nhd,nhe->hde", Z, Z) / len(Z)
+    assert torch.allclose(mixed.second_moment, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+    q = stats["encoder.layer.2.attention.self.query"]
+    w = {f"{k}_weight": lin.weight.detach().double() for k, lin in
+         zip("qkvo", (att.self.query, att.self.key, att.self.value, att.output.dense))}
+    out, errors = attention_activation_init(num_heads=12, second_moment=q.second_moment, mean=q.mean, ov_rank=8,
+                                            ov_second_moment=mixed.second_moment, **w)
+    heads = lambda o, v: o.reshape(384, 12, -1).permute(1, 0, 2) @ v.reshape(12, -1, 384)  # noqa: E731
+    full, cut = heads(w["o_weight"], w["v_weight"]), heads(out["o_weight"].double(), out["v_weight"].double())
+    y = torch.einsum("hod,nhd->nho", full, Z)  # each head's OV output on its own z_h
+    y2 = torch.einsum("hod,nhd->nho", cut, Z)
+    assert float((y - y2).norm() / y.norm()) == pytest.approx(errors["ov"].output_rel_error, rel=1e-4)
+    assert model.config._attn_implementation == tf.AutoModel.from_pretrained(minilm_dir()).config._attn_implementation
+    with pytest.raises(ValueError, match="are not modules of the model"):
+        collect_input_stats(model, tok, CALIBRATION[:2], attention=["encoder.layer.9.attention"])

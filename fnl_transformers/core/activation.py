@@ -99,6 +99,34 @@ class InputStats:
         return self.total / self.count
 
 
+class HeadInputStats:
+    """Per-head running sums ``sum z_h z_h^T`` (``heads x n x n``, float64) of per-head inputs ``z`` (``(..., heads,
+    n)``), e.g. each head's attention-weighted average of the attention inputs ``z_h,i = sum_j a_h,ij x_j``: the
+    exact statistics of the OV form (attention rows sum to one, so the value bias and output projection act on
+    ``z_h``). :attr:`second_moment` is ``ov_second_moment`` for :func:`attention_activation_init`."""
+
+    def __init__(self, heads: int, n: int, device=None):
+        self.heads = check_positive_int("heads", heads)
+        self.n = check_positive_int("n", n)
+        self.gram = torch.zeros(heads, n, n, dtype=torch.float64, device=device)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor) -> None:
+        if tuple(z.shape[-2:]) != (self.heads, self.n):
+            raise ValueError(f"inputs have shape {tuple(z.shape)}; expected (..., {self.heads}, {self.n})")
+        z = z.detach().reshape(-1, self.heads, self.n).float().transpose(0, 1)  # heads x N x n
+        self.gram += (z.transpose(1, 2) @ z).double()
+        self.count += z.shape[1]
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """``E[z_h z_h^T]`` per head (``heads x n x n``, float64)."""
+        if not self.count:
+            raise ValueError("no inputs were recorded (count 0): run calibration data through the layer first")
+        return self.gram / self.count
+
+
 class TokenCounts:
     """Occurrences of each id of an embedding table (``vocab`` ids) over calibration data."""
 
@@ -352,7 +380,9 @@ def attention_activation_init(
     of each head's attention-weighted inputs ``sum_j a_ij x_j``, for which the OV truncation is exactly optimal.
     The weights are scaled (``[W_q | b_q] S_q``, ``W_k S``, ``W_v S_ov``), truncated per head by
     ``attention_spectral_init`` and unscaled. Errors: ``{"qk": FitErrors, "ov": FitErrors}`` over all heads
-    (QK errors include the query-bias column). Ranks ``None`` keep the head dim (the function is unchanged).
+    (QK errors include the query-bias column): each head is truncated on its own, so the objective and the errors
+    are sums of per-head errors (``sum_h ||dW_h S_h||^2``; the cross-head terms of the summed output are not part of
+    a per-head truncation). Ranks ``None`` keep the head dim (the function is unchanged).
     """
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight), ("v_weight", v_weight), ("o_weight", o_weight)):
         check_matrix(name, w)

@@ -5,7 +5,12 @@ longest text) with forward pre-hooks on its layers and returns, per qualified mo
 
 * ``nn.Linear`` / GPT-2's ``Conv1D``: :class:`~fnl_transformers.core.activation.InputStats` of the inputs (second
   moment ``E[x x^T]`` and mean, over real tokens: padding positions are left out);
-* ``nn.Embedding``: :class:`~fnl_transformers.core.activation.TokenCounts`, how often each id was looked up.
+* ``nn.Embedding``: :class:`~fnl_transformers.core.activation.TokenCounts`, how often each id was looked up;
+* with ``attention=`` (attention modules whose forward returns ``(output, attention probabilities)``, as the
+  attention modules of BERT, GPT-2 and Llama do): :class:`~fnl_transformers.core.activation.HeadInputStats` of each
+  head's attention-weighted inputs ``z_h,i = sum_j a_h,ij x_j``, the exact statistics of the OV forms (the pass
+  then runs with transformers' eager attention, which computes the probabilities; the previous implementation is
+  restored afterwards). Memory: ``heads * d^2`` float64 numbers per module.
 
 The attention input of a self-attention layer is the input of its query projection, so per-head QK/OV truncation
 reads the statistics of that projection. These are exactly the inputs of
@@ -20,9 +25,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..core.activation import InputStats, TokenCounts
+from ..core.activation import HeadInputStats, InputStats, TokenCounts
 
-Stats = Union[InputStats, TokenCounts]
+Stats = Union[InputStats, TokenCounts, HeadInputStats]
 
 
 def check_texts(texts: Iterable[str], what: str = "calibration texts") -> List[str]:
@@ -108,13 +113,16 @@ def collect_input_stats(
     texts: Sequence[str],
     *,
     modules: Optional[Union[Sequence[str], Callable[[str, nn.Module], bool]]] = None,
+    attention: Sequence[str] = (),
     batch_size: int = 16,
     max_length: int = 128,
 ) -> Dict[str, Stats]:
     """Input statistics of ``model``'s layers over ``texts`` (one forward pass; see the module docstring).
 
     ``modules``: qualified names, or a predicate ``(name, module) -> bool`` over the default set (every
-    ``nn.Linear``, ``Conv1D`` and ``nn.Embedding``); default all of them. The model is left in the mode it was in.
+    ``nn.Linear``, ``Conv1D`` and ``nn.Embedding``); default all of them. ``attention``: qualified names of
+    attention modules whose per-head mixed-input statistics to record (keyed by the same names). The model is left
+    in the mode (and attention implementation) it was in.
     """
     texts = check_texts(texts)
     if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(max_length, int) or max_length < 1:
@@ -131,7 +139,11 @@ def collect_input_stats(
             raise ValueError(f"modules {unknown[:3]} are not linear or embedding layers of the model "
                              f"(names look like {list(candidates)[:3]})")
         chosen = {n: candidates[n] for n in names}
-    if not chosen:
+    attention = list(attention)
+    missing = [n for n in attention if n not in dict(model.named_modules())]
+    if missing:
+        raise ValueError(f"attention modules {missing[:3]} are not modules of the model")
+    if not chosen and not attention:
         raise ValueError("no linear or embedding layer selected: nothing to calibrate")
     device = next(model.parameters()).device
     state: dict = {"mask": None, "sums": {}}
@@ -156,9 +168,28 @@ def collect_input_stats(
                 stats[name].update(x, cached[1])
         return hook
 
+    def mixing_hook_for(name: str):
+        def hook(mod, args, kwargs, output):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if probs is None or probs.dim() != 4:
+                raise ValueError(f"{name} returned no attention probabilities; per-head statistics need an attention "
+                                 "module whose forward returns (output, probabilities)")
+            z = torch.einsum("bhij,bjd->bihd", probs.float(), x.float())  # z_h,i = sum_j a_h,ij x_j
+            if name not in stats:
+                stats[name] = HeadInputStats(z.shape[2], z.shape[3], device=device)
+            stats[name].update(_real_tokens(z, state["mask"]))
+        return hook
+
     for name, module in chosen.items():
         handles.append(module.register_forward_pre_hook(hook_for(name, module)))
+    modules_by_name = dict(model.named_modules())
+    for name in attention:
+        handles.append(modules_by_name[name].register_forward_hook(mixing_hook_for(name), with_kwargs=True))
     was_training = model.training
+    previous = getattr(model.config, "_attn_implementation", None)
+    if attention and previous != "eager":
+        model.set_attn_implementation("eager")
     model.eval()
     try:
         for batch in batches(tokenizer, texts, batch_size, max_length, device):
@@ -171,6 +202,8 @@ def collect_input_stats(
         for h in handles:
             h.remove()
         model.train(was_training)
+        if attention and previous not in (None, "eager"):
+            model.set_attn_implementation(previous)
     never = [n for n, s in stats.items() if s.count == 0]
     for n in never:  # layers the forward never reached (e.g. an unused pooler) have no statistics
         del stats[n]
