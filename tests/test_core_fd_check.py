@@ -38,9 +38,3 @@ def test_explicit_coefficient_of_an_absent_kind_is_an_error_a_defaulted_one_is_n
 def test_no_active_coefficient_never_complains():
     check_fd_applies({"linear": 0.0, "qk": 0.0}, set(), explicit={"linear", "qk"})
     check_fd_applies({}, set())
-
-
-def test_the_penalty_it_guards_is_really_zero_without_forms():
-    """What the check prevents: frobenius_penalty of an unfactorized model is 0 whatever the coefficient."""
-    assert float(fnl.frobenius_penalty(nn.Linear(3, 3), linear=1.0)) == 0.0
-    assert float(fnl.frobenius_penalty(_factorized(), linear=1.0).detach()) > 0.0
