@@ -154,9 +154,9 @@ def test_attention_si_reduced_heads_are_best_rank_r_forms():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(num_heads=5), "do not divide into num_heads=5"),
-        (dict(num_heads=4, qk_rank=5), r"qk_rank must be in \[1, head_dim=4\]"),
-        (dict(num_heads=4, ov_rank=0), "ov_rank must be a positive integer"),
+        (dict(num_heads=5), "q_weight: 16 output features do not divide into 5 heads"),
+        (dict(num_heads=4, qk_rank=5), r"qk_rank 5 does not fit .*dimension 4 and can only shrink.*\[1, 4\]"),
+        (dict(num_heads=4, ov_rank=0), r"ov_rank 0 does not fit .*\[1, 4\]"),
         (dict(num_heads=4, num_kv_heads=2), "one key/value head per query head"),
     ],
 )

@@ -307,7 +307,7 @@ def test_save_reload_mid_run_gives_identical_trajectory(cls):
 
 def test_param_groups_split():
     net = make_net()
-    groups = param_groups(net, fd_ov=1e-2, fd_linear=1e-3, weight_decay=0.01)
+    groups = param_groups(net, fd_ov=1e-2, fd_linear=1e-3, fd_embedding=0.0, weight_decay=0.01)
     names = {id(p): n for n, p in net.named_parameters()}
     by = [sorted(names[id(p)] for p in g["params"]) for g in groups]
     assert by[0] == ["att.o.weight", "att.v.weight", "ffn.U", "ffn.V"]
@@ -315,9 +315,21 @@ def test_param_groups_split():
     assert sorted(f["kind"] for f in groups[0]["fd_forms"]) == ["linear", "ov"]
     assert by[1] == ["att.k.weight", "att.q.weight", "emb.U", "emb.V", "head.weight"]  # fd 0 kinds: regular decay
     assert groups[1]["weight_decay"] == 0.01
-    assert by[2] == sorted(["att.q.bias", "att.v.bias", "att.o.bias", "norm.weight", "norm.bias",
-                            "ffn.bias", "head.bias"])
+    biases_norms = ["att.q.bias", "att.v.bias", "att.o.bias", "norm.weight", "norm.bias", "ffn.bias", "head.bias"]
+    assert by[2] == sorted(biases_norms)
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+
+    # fd_embedding None (the default) follows fd_linear
+    groups = param_groups(net, fd_linear=1e-3, weight_decay=0.01)
+    assert groups[0]["fd"] == {"linear": 1e-3, "embedding": 1e-3}
+    assert sorted(names[id(p)] for p in groups[0]["params"]) == ["emb.U", "emb.V", "ffn.U", "ffn.V"]
+
+    # weight_decay_factors=False: factors of forms without FD get no decay either
+    groups = param_groups(net, fd_ov=1e-2, fd_linear=1e-3, fd_embedding=0.0, weight_decay=0.01,
+                          weight_decay_factors=False)
+    by = [sorted(names[id(p)] for p in g["params"]) for g in groups]
+    assert by[1] == ["head.weight"] and groups[1]["weight_decay"] == 0.01
+    assert by[2] == sorted(biases_norms + ["att.k.weight", "att.q.weight", "emb.U", "emb.V"])
 
 
 @pytest.mark.parametrize("cls", [Lamb, FLAMBe, AdamWFD])
@@ -342,7 +354,7 @@ def test_bad_groups():
         FLAMBe([dict(param_groups(net, fd_ov=1e-2)[0], weight_decay=0.01)])
     with pytest.raises(ValueError, match="use FLAMBe"):
         Lamb(param_groups(net, fd_ov=1e-2))
-    with pytest.raises(ValueError, match="FD coefficient for 'qk'"):
+    with pytest.raises(ValueError, match="fd_qk must be a finite number >= 0"):
         param_groups(net, fd_qk=-1.0)
     with pytest.raises(ValueError, match="weight_decay must be in"):
         param_groups(net, weight_decay=-0.01)

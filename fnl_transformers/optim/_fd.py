@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Set
 
 import torch
 
-from ..core import KINDS, FactorView, FormSpec, accumulate_fd_grads
+from ..core import KINDS, FactorView, FormSpec, accumulate_fd_grads, check_fd_coefficients
 
 
 def check_number(name: str, value, low: float = 0.0, high: float = math.inf, low_open: bool = False,
@@ -57,8 +57,11 @@ def check_common(group: dict, index: int) -> None:
     fd = group.setdefault("fd", {})
     if not isinstance(fd, dict) or set(fd) - set(KINDS):
         raise ValueError(f"{where}fd must be a dict with keys among {KINDS}, got {fd!r}")
-    for kind, lam in fd.items():
-        fd[kind] = check_number(f"{where}fd[{kind!r}]", lam, fix=" (0 turns FD off for that kind)")
+    try:
+        coeffs = check_fd_coefficients(**fd)  # the one validation of FD coefficients
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
+    fd.update({kind: coeffs[kind] for kind in fd})
 
 
 def encode_forms(forms, n_params: int, index: int) -> List[dict]:
