@@ -15,13 +15,13 @@ from fnl_transformers.hf.layers import TiedFactorizedHead
 
 CASES = {  # arch -> config exercising its special cases
     "bert": FNLConfig(rank_scale=0.5, head_dim=4, fd_qk=1e-3),
-    "roberta": FNLConfig(rank_scale=0.5, qk_head_dim=3, ov_head_dim=5),
-    "distilbert": FNLConfig(rank_scale=0.5, qk_head_dim=6, ov_head_dim=2, deep=True),
-    "gpt2": FNLConfig(rank_scale=0.5, qk_head_dim=3, ov_head_dim=5),
+    "roberta": FNLConfig(rank_scale=0.5, head_dim_qk=3, head_dim_ov=5),
+    "distilbert": FNLConfig(rank_scale=0.5, head_dim_qk=6, head_dim_ov=2, deep=True),
+    "gpt2": FNLConfig(rank_scale=0.5, head_dim_qk=3, head_dim_ov=5),
     "llama": FNLConfig(rank_scale=0.5),
-    "llama_mha": FNLConfig(ov_head_dim=3, ranks={"*.mlp.down_proj": 5}, factorize=("ffn",)),
-    "llama_tied": FNLConfig(rank_scale=0.5, ov_head_dim=5),
-    "mistral": FNLConfig(rank_scale=0.5, ov_head_dim=5),
+    "llama_mha": FNLConfig(head_dim_ov=3, ranks={"*.mlp.down_proj": 5}, factorize=("ffn",)),
+    "llama_tied": FNLConfig(rank_scale=0.5, head_dim_ov=5),
+    "mistral": FNLConfig(rank_scale=0.5, head_dim_ov=5),
     "qwen2": FNLConfig(rank_scale=0.5),
 }
 
@@ -157,7 +157,7 @@ def test_patched_model_trains_and_stays_consistent(tmp_path):
 
 
 def test_reload_keeps_the_saved_dtype(tmp_path):
-    model = patch_model(tiny("llama_mha"), FNLConfig(rank_scale=0.5, ov_head_dim=4)).to(torch.bfloat16)
+    model = patch_model(tiny("llama_mha"), FNLConfig(rank_scale=0.5, head_dim_ov=4)).to(torch.bfloat16)
     model.save_pretrained(tmp_path)
     reloaded = from_pretrained(tmp_path)
     assert reloaded.model.layers[0].mlp.up_proj.U.dtype == torch.bfloat16
