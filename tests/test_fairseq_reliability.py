@@ -86,8 +86,8 @@ def test_update_freq_2_equals_doubled_batch(data16, tmp_path):
 
 # ---------------------------------------------------------------- resume
 
-RESUME_ARGS = ["--optimizer", "flambe", "--decoupled-fd-qk", "1e-3", "--decoupled-fd-ov", "1e-3",
-               "--decoupled-fd-linear", "1e-3", "--weight-decay", "0.01", "--lr", "0.01",
+RESUME_ARGS = ["--optimizer", "flambe", "--fd-qk", "1e-3", "--fd-ov", "1e-3", "--fd-linear", "1e-3",
+               "--fd-mode", "decoupled", "--weight-decay", "0.01", "--lr", "0.01",
                "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "3", "--dropout", "0.1"]
 
 

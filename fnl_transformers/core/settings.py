@@ -349,13 +349,24 @@ HEAD_DIM_HELP = "reduced per-head dimension of both attention forms (head_dim_qk
 @dataclass(frozen=True)
 class Setting:
     """One flat setting: its name in ``FNLConfig`` (fairseq flag: ``--`` + name with dashes), the core spec and
-    field it sets (``spec`` is empty for the converters' convenience ``head_dim``), default and meaning."""
+    field it sets (``spec`` is empty for the converters' convenience ``head_dim``), default, meaning, and the
+    type of its values (``"float"``, ``"int"``, ``"bool"``, ``"str"``; ``optional`` when ``None`` is allowed;
+    ``factorize`` and ``ranks`` take strings on a command line)."""
 
     name: str
     spec: str
     field: str
     default: Any
     help: str
+    type: str = "str"
+    optional: bool = False
+
+
+def _value_type(annotation: str) -> Tuple[str, bool]:
+    for t in ("bool", "float", "int"):
+        if annotation in (t, f"Optional[{t}]"):
+            return t, annotation.startswith("Optional")
+    return "str", annotation.startswith("Optional")
 
 
 def flat_settings() -> List[Setting]:
@@ -366,15 +377,18 @@ def flat_settings() -> List[Setting]:
     def default(f):
         return f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
 
+    def setting(name, spec, f):
+        return Setting(name, spec, f.name, default(f), f.metadata["help"], *_value_type(str(f.type)))
+
     out = []
     for f in fields(StructureSpec):
         if f.name == "head_dim_qk":
-            out.append(Setting("head_dim", "", "", None, HEAD_DIM_HELP))
-        out.append(Setting(f.name, "StructureSpec", f.name, default(f), f.metadata["help"]))
+            out.append(Setting("head_dim", "", "", None, HEAD_DIM_HELP, "int", True))
+        out.append(setting(f.name, "StructureSpec", f))
     for f in fields(FDSpec):
-        out.append(Setting(f"fd_{f.name}", "FDSpec", f.name, default(f), f.metadata["help"]))
-    f = next(f for f in fields(DecayPolicy) if f.name == "weight_decay_factors")
-    out.append(Setting(f.name, "DecayPolicy", f.name, default(f), f.metadata["help"]))
+        out.append(setting(f"fd_{f.name}", "FDSpec", f))
+    out.append(setting("weight_decay_factors", "DecayPolicy",
+                       next(f for f in fields(DecayPolicy) if f.name == "weight_decay_factors")))
     return out
 
 

@@ -2,7 +2,7 @@
 
 Importing this package (which imports fairseq) registers, once per process:
 
-* the model ``fnl_transformer`` and architectures ``fnl_transformer`` (base dims), ``fnl_transformer_iwslt_de_en``,
+* the model ``fnl_transformer`` (with the fnl options, FD included, as model flags) and architectures ``fnl_transformer`` (base dims), ``fnl_transformer_iwslt_de_en``,
   ``fnl_transformer_wmt_en_de``, ``fnl_transformer_tiny`` (:mod:`.model`, reduced heads in :mod:`.attention`);
 * the criterion ``fd_label_smoothed_cross_entropy`` (:mod:`.criterion`);
 * the optimizers ``fnl_adam``, ``flambe``, ``fnl_lamb`` (:mod:`.optim`);
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from . import safe_loading
 from .criterion import FDLabelSmoothedCrossEntropyConfig, FDLabelSmoothedCrossEntropyCriterion
-from .model import ARCHITECTURES, FnlSettings, FnlTransformerModel
+from .model import ARCHITECTURES, FnlTransformerModel, fnl_specs
 from .optim import OPTIMIZERS
 
 MODEL_NAME = "fnl_transformer"
@@ -47,4 +47,4 @@ def register() -> None:
 safe_loading.install()
 register()
 
-__all__ = ["FDLabelSmoothedCrossEntropyCriterion", "FnlSettings", "FnlTransformerModel", "register"]
+__all__ = ["FDLabelSmoothedCrossEntropyCriterion", "FnlTransformerModel", "fnl_specs", "register"]
