@@ -31,7 +31,8 @@ from fnl_transformers.core.settings import flag
 # ------------------------------------------------------------------------------------------------ settings
 def test_structure_defaults_and_head_dim_rule():
     s = StructureSpec()
-    assert (s.rank_scale, s.factorize, s.ranks, s.spectral_init, s.deep) == (None, ("ffn", "embedding"), {}, True, False)
+    assert (s.rank_scale, s.factorize, s.ranks, s.spectral_init, s.deep) == \
+        (None, ("ffn", "embedding"), {}, True, False)
     assert s.head_dims(64) == (64, 64)
     assert StructureSpec(head_dim_qk=16).head_dims(64) == (16, 64)
     # 'attention' in factorize: heads shrink to max(1, int(R * head_dim)) (floor), the specific dim wins

@@ -16,11 +16,12 @@ import fairseq_helpers as fh
 
 pytest.importorskip("fairseq")
 
-import fnl_transformers.fairseq_plugin as plugin  # noqa: E402
 from fairseq import optim as fairseq_optim  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 from fairseq.modules.multihead_attention import MultiheadAttention  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
+
+import fnl_transformers.fairseq_plugin as plugin  # noqa: E402
 from fnl_transformers.core import (  # noqa: E402
     factorized_param_count,
     form_parameters,
@@ -188,7 +189,7 @@ def test_spectral_init_of_reduced_qk_is_the_best_rank_r_approximation(data_bin):
 def test_parameter_counts_match_the_formula(data_bin):
     dense, task, _ = build(data_bin)
     base = n_params(dense)
-    d, ffn, V, H, hd, layers = 32, 64, len(task.target_dictionary), 4, 8, 4
+    d, ffn, V, H, layers = 32, 64, len(task.target_dictionary), 4, 4
     assert base == n_params(build(data_bin, *TINY_DENSE, arch="transformer")[0])
 
     def ffn_delta(R, deep):
@@ -307,7 +308,8 @@ def test_fd_criterion_reads_the_models_fd_spec(data_bin):
     model.train()
     sample = batch(task)
     loss, _, log = _criterion(task, args)(model, sample)
-    assert torch.equal(loss, _criterion(task, plain_args)(model, sample)[0]) and not any(k.startswith("fd_") for k in log)
+    assert torch.equal(loss, _criterion(task, plain_args)(model, sample)[0])
+    assert not any(k.startswith("fd_") for k in log)
 
 
 # ---------------------------------------------------------------------------------------------- optimizers

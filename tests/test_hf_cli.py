@@ -3,10 +3,11 @@ import os
 
 import pytest
 import torch
-from hf_patch_helpers import inputs, minilm_dir, outputs, tiny
 
 from fnl_transformers.cli import main
 from fnl_transformers.hf import from_pretrained
+
+from hf_patch_helpers import inputs, minilm_dir, outputs, tiny
 
 
 @pytest.mark.slow

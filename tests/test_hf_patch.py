@@ -8,11 +8,12 @@ import copy
 
 import pytest
 import torch
-from hf_patch_helpers import inputs, make_heads_rank_deficient, minilm_dir, outputs, rel_diff, tiny
 
 from fnl_transformers.core import FactorizedEmbedding, FactorizedLinear, form_parameters, frobenius_penalty
 from fnl_transformers.hf import FNLConfig, get_fnl_config, patch_model
 from fnl_transformers.hf.layers import HeadPaddedLinear, TiedFactorizedHead
+
+from hf_patch_helpers import inputs, make_heads_rank_deficient, minilm_dir, outputs, rel_diff, tiny
 
 ARCHS = ["bert", "roberta", "distilbert", "gpt2", "llama", "llama_mha", "llama_tied", "mistral", "qwen2"]
 
@@ -249,7 +250,8 @@ def _head_grams(model):
     for _, att in arch.attention_modules(model):
         hd = arch.original_head_dim(att, H)
         t = {k: None if v is None else v.double() for k, v in arch.read(att, HeadDims(H, H, hd, hd, hd)).items()}
-        for form, (a, b, bias) in {"qk": ("q_weight", "k_weight", "q_bias"), "ov": ("o_weight", "v_weight", None)}.items():
+        roles = {"qk": ("q_weight", "k_weight", "q_bias"), "ov": ("o_weight", "v_weight", None)}
+        for form, (a, b, bias) in roles.items():
             A = t[a].reshape(H, hd, -1).transpose(1, 2) if form == "qk" else t[a].reshape(-1, H, hd).permute(1, 0, 2)
             if bias and t[bias] is not None:
                 A = torch.cat([A, t[bias].reshape(H, 1, hd)], dim=1)

@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-from hf_patch_helpers import inputs, outputs, rel_diff, tiny
 
 from fnl_transformers.core import FactorizedLinear, form_parameters
 from fnl_transformers.hf import FNLConfig, from_pretrained, patch_model, recompose
 from fnl_transformers.hf.layers import TiedFactorizedHead
+
+from hf_patch_helpers import inputs, outputs, rel_diff, tiny
 
 CASES = {  # arch -> config exercising its special cases
     "bert": FNLConfig(rank_scale=0.5, head_dim=4, fd_qk=1e-3),

@@ -5,7 +5,6 @@ Tiny models (BERT MLM, hidden 32, 2 layers), 3-6 updates each. Tolerances: param
 max |difference| relative to how far the reference moved (``max_rel_diff``); identical arithmetic in another
 order gives ~1e-6, a missing or doubled FD term or a wrongly scaled loss gives > 1e-2.
 """
-import os
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ def _trainer(tmp_path, model, data, cls=FNLTrainer, name="run", trainer_kw=None,
 
 
 def _manual_adamw(model, data, steps, batch, lr, wd, fd):
-    """Reference loop: sequential batches, loss = MLM mean + FD (Eq. 3), torch AdamW; weight decay on
+    """Reference loop: sequential batches, loss = MLM mean + FD (Definition 3.2), torch AdamW; weight decay on
     every weight except biases, LayerNorms and factors."""
     factors = {id(p) for _, p, _ in form_parameters(model)}
     decay, no = [], []

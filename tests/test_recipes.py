@@ -11,7 +11,8 @@ import pytest
 
 from fnl_transformers.recipes import fairseq_eval, summary, synthetic, textprep
 from fnl_transformers.recipes.squad_metric import evaluate, exact_match, f1, max_over_truths, normalize_answer
-from recipes_helpers import RECIPES, is_png, last_line, load_json, run_script
+
+from recipes_helpers import RECIPES, is_png, last_line, run_script
 
 TRAIN = os.path.join(RECIPES, "iwslt14", "train.sh")
 PREPARE = os.path.join(RECIPES, "iwslt14", "prepare.sh")
@@ -236,7 +237,7 @@ def test_summary_table_and_plot(tmp_path):
     out = summary.summarize([str(runs), str(tmp_path / "mlm.eval.results.json"), str(tmp_path / "mlm2")],
                             str(tmp_path / "sum"))
     text = open(out["table"]).read()
-    rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| run")]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| run")]
     # best first: BLEU descending, MLM loss ascending; a run is named by its directory
     assert [r.split("|")[1].strip() for r in rows] == ["fd1", "base", "fd2", "mlm2", tmp_path.name]
     assert "| fd1 | fd-ov | 31.25 | 1,000 | fd | 1e-05 |" in text

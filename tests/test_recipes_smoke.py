@@ -14,6 +14,7 @@ import pytest
 
 from fnl_transformers.recipes import synthetic
 from fnl_transformers.recipes.squad_metric import evaluate
+
 from recipes_helpers import RECIPES, is_png, last_line, load_json, run_script
 
 pytestmark = pytest.mark.slow

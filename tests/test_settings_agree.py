@@ -107,10 +107,11 @@ def test_both_integrations_give_the_same_decay_per_parameter(tmp_path, weight_de
     and HF (FNLTrainer, decoupled) put the same kinds of parameters in FD, weight decay and no decay."""
     from fairseq import optim as fairseq_optim
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from hf_trainer_helpers import MLMData, training_args
     from transformers import BertConfig, BertForMaskedLM
 
     from fnl_transformers.hf import FNLTrainer, patch_model
+
+    from hf_trainer_helpers import MLMData, training_args
 
     values = dict(rank_scale=0.5, fd_linear=0.1, fd_embedding=0.0, fd_ov=0.1, fd_mode="decoupled",
                   weight_decay_factors=weight_decay_factors)

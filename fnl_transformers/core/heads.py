@@ -68,9 +68,21 @@ class HeadDims:
                 "o": (self.heads, self.ov)}
 
 
+def weights(t: Tensors) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, k, v, o)`` weights of ``t`` (one clear error for a missing one)."""
+    out = []
+    for key in ("q_weight", "k_weight", "v_weight", "o_weight"):
+        w = t.get(key)
+        if w is None:
+            raise ValueError(f"attention tensors lack {key!r} (nn.Linear layout: q/k/v/o weights, optional biases)")
+        out.append(w)
+    return out[0], out[1], out[2], out[3]
+
+
 def head_shapes(t: Tensors, dims: HeadDims) -> Dict[str, Optional[Tuple[int, ...]]]:
     """Shapes of the tensors ``t`` (any per-head dims, same layout) after resizing the heads to ``dims``."""
-    d_in, d_out = t["q_weight"].shape[1], t["o_weight"].shape[0]
+    q, _, _, o = weights(t)
+    d_in, d_out = q.shape[1], o.shape[0]
     out: Dict[str, Optional[Tuple[int, ...]]] = {}
     for key, (heads, dim) in dims.per_key().items():
         rows = heads * dim
@@ -105,8 +117,9 @@ def shrink_heads(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Op
     out = dict(t)
     spectral = [form for form, init in inits.items() if init == "spectral"]
     if spectral:
+        q, k, v, o = weights(t)
         si = attention_spectral_init(
-            t["q_weight"], t["k_weight"], t["v_weight"], t["o_weight"], dims.heads, qk_rank=dims.qk,
+            q, k, v, o, dims.heads, qk_rank=dims.qk,
             ov_rank=dims.ov, q_bias=t.get("q_bias"), k_bias=t.get("k_bias"), v_bias=t.get("v_bias"),
             o_bias=t.get("o_bias"), num_kv_heads=None if dims.kv_heads == dims.heads else dims.kv_heads,
             forms=spectral,
@@ -120,7 +133,8 @@ def shrink_heads(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Op
         shapes = head_shapes(t, dims)
         for form in random:
             for key in FORM_KEYS[form]:
-                out[key] = None if shapes[key] is None else fresh(key, shapes[key], t[key])
+                shape, like = shapes[key], t.get(key)
+                out[key] = None if shape is None or like is None else fresh(key, shape, like)
     return out
 
 
@@ -151,12 +165,12 @@ def pad_heads(t: Tensors, dims: HeadDims, fold: float = 1.0) -> Tensors:
 def head_products(t: Tensors, dims: HeadDims) -> Dict[str, torch.Tensor]:
     """Per-head forms in float32: ``"qk"`` ``[W_q,h | b_q,h]^T W_k,h`` ((d + 1) x d with a query bias, the form
     per-head SI approximates) and ``"ov"`` ``W_o,h W_v,h`` (d_out x d)."""
-    views = attention_forms(t["q_weight"].detach(), t["k_weight"].detach(), t["v_weight"].detach(),
-                            t["o_weight"].detach(), dims.heads,
-                            num_kv_heads=None if dims.kv_heads == dims.heads else dims.kv_heads)
+    q, k, v, o = (w.detach() for w in weights(t))
+    views = attention_forms(q, k, v, o, dims.heads, num_kv_heads=None if dims.kv_heads == dims.heads else dims.kv_heads)
     qk, ov = views["qk"], views["ov"]
-    if t.get("q_bias") is not None:
-        bias = t["q_bias"].detach().to(qk.A.dtype).view(dims.heads, 1, -1)
+    q_bias = t.get("q_bias")
+    if q_bias is not None:
+        bias = q_bias.detach().to(qk.A.dtype).view(dims.heads, 1, -1)
         qk = replace(qk, A=torch.cat([qk.A, bias], dim=1))
     return {"qk": qk.products(), "ov": ov.products()}
 

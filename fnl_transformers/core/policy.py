@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -96,11 +96,11 @@ def form_memberships(model: nn.Module, kinds: Sequence[str]) -> Dict[int, List[d
     for index, (name, module, spec, _) in enumerate(iter_forms(model, tuple(kinds))):
         get = module_lookup(module)
         form_id = f"{name}#{index}"
-        roles = [("a", spec.a.key, spec.a), ("b", spec.b.key, spec.b)]
+        roles: List[Tuple[str, Hashable, Optional[FactorView]]] = [("a", spec.a.key, spec.a), ("b", spec.b.key, spec.b)]
         if spec.m is not None:
             roles.append(("m", spec.m, None))
         for role, key, view in roles:
-            entry = {"form": form_id, "kind": spec.kind, "role": role}
+            entry: Dict[str, Any] = {"form": form_id, "kind": spec.kind, "role": role}
             if view is not None:
                 entry["view"] = {k: v for k, v in dataclasses.asdict(view).items() if k != "key"}
             out.setdefault(id(get(key)), []).append(entry)
@@ -123,8 +123,8 @@ def forms_from_memberships(memberships: Sequence[Optional[Sequence[dict]]]) -> L
                 f"form {form_id} ({form['kind']}) lacks its factor(s) {missing} in the optimizer's parameters; "
                 "decoupled FD needs every factor of a decayed form (none frozen, none in a flat fp16 buffer)"
             )
-        view = lambda role: FactorView(form[role][0], **form[role][1])  # noqa: E731
-        specs.append(FormSpec(form["kind"], a=view("a"), b=view("b"), m=form["m"][0] if "m" in form else None))
+        a, b = (FactorView(form[role][0], **form[role][1]) for role in ("a", "b"))
+        specs.append(FormSpec(form["kind"], a=a, b=b, m=form["m"][0] if "m" in form else None))
     return specs
 
 

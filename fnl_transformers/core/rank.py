@@ -54,10 +54,10 @@ def resolve_rank(m: int, n: int, rank: Optional[int] = None, rank_scale: Optiona
     """Exactly one of ``rank`` and ``rank_scale`` chooses the rank of an ``m x n`` layer."""
     if rank is not None and rank_scale is not None:
         raise ValueError("give either rank or rank_scale, not both")
-    if rank is None and rank_scale is None:
-        raise ValueError("give rank (an integer >= 1) or rank_scale (a number > 0)")
     if rank is not None:
         return check_positive_int("rank", rank)
+    if rank_scale is None:
+        raise ValueError("give rank (an integer >= 1) or rank_scale (a number > 0)")
     return rank_from_scale(m, n, rank_scale)
 
 

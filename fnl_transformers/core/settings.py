@@ -133,6 +133,16 @@ def parse_parts(value) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(parts))
 
 
+def _ranks_key_error(pattern) -> SettingsError:
+    return SettingsError(lambda n: f"{n('ranks')}: keys must be module-name patterns (non-empty strings), got "
+                                   f"{pattern!r}")
+
+
+def _coefficient_error(name: str, value) -> SettingsError:
+    return SettingsError(lambda n: f"{n(name)} must be a finite number >= 0 (Frobenius decay coefficient; 0 turns "
+                                   f"it off), got {value!r}")
+
+
 def parse_ranks(value) -> Dict[str, int]:
     """Per-module ranks from a mapping, or a string ``"PATTERN=RANK,PATTERN=RANK"`` (command lines)."""
     if isinstance(value, str):
@@ -151,8 +161,7 @@ def parse_ranks(value) -> Dict[str, int]:
         raise SettingsError(lambda n: f"{n('ranks')} must be a dict {{module name pattern: rank}}, got {value!r}")
     for pattern, rank in value.items():
         if not isinstance(pattern, str) or not pattern:
-            raise SettingsError(lambda n: f"{n('ranks')}: keys must be module-name patterns (non-empty strings), "
-                                          f"got {pattern!r}")
+            raise _ranks_key_error(pattern)
         _positive_int(f"ranks[{pattern!r}]", rank, allow_none=False)
     return dict(value)
 
@@ -289,8 +298,7 @@ class FDSpec:
             name = f"fd_{kind}"
             x = _number(name, value, ">= 0 (a Frobenius decay coefficient)")
             if not (math.isfinite(x) and x >= 0):
-                raise SettingsError(lambda n: f"{n(name)} must be a finite number >= 0 (Frobenius decay "
-                                              f"coefficient; 0 turns it off), got {value!r}")
+                raise _coefficient_error(name, value)
             object.__setattr__(self, kind, x)
         if self.mode not in FD_MODES:
             raise SettingsError(lambda n: f"{n('fd_mode')} must be one of {list(FD_MODES)}, got {self.mode!r}")
@@ -375,7 +383,7 @@ def flat_settings() -> List[Setting]:
     from .policy import DecayPolicy
 
     def default(f):
-        return f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        return f.default_factory() if callable(f.default_factory) else f.default
 
     def setting(name, spec, f):
         return Setting(name, spec, f.name, default(f), f.metadata["help"], *_value_type(str(f.type)))
@@ -401,7 +409,8 @@ def specs_from_flat(values: Mapping[str, Any], namer: Namer = _plain):
         structure_fields = {f.name for f in fields(StructureSpec)} - {"head_dim_qk", "head_dim_ov"}
         structure = StructureSpec(head_dim_qk=qk, head_dim_ov=ov,
                                   **{k: values[k] for k in structure_fields if values.get(k) is not None})
-        fd = FDSpec(**{f.name: values[f"fd_{f.name}"] for f in fields(FDSpec) if values.get(f"fd_{f.name}") is not None})
+        fd = FDSpec(**{f.name: values[f"fd_{f.name}"] for f in fields(FDSpec)
+                       if values.get(f"fd_{f.name}") is not None})
         wdf = values.get("weight_decay_factors")
         wdf = True if wdf is None else _boolean("weight_decay_factors", wdf)
     except SettingsError as e:

@@ -2,7 +2,8 @@
 
 Importing this package (which imports fairseq) registers, once per process:
 
-* the model ``fnl_transformer`` (with the fnl options, FD included, as model flags) and architectures ``fnl_transformer`` (base dims), ``fnl_transformer_iwslt_de_en``,
+* the model ``fnl_transformer`` (with the fnl options, FD included, as model flags) and architectures
+  ``fnl_transformer`` (base dims), ``fnl_transformer_iwslt_de_en``,
   ``fnl_transformer_wmt_en_de``, ``fnl_transformer_tiny`` (:mod:`.model`, reduced heads in :mod:`.attention`);
 * the criterion ``fd_label_smoothed_cross_entropy`` (:mod:`.criterion`);
 * the optimizers ``fnl_adam``, ``flambe``, ``fnl_lamb`` (:mod:`.optim`);

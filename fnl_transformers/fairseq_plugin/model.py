@@ -77,7 +77,7 @@ from ..core import (
     plan_ranks,
 )
 from ..core.settings import flag, specs_from_flat
-from .attention import register_fairseq_attention_forms, reduce_attention
+from .attention import reduce_attention, register_fairseq_attention_forms
 
 FD_CRITERION = "fd_label_smoothed_cross_entropy"
 # optimizers of this plugin: they read each parameter's decay from p.optim_overrides["fnl"]

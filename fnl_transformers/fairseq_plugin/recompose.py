@@ -175,9 +175,9 @@ def build_models(state: Dict[str, Any], path: str = "checkpoint"):
     """``(fnl_model, stock_model, stock_args)``: the fnl model loaded from ``state`` and an empty stock
     ``transformer`` of the same dimensions (float32, eval mode)."""
     from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+    from fairseq.models.transformer import TransformerModel
 
     from . import FnlTransformerModel  # registers the plugin
-    from fairseq.models.transformer import TransformerModel
 
     args = _as_namespace(_model_cfg(state))
     arch = getattr(args, "arch", None) or getattr(args, "_name", None)

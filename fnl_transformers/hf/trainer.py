@@ -256,13 +256,14 @@ class FNLTrainer(Trainer):
         for kind, value in fd_parts.items():
             if bool(torch.isfinite(value.detach()).all()):
                 continue
-            for name, _, spec, bound in iter_forms(_unwrap(model), (kind,)):
+            for name, _, _, bound in iter_forms(_unwrap(model), (kind,)):
                 with torch.no_grad():
                     sq = form_sq_norms(bound)
                 if not bool(torch.isfinite(sq).all()):
                     raise NonFiniteError(
                         f"step {step}: ||W||_F^2 of the {kind!r} form of layer {name!r} overflows float32 "
-                        f"({float(sq[~torch.isfinite(sq)][0])}) although its factors are finite; lower the learning rate or fd_{kind}"
+                        f"({float(sq[~torch.isfinite(sq)][0])}) although its factors are finite; lower the learning "
+                        f"rate or fd_{kind}"
                     )
             raise NonFiniteError(f"step {step}: the FD penalty of kind {kind!r} is {float(value)}; lower fd_{kind}")
         raise NonFiniteError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, List, NamedTuple, Optional, Set
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set
 
 import torch
 
@@ -121,7 +121,7 @@ class GroupForms(NamedTuple):
     """A group's FD forms, ready for :func:`fnl_transformers.core.accumulate_fd_grads`."""
 
     specs: List[FormSpec]
-    lookup: Callable[[int], torch.Tensor]
+    lookup: Callable[[Any], torch.Tensor]  # a form key (an index into the group's params) -> the tensor
     coeffs: Dict[str, float]
 
     def param_ids(self) -> Set[int]:

@@ -2,7 +2,7 @@
 decay on factors of forms with FD, weight decay elsewhere, none on biases and normalization layers."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 from torch import nn
 
@@ -19,6 +19,11 @@ def _no_decay_rule(no_decay: NoDecay) -> Callable[[str, nn.Parameter, nn.Module]
         raise ValueError(f"no_decay must be a callable or a list of name substrings, got the string {no_decay!r}")
     patterns = tuple(no_decay)
     return lambda name, param, module: any(s in name for s in patterns)
+
+
+def _rekey(get: Callable[[Any], Any], index: Dict[int, int]) -> Callable[[Any], int]:
+    """A form key (a path in its module) -> the index of the parameter it names in the FD group."""
+    return lambda key: index[id(get(key))]
 
 
 def param_groups(
@@ -80,9 +85,10 @@ def param_groups(
     order = {i: n for n, i in enumerate(owner)}  # model order
     fd_ids.sort(key=order.__getitem__)
     index = {i: n for n, i in enumerate(fd_ids)}
-    fd_forms = [spec.with_keys(lambda key, get=get: index[id(get(key))]) for spec, get in forms]
+    fd_forms = [spec.with_keys(_rekey(get, index)) for spec, get in forms]
 
-    decay, no = [], []
+    decay: List[nn.Parameter] = []
+    no: List[nn.Parameter] = []
     for i, (_, p, decision) in owner.items():
         if i in wanted and i not in index:
             assert decision != FD, "a factor of an FD form outside the FD group"

@@ -31,7 +31,7 @@ def read_corpus(paths: List[str]) -> List[str]:
         if not os.path.isfile(path):
             raise RecipeError(f"corpus file not found: {path} (give text files, one document or sentence per line)")
         with open(path, encoding="utf-8") as f:
-            got = [l.strip() for l in f if l.strip()]
+            got = [line.strip() for line in f if line.strip()]
         if not got:
             raise RecipeError(f"corpus file {path} is empty")
         lines += got
@@ -42,7 +42,8 @@ def read_hf_dataset(name: str, config: str, column: str, limit: int) -> List[str
     try:
         import datasets
     except ImportError:
-        raise RecipeError("--dataset needs the 'datasets' package: pip install datasets (or give --corpus FILES)") from None
+        raise RecipeError("--dataset needs the 'datasets' package: pip install datasets (or give --corpus FILES)") \
+            from None
     ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
     out = []
     for row in ds:
@@ -125,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--out", required=True)
-    p.add_argument("--smoke", action="store_true", help="generated corpus, its own 1000-piece vocabulary, a 2-layer 128-wide BERT without dropout, "
+    p.add_argument("--smoke", action="store_true",
+                   help="generated corpus, its own 1000-piece vocabulary, a 2-layer 128-wide BERT without dropout, "
                         "300 updates (~30 s on one CPU core)")
     return p
 
@@ -136,8 +138,13 @@ def _default(value, full, smoke, is_smoke):
 
 def run(args) -> dict:
     import torch
-    from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling,
-                              TrainingArguments)
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForMaskedLM,
+        DataCollatorForLanguageModeling,
+        TrainingArguments,
+    )
 
     from ..hf import FNLConfig, FNLTrainer, patch_model
     from ..optim import FLAMBe, Lamb, param_groups
@@ -217,7 +224,8 @@ def run(args) -> dict:
     use_cpu = not torch.cuda.is_available()
     targs = TrainingArguments(
         output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=_default(args.batch_size, 64, 32, s),
-        gradient_accumulation_steps=_default(args.grad_accum, 4, 1, s), max_steps=_default(args.max_steps, 100000, 300, s),
+        gradient_accumulation_steps=_default(args.grad_accum, 4, 1, s),
+        max_steps=_default(args.max_steps, 100000, 300, s),
         learning_rate=lr, warmup_steps=_default(args.warmup_ratio, 0.01, 0.1, s), lr_scheduler_type="linear",
         logging_steps=25 if s else 200, save_strategy="no" if s else "steps", save_steps=5000, save_total_limit=2,
         report_to=[], seed=args.seed, bf16=args.bf16, dataloader_num_workers=0, use_cpu=use_cpu, disable_tqdm=False)
@@ -245,7 +253,8 @@ def run(args) -> dict:
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"]).logits
             mask = batch["labels"] != -100
-            loss_sum += torch.nn.functional.cross_entropy(logits[mask].float(), batch["labels"][mask], reduction="sum").item()
+            loss_sum += torch.nn.functional.cross_entropy(logits[mask].float(), batch["labels"][mask],
+                                                          reduction="sum").item()
             correct += (logits[mask].argmax(-1) == batch["labels"][mask]).sum().item()
             count += mask.sum().item()
             for t in batch["labels"][mask].tolist():

@@ -33,10 +33,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..config import FNLConfig
-    from ..apply import patch_model
-    from ..report import format_table
     from transformers.utils import logging as hf_logging
+
+    from ..apply import patch_model
+    from ..config import FNLConfig
+    from ..report import format_table
 
     if not os.path.isdir(args.model_dir):
         raise FileNotFoundError(f"MODEL_DIR {args.model_dir} is not a directory")
