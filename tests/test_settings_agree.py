@@ -65,23 +65,23 @@ def test_fairseq_flags_and_fnlconfig_give_equal_specs(values):
     assert structure.head_dim_qk == values.get("head_dim_qk", values.get("head_dim"))
 
 
+FFN = r"(fc[12]|intermediate\.dense|layer\.\d+\.output\.dense)"
+ATTENTION = r"(q_proj|k_proj|v_proj|out_proj|self\.(query|key|value)|attention\.output\.dense)"
+ROLES = [  # (pattern over fairseq's transformer and HF BERT names, role); first match wins
+    (FFN + r"\.(U|V)$", ("ffn", "factor")),
+    (FFN + r"\.bias$", ("ffn", "bias")),
+    (r"(embed_tokens|word_embeddings)\.(U|V)$", ("embedding", "factor")),
+    (r"(q_proj|k_proj|self\.query|self\.key)\.weight$", ("qk", "factor")),
+    (r"(v_proj|out_proj|self\.value|attention\.output\.dense)\.weight$", ("ov", "factor")),
+    (ATTENTION + r"\.bias$", ("attention", "bias")),
+    (r"(layer_norm|LayerNorm)\.weight$", ("norm", "weight")),
+    (r"(layer_norm|LayerNorm)\.bias$", ("norm", "bias")),
+]
+
+
 def _role(name: str):
-    """(part, what) of a parameter name of fairseq's transformer or HF's BERT; None for the others."""
-    if re.search(r"(fc[12]|intermediate\.dense|layer\.\d+\.output\.dense)\.(U|V)$", name):
-        return "ffn", "factor"
-    if re.search(r"(fc[12]|intermediate\.dense|layer\.\d+\.output\.dense)\.bias$", name):
-        return "ffn", "bias"
-    if re.search(r"(embed_tokens|word_embeddings)\.(U|V)$", name):
-        return "embedding", "factor"
-    if re.search(r"(q_proj|k_proj|self\.query|self\.key)\.weight$", name):
-        return "qk", "factor"
-    if re.search(r"(v_proj|out_proj|self\.value|attention\.output\.dense)\.weight$", name):
-        return "ov", "factor"
-    if re.search(r"(q_proj|k_proj|v_proj|out_proj|self\.(query|key|value)|attention\.output\.dense)\.bias$", name):
-        return "attention", "bias"
-    if re.search(r"(layer_norm|LayerNorm)\.(weight|bias)$", name):
-        return "norm", name.rsplit(".", 1)[1]
-    return None
+    """(part, what) of a parameter of fairseq's transformer or HF's BERT; None for the others."""
+    return next((role for pattern, role in ROLES if re.search(pattern, name)), None)
 
 
 def _decay_by_role(named_decays) -> dict:

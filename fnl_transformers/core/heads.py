@@ -22,7 +22,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .attention import attention_spectral_init
-from .forms import attention_forms
+from .forms import FactorView, attention_form_specs, attention_forms
 from .settings import HEAD_FORMS, check_shrink
 
 Tensors = Dict[str, Optional[torch.Tensor]]
@@ -138,27 +138,35 @@ def shrink_heads(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Op
     return out
 
 
+def _views(dims: HeadDims) -> Dict[str, FactorView]:
+    """The per-head view of each projection, as the QK / OV forms read it (q, k, v rows; o columns)."""
+    qk, ov = attention_form_specs("q", "k", "v", "o", dims.heads,
+                                  None if dims.kv_heads == dims.heads else dims.kv_heads)
+    return {"q": qk.a, "k": qk.b, "v": ov.b, "o": ov.a}
+
+
 def pad_heads(t: Tensors, dims: HeadDims, fold: float = 1.0) -> Tensors:
     """Reduced heads (``dims``) zero-padded back to ``dims.head_dim``; the query weight and bias are multiplied by
     ``fold`` (the ratio of the score scaling used to the one the padded attention applies). The output bias is
-    unchanged; the function computed is the same."""
+    unchanged; the function computed is the same. Written through the forms' per-head views."""
     out: Tensors = {}
-    for key, (heads, dim) in dims.per_key().items():
+    for key, view in _views(dims).items():
+        dim = dims.per_key()[key][1]
         c = fold if key == "q" else 1.0
         for part in ("weight", "bias"):
             x = t.get(f"{key}_{part}")
             if x is None or (key == "o" and part == "bias"):
                 out[f"{key}_{part}"] = x
                 continue
-            rows = x.t() if key == "o" else x  # o: per-head columns
-            if rows.shape[0] != heads * dim:
-                raise ValueError(f"{key}_{part} has {rows.shape[0]} per-head rows, expected {heads} x {dim}")
+            x = x if part == "weight" else x.reshape(-1, 1)  # a bias is one more input column of its rows
+            heads = view.view(x)  # (heads, columns, per-head dim)
+            if heads.shape[2] != dim:
+                raise ValueError(f"{key}_{part} has per-head dim {heads.shape[2]}, expected {dim}")
             check_shrink(f"{key} per-head dim", dim, dims.head_dim)
-            blocks = (rows * c if c != 1.0 else rows).reshape(heads, dim, *rows.shape[1:])
-            padded = blocks.new_zeros(heads, dims.head_dim, *rows.shape[1:])
-            padded[:, :dim] = blocks
-            padded = padded.reshape(heads * dims.head_dim, *rows.shape[1:])
-            out[f"{key}_{part}"] = (padded.t() if key == "o" else padded).contiguous()
+            rows, cols = view.heads * dims.head_dim, heads.shape[1]
+            padded = x.new_zeros((cols, rows) if view.transpose else (rows, cols))
+            view.view(padded)[:, :, :dim] = heads * c if c != 1.0 else heads
+            out[f"{key}_{part}"] = padded if part == "weight" else padded.reshape(-1)
     return out
 
 

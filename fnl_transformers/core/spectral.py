@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from .rank import check_matrix, check_positive_int
+from .settings import check_shrink
 
 
 def _svd_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,8 +113,7 @@ def head_spectral_init(
     n = B.shape[1]
     if rank > min(m, n):
         raise ValueError(f"rank must be <= min(dim_a, dim_b) = {min(m, n)}, got {rank}")
-    if rank > k:
-        raise ValueError(f"reduced head dim (rank) must be <= the head dim {k}, got {rank}; heads cannot grow")
+    check_shrink("reduced head dim (rank)", rank, k)  # heads only shrink
     dt = _svd_dtype(A.dtype)
     Qa, Ra = torch.linalg.qr(A.detach().to(dt))  # A_h = Qa Ra, Qa: m x min(m,k)
     Qb, Rb = torch.linalg.qr(B.detach().to(dt))
