@@ -80,6 +80,33 @@ def test_tied_weights_stay_tied_through_save_and_recompose(tmp_path):
     assert dec.weight is bert.bert.embeddings.word_embeddings.weight and dec.bias is bert.cls.predictions.bias
 
 
+def test_a_plan_saved_in_the_former_format_still_loads(tmp_path):
+    """config.json written before the settings model (plan format 1: ``qk_head_dim``/``ov_head_dim``, fd_embedding
+    0.0, no init records) reloads to the same model; an unknown format is one clear error."""
+    patched = patch_model(tiny("bert"), FNLConfig(rank_scale=0.5, head_dim_qk=3, head_dim_ov=5, fd_qk=1e-3,
+                                                  fd_embedding=0.0))
+    batch = inputs(patched)
+    patched.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "config.json"
+    config = json.loads(path.read_text())
+    plan = config["fnl_config"]
+    plan["format"] = 1
+    plan["config"] = {("qk_head_dim" if k == "head_dim_qk" else "ov_head_dim" if k == "head_dim_ov" else k): v
+                      for k, v in plan["config"].items()
+                      if k not in ("spectral_init_qk", "spectral_init_ov", "weight_decay_factors")}
+    for entry in plan["attention"].values():
+        entry["qk_head_dim"], entry["ov_head_dim"] = entry.pop("head_dim_qk"), entry.pop("head_dim_ov")
+        del entry["init_qk"], entry["init_ov"]
+    path.write_text(json.dumps(config))
+    reloaded = from_pretrained(tmp_path / "old")
+    assert torch.equal(outputs(reloaded, batch), outputs(patched.eval(), batch))
+    assert reloaded.fnl_config.head_dim_qk == 3 and reloaded.fnl_config.fd == patched.fnl_config.fd
+    plan["format"] = 7
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"fnl_config format 7 / arch 'bert' is not one this fnl_transformers reads"):
+        from_pretrained(tmp_path / "old")
+
+
 def test_plain_transformers_loading_of_a_patched_checkpoint_fails_loudly(tmp_path):
     from transformers import AutoModel, AutoModelForMaskedLM, BertForMaskedLM, pipeline
 
