@@ -221,6 +221,16 @@ def test_parameter_counts_match_the_formula(data_bin):
 # ---------------------------------------------------------------------------------------------- FD criterion
 
 
+def test_per_module_ranks_and_parameter_budget(data_bin):
+    """--ranks (first matching pattern wins over --rank-scale) and --target-param-ratio (core plan_ranks)."""
+    model, _, _ = build(data_bin, "--rank-scale", "0.5", "--ranks", "encoder.layers.0.fc1=3,*.fc1=5")
+    assert model.encoder.layers[0].fc1.rank == 3 and model.decoder.layers[1].fc1.rank == 5
+    assert model.encoder.layers[0].fc2.rank == rank_from_scale(32, 64, 0.5)
+    dense = n_params(build(data_bin)[0])
+    small = n_params(build(data_bin, "--target-param-ratio", "0.8", "--head-dim", "4")[0])
+    assert 0.7 * dense < small <= 0.8 * dense
+
+
 def _criterion(task, args):
     return task.build_criterion(convert_namespace_to_omegaconf(args).criterion)
 
