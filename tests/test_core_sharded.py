@@ -227,3 +227,17 @@ def test_bert_param_count_matches_transformers():
     with torch.device("meta"):
         model = transformers.BertModel(transformers.BertConfig())
     assert bert_param_count() == sum(p.numel() for p in model.parameters())
+
+
+def test_readme_table_is_the_commands_output(capsys):
+    """The README's communication table is what ``python -m fnl_transformers.core.sharded`` prints."""
+    import pathlib
+
+    from fnl_transformers.core.sharded import main
+
+    main()
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 8
+    for line in lines:
+        assert line in readme, line

@@ -505,17 +505,21 @@ def comm_table() -> List[dict]:
          "dim 0 (FSDP2 default), 4 processes"),
     ]:
         log = fd_comm_log(model, coeffs, world, placement)
-        rows.append(dict(model=name, sharding=how, calls=len(log.calls), numel=log.numel, bytes=log.bytes))
+        grad = 4 * bert_param_count() if name.startswith("BERT") else None
+        rows.append(dict(model=name, sharding=how, calls=len(log.calls), numel=log.numel, bytes=log.bytes,
+                         gradient_bytes=grad))
     return rows
 
 
-def main() -> None:  # pragma: no cover - exercised by the README command
-    grad = 4 * bert_param_count()
-    print("| model | sharding | all-reduce calls | float32 numbers | bytes per update |")
-    print("|---|---|---|---|---|")
+def main() -> None:
+    """``python -m fnl_transformers.core.sharded``: the table of :func:`comm_table` (markdown)."""
+    print("| model | sharding | all-reduces | float32 numbers | bytes per update | of the gradient all-reduce |")
+    print("|---|---|---|---|---|---|")
     for r in comm_table():
-        print(f"| {r['model']} | {r['sharding']} | {r['calls']} | {r['numel']:,} | {r['bytes']:,} |")
-    print(f"\nBERT-base gradient all-reduce (float32, {bert_param_count():,} parameters): {grad:,} bytes")
+        share = "-" if r["gradient_bytes"] is None else f"{100 * r['bytes'] / r['gradient_bytes']:.2f}%"
+        print(f"| {r['model']} | {r['sharding']} | {r['calls']} | {r['numel']:,} | {r['bytes']:,} | {share} |")
+    print(f"\nBERT-base gradient all-reduce: {bert_param_count():,} float32 parameters = "
+          f"{4 * bert_param_count():,} bytes")
 
 
 if __name__ == "__main__":
