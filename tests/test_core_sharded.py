@@ -8,8 +8,9 @@ dim 1 (every factor along its contracted dimension). The model has every kind of
 grouped-query attention, a fused transposed (GPT-2 Conv1D) projection with row slices, factorized linear layers
 (one deep, ``U M V^T``, its ``M`` sharded too), a factorized embedding; uneven chunks (7 rows over 2 processes).
 Tolerance: 1e-5 relative to the largest reference value (float32; the same sums in another order, measured
-<= 1.2e-7; without the all-reduce the gradients are off by 0.66 of that scale). While FD runs, every torch.distributed collective other than ``all_reduce`` raises, and the one
-all-reduce carries exactly the Gram pieces counted by hand below (no factor is ever gathered).
+<= 1.2e-7; without the all-reduce the gradients are off by 0.66 of that scale). While FD runs, every
+torch.distributed collective other than ``all_reduce`` raises, and the one all-reduce carries exactly the Gram
+pieces counted by hand below (no factor is ever gathered).
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ from fnl_transformers.core import (
 from fnl_transformers.core.sharded import (
     Comm,
     DryRunComm,
-    ShardLayout,
     Sharded,
+    ShardLayout,
     attention_stack,
     bert_param_count,
     comm_table,

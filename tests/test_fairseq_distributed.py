@@ -18,9 +18,9 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from test_fairseq_reliability import ATOL, FD_ARGS, _free_port, _max_diff, _params, _two_workers
 
 from fairseq_helpers import _parse_stats, make_tiny_data, run_fairseq_train, tiny_train_args
-from test_fairseq_reliability import ATOL, FD_ARGS, _free_port, _max_diff, _params, _two_workers
 
 pytest.importorskip("fairseq")
 import fnl_transformers.fairseq_plugin  # noqa: E402,F401  (reading the checkpoints needs its safe-loading allow-list)
@@ -120,8 +120,8 @@ def _refusal(data_bin, save_dir, *extra) -> str:
 
 @pytest.mark.parametrize("extra, flags", [
     (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-ov", "0.1", "--optimizer", "fnl_adam"], "--fd-ov"),
-    (["--optimizer", "flambe", "--decoupled-fd-qk", "1e-3", "--decoupled-fd-linear", "1e-3"],
-     "--decoupled-fd-linear, --decoupled-fd-qk"),
+    (["--optimizer", "flambe", "--fd-mode", "decoupled", "--fd-qk", "1e-3", "--fd-linear", "1e-3"],
+     "--fd-linear, --fd-qk"),
 ])
 def test_fully_sharded_with_fd_is_refused(data16, tmp_path, extra, flags):
     msg = _refusal(data16, tmp_path, "--rank-scale", "0.5", "--ddp-backend", "fully_sharded", *extra)

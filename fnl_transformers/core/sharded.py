@@ -39,14 +39,14 @@ The penalty and the gradients equal :func:`~fnl_transformers.core.frobenius.frob
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .forms import FactorView, FormSpec, module_forms
-
 
 # ---------------------------------------------------------------- layouts
 
@@ -86,9 +86,10 @@ class ShardLayout:
 
     def local_shape(self) -> Tuple[int, int]:
         if self.dim is None:
-            return tuple(self.shape)
+            return self.shape[0], self.shape[1]
         start, stop = self.span()
-        return tuple(stop - start if d == self.dim else s for d, s in enumerate(self.shape))
+        rows, cols = self.shape
+        return (stop - start, cols) if self.dim == 0 else (rows, stop - start)
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This process's shard of the full tensor (a view)."""
@@ -200,6 +201,7 @@ def _row_space(view: FactorView, layout: ShardLayout):
 
 def _owned_heads(view: FactorView, layout: ShardLayout, rank: int, f0: int, k: int, heads: int):
     """Heads [first, last) that ``rank`` holds of a head-split factor, and the local row of the first one."""
+    assert layout.dim is not None, "a head-split factor is sharded along a dimension"
     lo, hi = layout.span(rank)
     a, b = max(lo, f0), min(hi, f0 + heads * k)
     if a >= b:
@@ -250,7 +252,7 @@ def _same_owners(fa: _Factor, fb: _Factor) -> bool:
 
 def sharded_fd(
     specs: Iterable[FormSpec],
-    lookup: Callable[[Hashable], Sharded],
+    lookup: Callable[[Any], Sharded],
     coeffs: Dict[str, float],
     comm: Comm,
 ) -> Tuple[torch.Tensor, Dict[Hashable, torch.Tensor]]:
@@ -305,14 +307,14 @@ def sharded_fd(
     for form in forms:
         m = form.m
         if m is not None and id(m.local) not in ms:
-            M = _f32(m.local)
+            M_full = _f32(m.local)
             if m.layout.dim is not None:  # rows/columns of M from every process, zeros elsewhere
                 start, stop = m.layout.span()
-                full = M.new_zeros(m.layout.shape)
-                full.narrow(m.layout.dim, start, stop - start).copy_(M)
-                M = full
+                full = M_full.new_zeros(m.layout.shape)
+                full.narrow(m.layout.dim, start, stop - start).copy_(M_full)
+                M_full = full
                 m_travel.append(id(m.local))
-            ms[id(m.local)] = M
+            ms[id(m.local)] = M_full
 
     # forms local to their heads: penalty of this process's heads, summed across processes by the all-reduce
     local_penalty = torch.zeros((), dtype=grams[forms[0].a].dtype, device=device)
@@ -337,14 +339,14 @@ def sharded_fd(
         for ident in travel:
             f = factors[ident][0]
             i, j = torch.triu_indices(f.k, f.k, device=device)
-            tri = buf[offset : offset + f.heads * i.numel()].view(f.heads, i.numel())
-            offset += tri.numel()
+            tri = buf[offset : offset + f.heads * i.numel()].view(f.heads, -1)
+            offset += int(tri.numel())
             G = tri.new_zeros(f.heads, f.k, f.k)
             G[:, i, j] = tri
             G[:, j, i] = tri
             grams[ident] = G
         for mid in m_travel:
-            n = ms[mid].numel()
+            n = int(ms[mid].numel())
             ms[mid] = buf[offset : offset + n].view_as(ms[mid])
             offset += n
         if any_local:
@@ -363,12 +365,13 @@ def sharded_fd(
 
     for form in forms:
         (fa, sa), (fb, sb) = factors[form.a], factors[form.b]
-        H, G = fa.heads, fb.heads
+        n_heads, n_groups = fa.heads, fb.heads
         Ga, Gb = grams[form.a], grams[form.b]
         M = None if form.m is None else ms[id(form.m.local)]
-        Gbh = Gb if G == H else Gb.repeat_interleave(H // G, dim=0)  # B's Gram for each query head
+        per_group = n_heads // n_groups
+        Gbh = Gb if per_group == 1 else Gb.repeat_interleave(per_group, dim=0)  # B's Gram for each query head
         GbM = _inner(Gbh, M)  # M B^T B M^T
-        GaG = Ga if G == H else Ga.view(G, H // G, fa.k, fa.k).sum(1)  # A's Grams summed over each group
+        GaG = Ga if per_group == 1 else Ga.view(n_groups, per_group, fa.k, fa.k).sum(1)  # summed over each group
         GaM = _inner(GaG, None if M is None else M.t())  # M^T A^T A M
         if not form.local:
             penalty = penalty + (Ga * GbM).sum() * (form.lam / 2)
@@ -376,7 +379,7 @@ def sharded_fd(
         fa.batched(grad_buffer(form.spec.a.key, sa.local)).add_(dA, alpha=form.lam)
         dB = _f32(fb.batched(sb.local)) @ GaM[fb.first : fb.last]
         fb.batched(grad_buffer(form.spec.b.key, sb.local)).add_(dB, alpha=form.lam)
-        if M is not None:
+        if M is not None and form.m is not None:
             dM = (Ga @ M @ Gbh).sum(0)  # sum_h A_h^T A_h M B^T B
             grad_buffer(form.spec.m, form.m.local).add_(form.m.layout.take(dM), alpha=form.lam)
     return penalty, grads
@@ -400,13 +403,17 @@ def _inner(G: torch.Tensor, M: Optional[torch.Tensor]) -> torch.Tensor:
 # ---------------------------------------------------------------- models
 
 
+def _qualified(prefix: str, key: Hashable) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
 def model_specs(model: nn.Module) -> List[FormSpec]:
     """Every form of ``model`` (as :func:`~fnl_transformers.core.forms.iter_forms` finds them), its keys qualified
     to parameter names (``model.named_parameters(remove_duplicate=False)``); no parameter is read."""
     out = []
     for name, module in model.named_modules():
         for spec in module_forms(module):
-            out.append(spec.with_keys(lambda key, n=name: f"{n}.{key}" if n else key))
+            out.append(spec.with_keys(functools.partial(_qualified, name)))
     return out
 
 
@@ -435,7 +442,7 @@ def shard_model(model: nn.Module, world_size: int, rank: int, placement: Placeme
     out = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.dim() == 2:
-            layout = ShardLayout(tuple(p.shape), placement(name, p), rank, world_size)
+            layout = ShardLayout((p.shape[0], p.shape[1]), placement(name, p), rank, world_size)
             out[name] = Sharded(layout.take(p.detach()), layout)
     return out
 

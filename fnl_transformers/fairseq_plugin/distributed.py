@@ -27,12 +27,13 @@ which on CPU is zero processes: the command exits 0 having trained nothing.
   that fix.
 * ``--ddp-backend fully_sharded`` (fairscale's FSDP) turns the parameters of each wrapped module into slices of
   one flat sharded buffer, materialized only inside that module's forward. The plugin's factorized forms are
-  views of the named parameters (``q_proj.weight``, ``fc1.U``, ...) and its optimizers group parameters by
-  name, so FD in the loss (``--fd-*``), FD in the optimizer (``--decoupled-fd-*``), ``--form-diagnostics-interval``
-  and ``--no-decay-bias-norm`` are refused there, naming the backends that keep whole parameters on every worker
-  (``pytorch_ddp`` on GPUs, ``legacy_ddp`` anywhere). The check runs before fairseq imports fairscale, so the
-  refusal comes first, not an ImportError. Factorized layers, SI and reduced heads without those options are
-  not refused: they only change the module tree before fairseq wraps it (untested: fairscale's FSDP needs CUDA).
+  views of the named parameters (``q_proj.weight``, ``fc1.U``, ...) and its optimizers group parameters by their
+  per-parameter settings, so FD (``--fd-*``, in the loss or, with ``--fd-mode decoupled``, in the optimizer),
+  ``--form-diagnostics-interval`` and ``--no-decay-bias-norm`` are refused there, naming the backends that keep
+  whole parameters on every worker (``pytorch_ddp`` on GPUs, ``legacy_ddp`` anywhere). The check runs before
+  fairseq imports fairscale, so the refusal comes first, not an ImportError. Factorized layers, SI and reduced
+  heads without those options are not refused: they only change the module tree before fairseq wraps it
+  (untested: fairscale's FSDP needs CUDA).
 """
 from __future__ import annotations
 
@@ -99,11 +100,10 @@ def _named_parameter_options(args) -> list:
     """The options set in ``args`` that need the model's named, whole parameters (FD and the per-parameter
     optimizer groups)."""
     used = []
-    for prefix in ("fd", "decoupled_fd"):
-        for kind in KINDS:
-            value = getattr(args, f"{prefix}_{kind}", None)
-            if value is not None and float(value) > 0:
-                used.append(f"--{prefix.replace('_', '-')}-{kind}")
+    for kind in KINDS:
+        value = getattr(args, f"fd_{kind}", None)
+        if value is not None and float(value) > 0:
+            used.append(f"--fd-{kind}")
     if (getattr(args, "form_diagnostics_interval", 0) or 0) > 0:
         used.append("--form-diagnostics-interval")
     if getattr(args, "no_decay_bias_norm", False):
