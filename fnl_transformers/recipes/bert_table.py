@@ -112,9 +112,9 @@ def markdown(rows: List[dict]) -> str:
             "there are several (SQuAD: over every fine-tuning run of those models).", "", "Results files:", ""]
     for g in groups(rows).values():
         for chain in g["chains"]:
-            out += [f"- {r.get('run', '-')} (phase {r.get('phase', 1)}, seed {r.get('seed', '-')}): `{r['_path']}`"
-                    for r in chain]
-        out += [f"- SQuAD of {os.path.basename(os.path.dirname(r['model_dir']))}: `{r['_path']}`" for r in g["squad"]]
+            out += [f"- {r['optimizer']}, head dim {r.get('head_dim_label', '-')}, seed {r.get('seed', '-')}, phase "
+                    f"{r.get('phase', 1)}: `{r['_path']}`" for r in chain]
+        out += [f"- SQuAD of `{r['model_dir']}`: `{r['_path']}`" for r in g["squad"]]
     return "\n".join(out) + "\n"
 
 
