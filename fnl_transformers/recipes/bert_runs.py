@@ -115,6 +115,11 @@ def _execute(jobs: List[Job], dry_run: bool) -> None:
         print(f"[{'done' if d else 'todo'}] {j.name}: {j.command()}")
     if dry_run:
         return
+    import gc
+
+    from transformers import Trainer  # noqa: F401  (imported before the freeze below)
+
+    gc.freeze()  # the libraries' objects live on: Trainer's gc.collect() after each run then skips them
     for i, (j, d) in enumerate(status):
         if not d:
             print(f"=== {j.name} ({i + 1}/{len(jobs)})", flush=True)

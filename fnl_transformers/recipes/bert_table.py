@@ -67,6 +67,10 @@ def _sort_key(setting: tuple):
     return (order, _head_key(head), objective, phases, coef or 0.0, wd or 0.0)
 
 
+def _g(value) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
 def _stat(values: List[float], digits: int) -> str:
     if not values:
         return "-"
@@ -100,7 +104,7 @@ def markdown(rows: List[dict]) -> str:
         lasts = [c[-1] for c in g["chains"]]
         dims = sorted({r.get("head_dim") for r in lasts})
         params = sorted({r.get("params") for r in lasts if r.get("params")})
-        coef_text = f"wd {wd:g}" if opt == "lamb" else f"FD {coef:g}, wd {wd:g}"
+        coef_text = f"wd {_g(wd)}" if opt == "lamb" else f"FD {_g(coef)}, wd {_g(wd)}"
         out.append("| " + " | ".join([
             OPTIMIZER_NAMES.get(opt, opt), f"{head} ({', '.join(map(str, dims))})", objective,
             "+".join(map(str, phases)), coef_text, str(len(lasts)),
@@ -153,7 +157,7 @@ def plot(rows: List[dict], path: str) -> bool:
         ys = [statistics.fmean(c[0][u] for c in curves) for u in common]
         for c in curves:
             starts_all.update(c[1])
-        label = f"{OPTIMIZER_NAMES.get(opt, opt)}, {head} heads ({objective}, coef {coef:g})"
+        label = f"{OPTIMIZER_NAMES.get(opt, opt)}, {head} heads ({objective}, coef {_g(coef)})"
         ax.plot(common, ys, marker="o", markersize=3, linewidth=1.2,
                 linestyle="-" if head == "full" else "--", label=label + (f", {len(curves)} seeds" if len(curves) > 1 else ""))
         drawn = True
