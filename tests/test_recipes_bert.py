@@ -386,7 +386,11 @@ def test_phase2_resumes_and_errors(tmp_path, capsys):
                       (["lamb-fd", "--phase", "2"], "--phase 2 needs --resume"),
                       (["lamb-fd", "--phase", "2", "--resume", p3], "no mlm.eval.results.json there"),
                       (["lamb-fd", "--resume", p1], "are for --phase 2"),
-                      (["flambe", "--fd-ov", "0"], "needs --fd-ov > 0")):
+                      (["flambe", "--fd-ov", "0"], "needs --fd-ov > 0"),
+                      (["lamb", "--weight-decay", "-1"], "--weight-decay must be a number >= 0"),
+                      (["lamb", "--mlm-prob", "1.5"], "--mlm-prob is the share of masked tokens"),
+                      (["lamb", "--curve-points", "0"], "--curve-points must be at least 1"),
+                      (["lamb", "--warmup-proportion", "1"], "(--max-steps, --warmup-proportion)")):
         assert bert_pretrain.main([argv[0], *TINY, *argv[1:], "--out", p3]) == 2
         err = last_line(capsys.readouterr().err)
         assert err.startswith("pretrain: error:") and msg in err, (argv, err)

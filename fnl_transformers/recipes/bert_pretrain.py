@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlm-prob", type=float, default=0.15)
     p.add_argument("--eval-tokens", type=int,
                    help="hold out the last documents holding this many tokens (default 131072; smoke 4096)")
-    p.add_argument("--curve-points", type=int, default=20, help="held-out evaluations during the run (loss_curve.json)")
+    p.add_argument("--curve-points", type=int,
+                   help="held-out evaluations during the run, for loss_curve.json (default 20; smoke 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--out", required=True)
@@ -398,10 +399,19 @@ def run(args) -> dict:
         check_schedule(steps, warmup)
     except ValueError as e:
         raise RecipeError(f"{e} (--max-steps, --warmup-proportion)") from None
+    points = _default(args.curve_points, 10 if s else 20)
+    if points < 1:
+        raise RecipeError(f"--curve-points must be at least 1, got {points}")
     weight_decay = _default(args.weight_decay, prev["weight_decay"] if prev else NVIDIA_LAMB["weight_decay"])
     fd_ov = 0.0 if args.optimizer == "lamb" else _default(args.fd_ov, prev["fd_ov"] if prev else FD_DEFAULT)
     if args.optimizer != "lamb" and not fd_ov > 0:
         raise RecipeError(f"{args.optimizer} needs --fd-ov > 0 (use lamb for no FD), got {fd_ov}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise RecipeError(f"--weight-decay must be a number >= 0 (0: no decay), got {weight_decay}")
+    if not (math.isfinite(fd_ov) and lr > 0 and math.isfinite(lr)):
+        raise RecipeError(f"--fd-ov and --lr must be finite, and --lr > 0 (got --fd-ov {fd_ov}, --lr {lr})")
+    if not 0 < args.mlm_prob < 1:
+        raise RecipeError(f"--mlm-prob is the share of masked tokens, in (0, 1); got {args.mlm_prob}")
 
     # ---- corpus, tokenizer
     if args.corpus and args.dataset:
@@ -498,7 +508,7 @@ def run(args) -> dict:
     use_cpu = not torch.cuda.is_available()
     offset = prev["total_updates"] if prev else 0
     eval_fn = lambda m: evaluate(m, eval_rows, collator, args.objective)  # noqa: E731
-    curve = _Curve(os.path.join(out, "loss_curve.json"), max(1, steps // max(1, args.curve_points)), offset, eval_fn,
+    curve = _Curve(os.path.join(out, "loss_curve.json"), max(1, steps // points), offset, eval_fn,
                    {"phase": args.phase, "optimizer": args.optimizer, "head_dim_label": head_label,
                     "objective": args.objective, "seq_len": seq_len, "phase_start": offset})
     targs = TrainingArguments(

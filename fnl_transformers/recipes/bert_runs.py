@@ -270,7 +270,8 @@ def table4(args) -> dict:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fnl_transformers.recipes.bert_runs", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=os.environ.get("FNL_PROG", "python -m fnl_transformers.recipes.bert_runs"),
+                                description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
     a = sub.add_parser("sweep", prog="recipes/bert/sweep.sh", help="coefficient sweep, selection by held-out MLM loss")
     a.add_argument("--optimizers", default=",".join(OPTIMIZERS))
