@@ -424,7 +424,8 @@ def test_table4_smoke_every_optimizer_head_dim_objective_and_phase(table4_smoke)
                 assert (p2["optimizer"], p2["objective"], p2["head_dim_label"]) == (opt, objective, head)
                 assert p2["mlm_loss"] < math.log(p2["params"])  # finite, a real loss
                 assert ("nsp_loss" in p2) == (objective == "mlm-nsp")
-                assert p2["mha_si"] == (opt == "flambe")
+                assert p2["mha_si"] == (opt == "flambe")  # FLAMBe's heads balanced by per-head SI, as in the paper
+                assert p2["mha_si_full_dim"] == (opt == "flambe" and bool(bert_pretrain.mha_spectral_init_fields()))
                 assert p2["regularizer"] == {"lamb": "weight_decay", "lamb-fd": "fd_ov_in_loss+weight_decay",
                                              "flambe": "decoupled_fd_ov+weight_decay"}[opt]
                 sq = load_json(base / "squad" / "squad.dev.results.json")
