@@ -1,10 +1,10 @@
-# The two commands of the README: `make demo` and `make test`. Both create ./.venv when it is missing.
+# The two commands of the README: `make demo` and `make test` (and `make lint`). All create ./.venv when it is missing.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fnl-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# ruff (rules and formatter settings in pyproject.toml) on the whole tree, mypy on the torch-only layers
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy fnl_transformers/core fnl_transformers/optim
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all

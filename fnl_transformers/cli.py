@@ -19,8 +19,8 @@ COMMANDS = {
         "fnl_transformers.commands.recompose",
         "multiply out a fnl_transformer checkpoint into a stock fairseq transformer checkpoint",
     ),
-    "compress": ("fnl_transformers.hf.commands.compress", "SI-compress a HuggingFace model and save it"),
-    "inspect": ("fnl_transformers.hf.commands.inspect", "print ranks, parameters and errors of a saved model"),
+    "compress": ("fnl_transformers.commands.compress", "SI-compress a HuggingFace model and save it"),
+    "inspect": ("fnl_transformers.commands.inspect", "print ranks, parameters and errors of a saved model"),
 }
 
 

@@ -1,7 +1,6 @@
 """Checkpoint files recognized without loading them (fnl_transformers.checkpoints): formats, fairseq structure,
 one clear line each, and no code from the file ever runs."""
 import collections
-import os
 import pickle
 
 import pytest

@@ -152,7 +152,7 @@ def test_input_stats_accumulate_over_batches():
     assert torch.allclose(parts.mean, X.double().mean(0), rtol=1e-5, atol=1e-6)
     assert torch.allclose(parts.second_moment, whole.second_moment, rtol=1e-6)
     with pytest.raises(ValueError, match="count 0"):
-        InputStats(3).second_moment
+        _ = InputStats(3).second_moment
     with pytest.raises(ValueError, match="7 features"):
         InputStats(3).update(torch.zeros(2, 7))
     counts = TokenCounts(5)
@@ -166,7 +166,8 @@ def test_factorized_linear_accepts_precomputed_factors():
     X = _correlated_inputs(200, 12, seed=12).float()
     lin = nn.Linear(12, 9)
     C = _stats(X).second_moment
-    layer = fnl.FactorizedLinear.from_linear(lin, rank=3, init=lambda W, r, generator=None: activation_init(W, r, C)[:2])
+    layer = fnl.FactorizedLinear.from_linear(
+        lin, rank=3, init=lambda W, r, generator=None: activation_init(W, r, C)[:2])
     U, V, _ = activation_init(lin.weight, 3, C)
     assert torch.allclose(layer.product(), U @ V.T, atol=1e-6)
     with pytest.raises(ValueError, match=r"needs \(9, 3\) and \(12, 3\)"):
@@ -292,12 +293,17 @@ def test_attention_beats_weight_only_si_on_scores_and_outputs():
     act, _ = attention_activation_init(*w.values(), H, st.second_moment, st.mean, qk_rank=2, ov_rank=2, **b)
     si = fnl.attention_spectral_init(*w.values(), H, qk_rank=2, ov_rank=2, **b)
     ref = _scores(w["q_weight"], b["q_bias"], w["k_weight"], b["k_bias"], held)
-    score_err = lambda t: float((_scores(t["q_weight"], t["q_bias"], t["k_weight"], t["k_bias"], held) - ref).norm()
-                                / ref.norm())  # noqa: E731
+
+    def score_err(t):
+        return float((_scores(t["q_weight"], t["q_bias"], t["k_weight"], t["k_bias"], held) - ref).norm() / ref.norm())
+
     assert score_err(act) < score_err(si) / 1.5
     ov_ref = torch.stack([held @ f.T for f in _ov_heads(w["o_weight"], w["v_weight"])]).sum(0)
-    ov_err = lambda t: float((torch.stack([held @ f.T for f in _ov_heads(t["o_weight"], t["v_weight"])]).sum(0)
-                              - ov_ref).norm() / ov_ref.norm())  # noqa: E731
+
+    def ov_err(t):
+        out = torch.stack([held @ f.T for f in _ov_heads(t["o_weight"], t["v_weight"])]).sum(0)
+        return float((out - ov_ref).norm() / ov_ref.norm())
+
     assert ov_err(act) < ov_err(si) / 1.5
 
 

@@ -9,7 +9,6 @@ import copy
 import pytest
 import torch
 import transformers as tf
-from hf_patch_helpers import minilm_dir, tiny
 from hf_text_helpers import CALIBRATION, HELD_OUT
 
 from fnl_transformers.core import spectral_init
@@ -29,6 +28,8 @@ from fnl_transformers.hf.fidelity import (
     mean_pooled,
     neighbour_agreement,
 )
+
+from hf_patch_helpers import minilm_dir, tiny
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_activation_aware_beats_si_on_minilm_activations(minilm):
         U, V, fit = activation_init(W, r, calib[name].second_moment)
         Us, Vs = spectral_init(W, r)
 
-        def err(A, B, C):
+        def err(A, B, C, W=W):
             D = W - A.double() @ B.double().T
             return float(((D @ C) * D).sum() / ((W @ C) * W).sum()) ** 0.5
 

@@ -5,11 +5,12 @@ import shutil
 
 import pytest
 import torch
-from hf_patch_helpers import minilm_dir, tiny
 from hf_text_helpers import HELD_OUT
 
 from fnl_transformers.cli import main
 from fnl_transformers.hf.files import copy_non_weight_files, is_weight_file
+
+from hf_patch_helpers import minilm_dir, tiny
 
 
 def test_copy_non_weight_files(tmp_path):
@@ -71,8 +72,9 @@ def test_sentence_transformers_round_trip_compress_recompose(tmp_path, capsys):
     model = st.SentenceTransformer(str(plain), device="cpu")
     got = model.encode(HELD_OUT[:4], convert_to_tensor=True)
 
-    from fnl_transformers.hf.fidelity import mean_pooled
     from transformers import AutoTokenizer
+
+    from fnl_transformers.hf.fidelity import mean_pooled
 
     tok = AutoTokenizer.from_pretrained(out)
     want = torch.nn.functional.normalize(mean_pooled(compressed, tok, HELD_OUT[:4]), dim=1)  # modules.json: Normalize

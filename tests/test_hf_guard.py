@@ -13,10 +13,10 @@ import shutil
 import pytest
 import torch
 import transformers as tf
-from hf_patch_helpers import inputs, minilm_dir, outputs, tiny
 
-from fnl_transformers.hf import FNLConfig, from_pretrained, patch_model
-from fnl_transformers.hf import guard
+from fnl_transformers.hf import FNLConfig, from_pretrained, guard, patch_model
+
+from hf_patch_helpers import inputs, minilm_dir, outputs, tiny
 
 POINTED = "fnl_transformers.hf.from_pretrained(path)"  # in every refusal
 

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
-from hf_patch_helpers import inputs, outputs, tiny
 
-from fnl_transformers.hf import FNLConfig, from_pretrained, patch_model
-from fnl_transformers.hf import guard
+from fnl_transformers.hf import FNLConfig, from_pretrained, guard, patch_model
+
+from hf_patch_helpers import inputs, outputs, tiny
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Parameter summary after patching (PEFT's print_trainable_parameters style), against hand counts."""
-from hf_patch_helpers import tiny
-
 from fnl_transformers.core import FactorizedEmbedding, FactorizedLinear
 from fnl_transformers.hf import FNLConfig, parameter_summary, patch_model, print_parameter_summary
+
+from hf_patch_helpers import tiny
 
 
 def _numel(params):

@@ -1,19 +1,28 @@
-"""The torch-only core: factorized layers, spectral initialization, Frobenius decay, attention forms.
+"""The torch-only core: factorized layers, spectral initialization, Frobenius decay, attention forms and surgery,
+the settings model and the decay policy.
 
-Names are imported on first use (PEP 562), so importing this package, or a torch-free submodule of it such as
-:mod:`.rank`'s validators, does not import torch: the ``fnl`` command checks its options before loading torch.
+Names are imported on first use (PEP 562), so importing this package or a torch-free module of it (the settings
+model, :mod:`.settings`) does not import torch: the ``fnl`` command checks its options before torch loads.
 """
 from importlib import import_module
 
 _EXPORTS = {
     ".attention": ("attention_spectral_init",),
     ".checks": ("NonFiniteError", "check_finite"),
-    ".forms": ("KINDS", "BoundForm", "FactorView", "FormSpec", "attention_form_specs", "attention_forms",
-               "form_parameters", "iter_forms", "module_forms", "register_attention_forms"),
-    ".frobenius": ("accumulate_fd_grads", "check_fd_coefficients", "fd_grads", "form_diagnostics", "form_grads",
-                   "form_sq_norms", "frobenius_penalty", "frobenius_penalty_by_kind"),
+    ".forms": ("BoundForm", "FactorView", "FormSpec", "attention_form_specs", "attention_forms",
+               "clear_attention_forms", "form_parameters", "iter_forms", "module_forms", "module_lookup",
+               "register_attention_forms"),
+    ".frobenius": ("accumulate_fd_grads", "fd_grads", "form_diagnostics", "form_grads", "form_sq_norms",
+                   "frobenius_penalty", "frobenius_penalty_by_kind"),
+    ".heads": ("HeadDims", "form_param_counts", "form_rel_errors", "head_products", "head_shapes", "pad_heads",
+               "shrink_heads"),
     ".layers": ("INIT_METHODS", "FactorizedEmbedding", "FactorizedLinear"),
-    ".rank": ("factorized_param_count", "rank_from_scale", "rank_scale_for_param_ratio", "resolve_rank"),
+    ".policy": ("FD", "NO_DECAY", "WEIGHT_DECAY", "DecayPolicy", "default_no_decay", "form_memberships",
+                "forms_from_memberships"),
+    ".rank": ("factorized_param_count", "plan_ranks", "rank_from_scale", "rank_scale_for_budget",
+              "rank_scale_for_param_ratio", "resolve_rank"),
+    ".settings": ("FD_MODES", "KINDS", "PARTS", "FDSpec", "SettingsError", "StructureSpec", "check_fd_coefficients",
+                  "check_shrink", "flat_settings", "specific_head_dims"),
     ".spectral": ("head_spectral_init", "spectral_init", "tail_energy"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

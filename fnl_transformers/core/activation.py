@@ -240,8 +240,8 @@ def _sq_norm(A, B, CL=None, CR=None) -> torch.Tensor:
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
-    num, den = float(num.clamp_min(0)), float(den)
-    return (num / den) ** 0.5 if den > 0 else num ** 0.5
+    n, d = max(float(num), 0.0), float(den)
+    return (n / d) ** 0.5 if d > 0 else n ** 0.5
 
 
 def _balanced(A: torch.Tensor, B: torch.Tensor, rank: int, pad_std, generator):
@@ -392,40 +392,45 @@ def attention_activation_init(
     C = _sym(second_moment, d, "second_moment")
     if q_bias is not None and mean is None:
         raise ValueError("a query bias acts on a constant input feature: give mean (E[x] of the attention input)")
-    Cq = C if q_bias is None else augmented_second_moment(C, mean)
+    Cq = C if q_bias is None or mean is None else augmented_second_moment(C, mean)
     Cov = C if ov_second_moment is None else _sym(ov_second_moment, d, "ov_second_moment")
     if Cov.dim() not in (2, 3) or (Cov.dim() == 3 and Cov.shape[0] != H):
         raise ValueError(f"ov_second_moment must be d x d or {H} x d x d (one per head), got {tuple(Cov.shape)}")
     Sq, Sk = whitening(Cq, damping), whitening(C, damping)
     Sv = Sk if ov_second_moment is None else whitening(Cov, damping)
 
-    f64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
-    Wq = f64(q_weight) if q_bias is None else torch.cat([f64(q_weight), f64(q_bias).unsqueeze(1)], dim=1)
+    Wq, Wk, Wv, Wo = (w.detach().double() for w in (q_weight, k_weight, v_weight, o_weight))
+    if q_bias is not None:
+        Wq = torch.cat([Wq, q_bias.detach().double().unsqueeze(1)], dim=1)
     q_s = Wq @ Sq
-    k_s = f64(k_weight) @ Sk
-    v_s = _per_head(f64(v_weight), Sv, H, torch.matmul)
+    kb, vb, ob = (None if b is None else b.detach().double() for b in (k_bias, v_bias, o_bias))
     si = attention_spectral_init(
-        q_s[:, :d], k_s, v_s, f64(o_weight), H, qk_rank=qk_rank, ov_rank=ov_rank,
-        q_bias=None if q_bias is None else q_s[:, d], k_bias=f64(k_bias), v_bias=f64(v_bias), o_bias=f64(o_bias),
-        num_kv_heads=num_kv_heads,
+        q_s[:, :d], Wk @ Sk, _per_head(Wv, Sv, H, torch.matmul), Wo, H, qk_rank=qk_rank, ov_rank=ov_rank,
+        q_bias=None if q_bias is None else q_s[:, d], k_bias=kb, v_bias=vb, o_bias=ob, num_kv_heads=num_kv_heads,
     )
-    q_new = si["q_weight"] if q_bias is None else torch.cat([si["q_weight"], si["q_bias"].unsqueeze(1)], dim=1)
-    q_new = _times_inverse(q_new, Sq)
+    q2, k2, v2, o2 = (_given(si, f"{k}_weight") for k in "qkvo")
+    if q_bias is not None:
+        q2 = torch.cat([q2, _given(si, "q_bias").unsqueeze(1)], dim=1)
+    q_new = _times_inverse(q2, Sq)
+    k_new = _times_inverse(k2, Sk)
+    v_new = _per_head(v2, Sv, H, _times_inverse)
     out: Dict[str, Optional[torch.Tensor]] = dict(si)
-    out["q_weight"] = q_new[:, :d]
-    out["q_bias"] = None if q_bias is None else q_new[:, d]
-    out["k_weight"] = _times_inverse(si["k_weight"], Sk)
-    out["v_weight"] = _per_head(si["v_weight"], Sv, H, _times_inverse)
+    out.update(q_weight=q_new[:, :d], q_bias=None if q_bias is None else q_new[:, d], k_weight=k_new, v_weight=v_new)
 
     errors = {
-        "qk": _qk_errors(Wq, f64(k_weight), q_new, out["k_weight"], H, (_damped(Cq, damping), _damped(C, damping)),
-                         (Cq, C)),
-        "ov": _ov_errors(f64(o_weight), f64(v_weight), out["o_weight"], out["v_weight"], H, _damped(Cov, damping),
-                         Cov),
+        "qk": _qk_errors(Wq, Wk, q_new, k_new, H, (_damped(Cq, damping), _damped(C, damping)), (Cq, C)),
+        "ov": _ov_errors(Wo, Wv, o2, v_new, H, _damped(Cov, damping), Cov),
     }
     dtypes = {"q": q_weight.dtype, "k": k_weight.dtype, "v": v_weight.dtype, "o": o_weight.dtype}
     cast = {k: None if t is None else t.to(dtypes[k[0]]).contiguous() for k, t in out.items()}
     return cast, errors
+
+
+def _given(tensors: Dict[str, Optional[torch.Tensor]], key: str) -> torch.Tensor:
+    value = tensors[key]
+    if value is None:
+        raise AssertionError(f"attention_spectral_init returned no {key}")
+    return value
 
 
 def _per_head(W: torch.Tensor, S: torch.Tensor, heads: int, op) -> torch.Tensor:

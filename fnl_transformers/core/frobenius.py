@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .forms import KINDS, BoundForm, FormSpec, iter_forms, module_lookup
+from .settings import check_fd_coefficients
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -121,16 +122,6 @@ def form_grads(f: BoundForm) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch
     dB = _times_sym(B, M.t() @ _group_sum(Ga, G) @ M)  # B M^T (A^T A) M
     dM = (Ga @ M @ Gbh).sum(0)  # (A^T A) M (B^T B)
     return dA, dB, dM
-
-
-def check_fd_coefficients(linear=0.0, embedding=0.0, qk=0.0, ov=0.0) -> Dict[str, float]:
-    """``{kind: coefficient}`` as floats; one clear error for a negative, NaN or infinite coefficient."""
-    coeffs = {"linear": linear, "embedding": embedding, "qk": qk, "ov": ov}
-    for kind, value in coeffs.items():
-        value = float(value)
-        if not value >= 0 or value == float("inf"):
-            raise ValueError(f"FD coefficient for {kind!r} must be a finite number >= 0, got {value!r}")
-    return {k: float(v) for k, v in coeffs.items()}
 
 
 def frobenius_penalty_by_kind(model: nn.Module, linear=0.0, embedding=0.0, qk=0.0, ov=0.0) -> Dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Spectral initialization (SI): factors from the truncated SVD of an ordinary initialization.
 
 Paper: Khodak, Tenenholtz, Mackey, Fusi, "Initialization and Regularization of Factorized Neural Layers",
-ICLR 2021, Section 3.1 (Spectral initialization) and Section 4 (attention heads as factorized forms).
+ICLR 2021, Definition 3.1 (spectral initialization) and Sec. 2.3, Eq. (1) (attention heads as factorized forms).
 
 Behaviour at the edges (all documented here, none silent):
 
@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from .rank import check_matrix, check_positive_int
+from .settings import check_shrink
 
 
 def _svd_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,7 +61,7 @@ def spectral_init(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Factors ``U (m x r)``, ``V (n x r)`` of ``weight (m x n)`` with ``U V^T`` its best rank-r approximation.
 
-    ``U = U_r sqrt(S_r)``, ``V = V_r sqrt(S_r)`` (paper, Sec. 3.1, SI). For ``rank > min(m, n)`` the extra
+    ``U = U_r sqrt(S_r)``, ``V = V_r sqrt(S_r)`` (paper, Definition 3.1, SI). For ``rank > min(m, n)`` the extra
     columns, and columns of numerically zero singular values, are revived as described in the module docstring.
     """
     check_matrix("weight", weight)
@@ -100,7 +101,7 @@ def head_spectral_init(
 
     Thin QR ``A_h = Qa Ra``, ``B_h = Qb Rb``; SVD of the k x k core ``Ra Rb^T = Uc S Vc^T``; then
     ``A'_h = Qa Uc_r sqrt(S_r)``, ``B'_h = Qb Vc_r sqrt(S_r)`` so ``A'_h B'_h^T`` is the best rank-r
-    approximation of ``A_h B_h^T`` (paper Sec. 4: SI of each head's QK and OV form). Cost O(H (m + n) k^2).
+    approximation of ``A_h B_h^T`` (paper Sec. 2.3, Eq. (1): SI of each head's QK and OV form). Cost O(H (m + n) k^2).
     ``rank`` may not exceed ``k`` (the current per-head dimension): heads are only ever shrunk.
     """
     if A.dim() != 3 or B.dim() != 3:
@@ -112,8 +113,7 @@ def head_spectral_init(
     n = B.shape[1]
     if rank > min(m, n):
         raise ValueError(f"rank must be <= min(dim_a, dim_b) = {min(m, n)}, got {rank}")
-    if rank > k:
-        raise ValueError(f"reduced head dim (rank) must be <= the head dim {k}, got {rank}; heads cannot grow")
+    check_shrink("reduced head dim (rank)", rank, k)  # heads only shrink
     dt = _svd_dtype(A.dtype)
     Qa, Ra = torch.linalg.qr(A.detach().to(dt))  # A_h = Qa Ra, Qa: m x min(m,k)
     Qb, Rb = torch.linalg.qr(B.detach().to(dt))

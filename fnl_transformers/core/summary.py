@@ -12,14 +12,14 @@ Counts (each parameter once, however often it is shared or tied):
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from torch import nn
 
 from .forms import KINDS, form_parameters
 
 
-def parameter_summary(model: nn.Module, original: Optional[int] = None) -> Dict[str, object]:
+def parameter_summary(model: nn.Module, original: Optional[int] = None) -> Dict[str, Any]:
     """The counts described in the module docstring, as a dict of ints (and ``trainable_percent``, a float)."""
     params = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in params.values())
@@ -40,7 +40,7 @@ def parameter_summary(model: nn.Module, original: Optional[int] = None) -> Dict[
     }
 
 
-def format_parameter_summary(summary: Dict[str, object]) -> str:
+def format_parameter_summary(summary: Dict[str, Any]) -> str:
     """One line: ``trainable params: T || all params: A || trainable%: P || factorized: F || attention forms: Q
     [|| of the original N: R]``."""
     total = summary["total"]

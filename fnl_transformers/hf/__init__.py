@@ -1,7 +1,6 @@
 """HuggingFace integration: factorize a ``transformers`` model before training, reload it, recompose it.
 
-The names below import ``transformers`` on first use (``import fnl_transformers`` alone never does, and the
-``fnl`` command checks its options before loading it)::
+Importing this package imports ``transformers`` (``import fnl_transformers`` alone never does)::
 
     from fnl_transformers.hf import FNLConfig, patch_model, from_pretrained, recompose
 
@@ -11,29 +10,21 @@ The names below import ``transformers`` on first use (``import fnl_transformers`
     print_parameter_summary(model)        # trainable / factorized / attention parameters, vs. the original
     vanilla = recompose(model)            # plain architecture, same outputs
     trainer = FNLTrainer(model=model, args=training_args, train_dataset=ds)  # FD once per update
-"""
-from importlib import import_module
 
-_EXPORTS = {
-    ".config": ("FNLConfig",),
-    ".patch": ("get_fnl_config", "is_patched", "patch_model", "recompose"),
-    ".pretrained": ("from_pretrained",),
-    ".summary": ("parameter_summary", "print_parameter_summary"),
-    ".trainer": ("FNLTrainer",),
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+Modules: ``config`` (FNLConfig, the converter to the core settings), ``arch`` (per-architecture names and
+layouts), ``plan`` (typed plan records, computed from shapes), ``apply`` (patch_model, apply_plan), ``recompose``,
+``persist`` (plan in config.json, from_pretrained), ``layers`` (padded projections, tied factorized head),
+``trainer`` (FNLTrainer), ``loss_scaling`` (gradient-accumulation loss fix), ``report`` (per-layer table),
+``guard`` (checkpoints plain transformers cannot misload), ``calibration`` (layer input statistics from text),
+``fidelity`` (output-level comparison of two models on text), ``files`` (carrying a directory's other files),
+``summary`` (parameter summary).
+"""
+from .apply import patch_model
+from .config import FNLConfig
+from .persist import from_pretrained, get_fnl_config, is_patched
+from .recompose import recompose
+from .summary import parameter_summary, print_parameter_summary
+from .trainer import FNLTrainer
 
 __all__ = ["FNLConfig", "FNLTrainer", "from_pretrained", "get_fnl_config", "is_patched", "parameter_summary",
            "patch_model", "print_parameter_summary", "recompose"]
-
-
-def __getattr__(name):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_WHERE[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))

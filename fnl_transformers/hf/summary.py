@@ -2,13 +2,13 @@
 parameter count read from the patch plan (``model.config.fnl_config["params_before"]``) when there is one."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from torch import nn
 
 from ..core.summary import format_parameter_summary
 from ..core.summary import parameter_summary as _summary
-from .patch import CONFIG_KEY
+from .persist import CONFIG_KEY
 
 
 def _original(model: nn.Module) -> Optional[int]:
@@ -16,7 +16,7 @@ def _original(model: nn.Module) -> Optional[int]:
     return plan.get("params_before") if isinstance(plan, dict) else None
 
 
-def parameter_summary(model: nn.Module) -> Dict[str, object]:
+def parameter_summary(model: nn.Module) -> Dict[str, Any]:
     """Total, trainable, factorized, attention-form and per-kind parameter counts, and ``original`` (before
     patching) for a patched model (see :mod:`fnl_transformers.core.summary`)."""
     return _summary(model, _original(model))

@@ -1,4 +1,5 @@
-"""LAMB (You et al., 2020) and FLAMBe: LAMB with decoupled Frobenius decay (Khodak et al., ICLR 2021, Sec. 5).
+"""LAMB (You et al., 2020) and FLAMBe: LAMB with decoupled Frobenius decay (Khodak et al., ICLR 2021, Sec. 6
+and Table 4).
 
 Update for each parameter tensor ``w`` with gradient ``g`` at step ``t`` (NVIDIA's BERT recipe, "NVLAMB"):
 
@@ -8,7 +9,7 @@ Update for each parameter tensor ``w`` with gradient ``g`` at step ``t`` (NVIDIA
 * ``m_hat = m / (1 - beta1^t)``, ``v_hat = v / (1 - beta2^t)`` (``bias_correction=False``: no division);
 * ``r = m_hat / (sqrt(v_hat) + eps) + d`` where the decay term ``d`` is ``weight_decay * w`` (LAMB) or, in
   FLAMBe, for factors of a factorized form, ``lambda_kind * dFD/dw`` with ``FD = 1/2 ||W_form||_F^2``
-  (paper Eq. (3); for ``U`` in ``W = U V^T`` that is ``U (V^T V)``);
+  (paper Definition 3.2; for ``U`` in ``W = U V^T`` that is ``U (V^T V)``);
 * trust ratio ``q = ||w|| / ||r||``, **and q = 1 when either norm is 0** (a zero-initialized tensor, or a zero
   update); with ``trust_clip``, ``q = min(q, trust_clip)``;
 * ``w <- w - lr * q * r``.
@@ -65,8 +66,8 @@ def lamb_update(
         if weight_decay != 0:
             r.add_(w, alpha=weight_decay)  # LAMB: + wd * w
         _trust_step(w, r, lr, trust_clip)
-    if pending:
-        fd.add_to(pending)  # FLAMBe: r += lambda dFD/dw (paper Sec. 5), where LAMB puts weight decay
+    if pending and fd is not None:
+        fd.add_to(pending)  # FLAMBe: r += lambda dFD/dw (paper Sec. 6), where LAMB puts weight decay
         for w in params:
             if id(w) in pending:
                 _trust_step(w, pending[id(w)], lr, trust_clip)
@@ -115,7 +116,8 @@ class Lamb(FDOptimizer):
             check_number(f"param group {index}: trust_clip", group["trust_clip"], low_open=True,
                          fix=" (None disables clipping)")
         if not isinstance(group["bias_correction"], bool):
-            raise ValueError(f"param group {index}: bias_correction must be True or False, got {group['bias_correction']!r}")
+            raise ValueError(f"param group {index}: bias_correction must be True or False, "
+                             f"got {group['bias_correction']!r}")
 
     def _grad_scale(self) -> Optional[torch.Tensor]:
         """``max(1, ||G|| / max_grad_norm)`` over every gradient of the optimizer, or None."""
@@ -147,7 +149,7 @@ class Lamb(FDOptimizer):
 
 
 class FLAMBe(Lamb):
-    """FLAMBe (paper Sec. 5): :class:`Lamb` whose decay term, for factors of factorized forms, is decoupled
+    """FLAMBe (paper Sec. 6 and Table 4): :class:`Lamb` whose decay term, for factors of factorized forms, is decoupled
     Frobenius decay ``lambda_kind * dFD/dw`` instead of ``weight_decay * w``.
 
     Forms and coefficients come from the parameter groups (``group["fd_forms"]``, ``group["fd"]``), which

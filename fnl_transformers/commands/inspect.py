@@ -14,8 +14,10 @@ def run(args) -> int:
     path = os.path.join(args.dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{args.dir} has no config.json; give a save_pretrained directory")
-    from ..patch import CONFIG_KEY
-    from ..report import format_table
+    from ..hf.config import FNLConfig
+    from ..hf.persist import CONFIG_KEY
+    from ..hf.plan import Plan
+    from ..hf.report import format_table
 
     with open(path) as f:
         config = json.load(f)
@@ -23,8 +25,10 @@ def run(args) -> int:
     if not isinstance(plan, dict):
         raise ValueError(f"{args.dir} is not a fnl_transformers checkpoint (config.json has no {CONFIG_KEY!r}); "
                          "`fnl compress` makes one")
-    settings = {k: v for k, v in plan.get("config", {}).items() if v not in (None, 0.0, {}, False)}
-    print(f"{args.dir}: {config.get('architectures', ['?'])[0]} patched by fnl_transformers ({plan.get('arch')}); "
+    plan = Plan.from_dict(plan)
+    defaults = FNLConfig().to_dict()
+    settings = {k: v for k, v in plan.config.to_dict().items() if v != defaults[k]}
+    print(f"{args.dir}: {config.get('architectures', ['?'])[0]} patched by fnl_transformers ({plan.arch}); "
           f"settings: {json.dumps(settings)}")
     print(format_table(plan))
     return 0
