@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from .core.rank import check_rank_scale
+from .core.settings import StructureSpec  # torch-free
 
 
 def _layer() -> tuple:
@@ -38,8 +38,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    for scale in args.rank_scales:  # option errors before torch loads
-        check_rank_scale(scale)
+    for scale in args.rank_scales:  # option errors before torch loads (the settings model's rule)
+        StructureSpec(rank_scale=scale)
     import torch
 
     from .core import FactorizedLinear, form_diagnostics, frobenius_penalty, tail_energy
