@@ -39,7 +39,7 @@ CASES = [
     (["compress", "{root}/src", "{root}/out", "--rank-scale", "1.5"], "--rank-scale must be in (0, 1] to compress"),
     (["compress", "{root}/src", "{root}/out", "--rank-scale", "abc"], "invalid float value: 'abc'"),
     (["compress", "{root}/src", "{root}/out", "--head-dim", "0"], "--head-dim must be a positive integer"),
-    (["compress", "{root}/src", "{root}/out", "--target-param-ratio", "1.5"], "--target-param-ratio must be in (0, 1]"),
+    (["compress", "{root}/src", "{root}/out", "--target-param-ratio", "1.5"], "--target-param-ratio must be a number in (0, 1]"),
     (["compress", "{root}/src", "{root}/out", "--rank-scale", "0.5", "--head-dim", "4", "--head-dim-qk", "0"],
      "--head-dim-qk must be a positive integer"),
     (["compress", "{root}/src", "{root}/out", "--rank-scale", "0.5", "--factorize", "ffn,heads"],

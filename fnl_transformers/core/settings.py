@@ -84,9 +84,9 @@ def check_param_ratio(value, name: str = "target_param_ratio") -> float:
     if not math.isfinite(t) or t <= 0:
         raise SettingsError(lambda n: f"{n(name)} must be a number in (0, 1], got {value!r}")
     if t > 1:
-        raise SettingsError(lambda n: f"{n(name)} must be in (0, 1], got {value!r}: keeping more parameters than "
-                                      "the model has would need factorized layers larger than the dense ones; ask "
-                                      "for a smaller fraction (overcomplete factors come from a rank scale >= 1)")
+        raise SettingsError(lambda n: f"{n(name)} must be a number in (0, 1], got {value!r}: keeping more parameters "
+                                      "than the model has would need factorized layers larger than the dense ones; "
+                                      "ask for a smaller fraction (overcomplete factors come from a rank scale >= 1)")
     return t
 
 
