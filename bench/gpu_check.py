@@ -213,7 +213,7 @@ def run_tests(smoke: bool, timeout: float, log_dir: Optional[str] = None) -> dic
     if smoke:  # the same file, CPU cases only: the GPU cases would all be skipped here
         select = ["tests/test_gpu.py", "-m", "not gpu and not slow", "-k", "spectral_init_of_half or fd_and_backward"]
     else:
-        select = ["tests", "-m", "gpu"]
+        select = ["tests/test_gpu.py", "-m", "gpu"]  # every gpu test lives there; other files need test extras
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *select]
     t0 = time.perf_counter()
     try:
@@ -270,10 +270,15 @@ def run_timings(work: str, smoke: bool, arch: str, model_flags: List[str], max_t
         except Exception as e:  # recorded; the other cases still run
             errors[name] = f"{type(e).__name__}: {e}"
     sample = max(runs["dense"].samples(4), key=lambda s: s["ntokens"])
+    on_device = sample
+    if not smoke:  # train_step moves batches itself; the FLOP count calls the criterion directly
+        from fairseq import utils
+
+        on_device = utils.move_to_cuda(sample)
     flops = {}
     for name in ("dense", "rank0.5", "rank0.25"):
         if name in runs:
-            flops[name] = train_flops(runs[name], sample)
+            flops[name] = train_flops(runs[name], on_device)
     times: Dict[str, List[float]] = {k: [] for k in runs}
     for r in range(2 + repeats):  # 2 warm-up rounds (CUDA kernels, allocator), cases alternating
         for name, run in runs.items():
@@ -320,11 +325,12 @@ def prepare_smoke_corpus(work: str) -> str:
     return os.path.join(out, "bin")
 
 
-def recipe_command(variant: str, data: str, save_dir: str, arch: str, model_flags: List[str], updates: int,
-                   log_interval: int, extra: List[str]) -> List[str]:
+def recipe_command(variant: str, data: str, save_dir: str, arch: str, model_flags: List[str], max_tokens: int,
+                   updates: int, log_interval: int, extra: List[str]) -> List[str]:
     """The fairseq-train command recipes/iwslt14/train.sh runs for VARIANT (its --dry-run), as argv."""
     cmd = ["bash", os.path.join(ROOT, "recipes", "iwslt14", "train.sh"), variant, "--data", data, "--save-dir",
-           save_dir, "--arch", arch, "--max-update", str(updates), "--dry-run", "--", *model_flags,
+           save_dir, "--arch", arch, "--max-tokens", str(max_tokens), "--max-update", str(updates), "--dry-run", "--",
+           *model_flags,
            "--disable-validation", "--no-save", "--log-format", "json", "--log-interval", str(log_interval),
            "--no-progress-bar", *extra]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable))
@@ -335,13 +341,15 @@ def recipe_command(variant: str, data: str, save_dir: str, arch: str, model_flag
     return argv
 
 
-def train_variant(spec: str, data: str, work: str, arch: str, model_flags: List[str], updates: int,
+def train_variant(spec: str, data: str, work: str, arch: str, model_flags: List[str], max_tokens: int, updates: int,
                   log_interval: int, stop_s: float, smoke: bool, log_dir: Optional[str] = None) -> dict:
     variant, _, prec = spec.partition(":")
     prec = prec or "fp32"
     extra = FP16_FLAGS if prec == "fp16" else []
     save_dir = os.path.join(work, "train", spec.replace(":", "-"))
-    argv = recipe_command(variant, data, save_dir, arch, model_flags, updates, log_interval, extra)
+    argv = recipe_command(variant, data, save_dir, arch, model_flags, max_tokens, updates, log_interval, extra)
+    # train.sh adds --cpu where it finds no GPU device node; the check decides the device itself
+    argv = [a for a in argv if a != "--cpu"] + (["--cpu"] if smoke else [])
     argv += ["--stop-time-hours", f"{max(stop_s, 30) / 3600:.4f}"]  # the time budget, fairseq stops cleanly
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *argv[1:]], cwd=ROOT, capture_output=True,
@@ -484,8 +492,9 @@ def main(argv=None) -> int:
                                                                             "used up"})
                     continue
                 log(f"training {spec} ({updates} updates, {left:.0f} s of budget left)")
-                results["training"].append(train_variant(spec, data, work, args.arch, model_flags, updates,
-                                                         log_interval, left / (len(specs) - i), smoke, args.log_dir))
+                results["training"].append(train_variant(spec, data, work, args.arch, model_flags, max_tokens,
+                                                         updates, log_interval, left / (len(specs) - i), smoke,
+                                                         args.log_dir))
     return _finish(results, out, t_start, args.no_readme or smoke)
 
 
