@@ -11,8 +11,9 @@ measured: 3.5e-6 for --update-freq 2 vs a doubled batch, exactly 0 for 2 workers
 constant the softmax ignores, see ``core/attention.py``), so Adam's normalized step on them is pure rounding
 noise (up to lr per update). A control run with the FD coefficients doubled (what counting FD twice per update
 would do) differs by more than ``100 * ATOL`` (measured: 2.9e-2), so the tolerance is far below the effect being
-tested. Resume repeats the same operations in the same order: the parameters must be equal to ``1e-7`` and the
-logged losses identical.
+tested. The logged losses are rounded to 3 decimals, so runs that differ in the last float32 bits may print
+them one unit (1e-3) apart. Resume repeats the same operations in the same order: parameters and logged losses
+must be bitwise equal (measured: 0).
 """
 from __future__ import annotations
 
@@ -80,7 +81,9 @@ def test_update_freq_2_equals_doubled_batch(data16, tmp_path):
     p_control = _params(tmp_path / "fd2" / "checkpoint_last.pt")
     assert len(big.train) == len(acc.train) == 3
     assert _max_diff(p_big, p_acc, skip_key_bias=True) <= ATOL
-    assert _losses(big) == _losses(acc)
+    assert [n for n, _ in _losses(big)] == [n for n, _ in _losses(acc)]
+    # printed with 3 decimals: at most one print unit apart (1.5e-3 leaves room for the binary representation)
+    assert [float(v) for _, v in _losses(acc)] == pytest.approx([float(v) for _, v in _losses(big)], abs=1.5e-3)
     assert _max_diff(p_big, p_control) > 100 * ATOL  # FD counted twice would be caught
 
 
@@ -107,7 +110,7 @@ def test_resume_mid_epoch_equals_uninterrupted(data64, tmp_path):
     assert _losses(first) + _losses(second) == _losses(full)
     a = _params(tmp_path / "full" / "checkpoint_last.pt")
     b = _params(tmp_path / "resumed" / "checkpoint_last.pt")
-    assert _max_diff(a, b) <= 1e-7
+    assert _max_diff(a, b) == 0.0  # bitwise: the same operations in the same order, in the same process
     assert [r["valid_loss"] for r in second.valid][-1] == [r["valid_loss"] for r in full.valid][-1]
 
 

@@ -70,7 +70,8 @@ def test_variant_trains_resumes_and_translates(data_bin, tmp_path, variant):
         assert [int(s["num_updates"]) for s in diag] == [1, 3]  # updates 0 and 2 (every 2)
         for kind in ("qk", "ov", "linear", "embedding"):
             rec = diag[0]
-            assert float(rec[f"form/{kind}/nuclear"]) <= float(rec[f"form/{kind}/wd_bound"]) * (1 + 1e-4)
+            # equal in exact arithmetic for SI factors (balanced), logged with 6 significant digits: 1e-3 slack
+            assert float(rec[f"form/{kind}/nuclear"]) <= float(rec[f"form/{kind}/wd_bound"]) * (1 + 1e-3)
             assert float(rec[f"form/{kind}/eff_step"]) > 0
         events = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "tb") for f in fs if "tfevents" in f]
         assert any(b"form/qk/frobenius" in open(f, "rb").read() for f in events)
@@ -118,7 +119,10 @@ def test_update_freq_2_equals_one_batch_twice_the_size(tmp_path):
                                                   "--update-freq", "2", updates=3))
     assert [s["bsz"] for s in one.train] == [s["bsz"] for s in two.train] == ["8"] * 3
     for k in ("fd_linear", "fd_qk", "fd_ov", "fd_embedding"):
-        assert [s[k] for s in one.train] == [s[k] for s in two.train]  # logged once per update, same value
+        # logged once per update, same value: printed with 6 significant digits (one unit <= 1e-5 relative) from
+        # float32 sums in another order, so within one print unit plus 1e-5 (FD logged twice would be 2x)
+        one_k, two_k = [float(s[k]) for s in one.train], [float(s[k]) for s in two.train]
+        assert two_k == pytest.approx(one_k, rel=2e-5)
     a = _state(str(tmp_path / "one" / "checkpoint_last.pt"))["model"]
     b = _state(str(tmp_path / "two" / "checkpoint_last.pt"))["model"]
     start = fh.build_model(fh.tiny_train_args(data, "unused", *flags))[0].state_dict()

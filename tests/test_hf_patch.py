@@ -1,7 +1,8 @@
 """patch_model: exactness against the unpatched model and best-rank-r optimality against independent SVDs.
 
-Tolerances: outputs of exact rewrites (full rank, or heads shrunk to the rank they already have) agree to 1e-5
-relative (float32); Eckart-Young checks compare squared errors with the tail of independently computed
+Tolerances: outputs of exact rewrites agree to 1e-5 relative (float32; measured <= 2.6e-7), except full-rank
+factorizations, whose factors come from a float32 SVD: 1e-4 (measured <= 1.5e-6 for the tiny models and 3.9e-6
+through MiniLM's 6 layers). Eckart-Young checks compare squared errors with the tail of independently computed
 singular values (float64) to 1e-4 relative.
 """
 import copy
@@ -16,6 +17,7 @@ from fnl_transformers.hf.layers import HeadPaddedLinear, TiedFactorizedHead
 from hf_patch_helpers import inputs, make_heads_rank_deficient, minilm_dir, outputs, rel_diff, tiny
 
 ARCHS = ["bert", "roberta", "distilbert", "gpt2", "llama", "llama_mha", "llama_tied", "mistral", "qwen2"]
+SVD_RTOL = 1e-4  # full-rank SI through a float32 SVD (module docstring): >= 25x above the measured differences
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_full_rank_factorization_keeps_outputs(arch):
     patched = patch_model(copy.deepcopy(model), FNLConfig(rank_scale=1.0))
     kinds = {type(m) for m in patched.modules()}
     assert FactorizedLinear in kinds and FactorizedEmbedding in kinds
-    assert rel_diff(outputs(patched, batch), ref) < 1e-5
+    assert rel_diff(outputs(patched, batch), ref) < SVD_RTOL
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "gpt2", "llama_mha"])
@@ -84,7 +86,7 @@ def test_minilm_full_rank_equivalence(minilm):
     patched = patch_model(copy.deepcopy(minilm), FNLConfig(rank_scale=1.0))
     assert patched.embeddings.word_embeddings.padding_idx is None
     assert patched.config.fnl_config["layers"]["embeddings.word_embeddings"]["orig_padding_idx"] == 0
-    assert rel_diff(outputs(patched, batch), ref) < 1e-5
+    assert rel_diff(outputs(patched, batch), ref) < SVD_RTOL
 
 
 # --- reduced rank: best rank-r approximations ---------------------------------------------------------------------
@@ -226,7 +228,7 @@ def test_deep_factors_start_as_the_si_product():
     patched = patch_model(copy.deepcopy(model), FNLConfig(rank_scale=1.0, deep=True))
     layer = patched.bert.encoder.layer[0].intermediate.dense
     assert layer.M is not None and torch.equal(layer.M, torch.eye(layer.rank))
-    assert rel_diff(outputs(patched, batch), outputs(model, batch)) < 1e-5
+    assert rel_diff(outputs(patched, batch), outputs(model, batch)) < SVD_RTOL
 
 
 def test_spectral_init_false_draws_fresh_factors():

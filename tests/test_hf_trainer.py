@@ -3,7 +3,8 @@ gradient accumulation equal to a larger batch, resume equal to an uninterrupted 
 
 Tiny models (BERT MLM, hidden 32, 2 layers), 3-6 updates each. Tolerances: parameters are compared by
 max |difference| relative to how far the reference moved (``max_rel_diff``); identical arithmetic in another
-order gives ~1e-6, a missing or doubled FD term or a wrongly scaled loss gives > 1e-2.
+order gives ~4e-7 with SGD and up to 1.4e-5 with AdamWFD (Adam divides rounding differences in small gradients
+by their own size), a missing or doubled FD term or a wrongly scaled loss gives > 1e-2.
 """
 
 import pytest
@@ -19,8 +20,8 @@ from fnl_transformers.hf.trainer import FNLTrainer  # noqa: E402
 from hf_trainer_helpers import FD, MLMData, max_rel_diff, params, quiet, tiny_bert, tiny_gpt2, training_args  # noqa: E402
 
 quiet()
-TOL = 1e-4  # relative to the reference's movement, when the arithmetic runs in another order (see docstring)
-EXACT = 1e-6  # same batches, same order (measured: bitwise equal)
+TOL = 1e-3  # relative to the reference's movement, arithmetic in another order: 70x above 1.4e-5, 10x below 1e-2
+EXACT = 1e-6  # same batches, same operations in the same order (measured: bitwise equal)
 
 
 def _trainer(tmp_path, model, data, cls=FNLTrainer, name="run", trainer_kw=None, **args_kw):

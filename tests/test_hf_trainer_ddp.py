@@ -2,9 +2,9 @@
 
 Worker: tests/hf_trainer_ddp_script.py (coupled FD with AdamW, and decoupled FD with FLAMBe; 3 updates each).
 Global batch 4 = 1 process x 4 = 2 processes x 2 = 2 processes x 1 x 2 accumulation steps. Tolerance: max
-|difference| relative to the single-process run's movement < 1e-4 (measured <= 3e-5: the same sums in another
-order, amplified by Adam in near-zero gradients); a scale error in the loss or FD (counted per process or per
-micro-batch) or a different data order gives > 1e-2.
+|difference| relative to the single-process run's movement < 1e-3 (measured <= 2.7e-5: the same sums in another
+order, amplified by Adam in near-zero gradients; 1e-3 leaves 37x); a scale error in the loss or FD (counted per
+process or per micro-batch) or a different data order gives > 1e-2.
 """
 import os
 import socket
@@ -20,7 +20,7 @@ from hf_trainer_helpers import max_rel_diff, params, tiny_bert  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "hf_trainer_ddp_script.py")
-TOL = 1e-4
+TOL = 1e-3
 
 
 def _free_port() -> int:
