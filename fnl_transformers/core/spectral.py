@@ -1,7 +1,7 @@
 """Spectral initialization (SI): factors from the truncated SVD of an ordinary initialization.
 
 Paper: Khodak, Tenenholtz, Mackey, Fusi, "Initialization and Regularization of Factorized Neural Layers",
-ICLR 2021, Section 3.1 (Spectral initialization) and Section 4 (attention heads as factorized forms).
+ICLR 2021, Definition 3.1 (spectral initialization) and Sec. 2.3, Eq. (1) (attention heads as factorized forms).
 
 Behaviour at the edges (all documented here, none silent):
 
@@ -60,7 +60,7 @@ def spectral_init(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Factors ``U (m x r)``, ``V (n x r)`` of ``weight (m x n)`` with ``U V^T`` its best rank-r approximation.
 
-    ``U = U_r sqrt(S_r)``, ``V = V_r sqrt(S_r)`` (paper, Sec. 3.1, SI). For ``rank > min(m, n)`` the extra
+    ``U = U_r sqrt(S_r)``, ``V = V_r sqrt(S_r)`` (paper Definition 3.1, SI). For ``rank > min(m, n)`` the extra
     columns, and columns of numerically zero singular values, are revived as described in the module docstring.
     """
     check_matrix("weight", weight)
@@ -88,6 +88,19 @@ def tail_energy(weight: torch.Tensor, rank: int) -> float:
     return float(s[rank:].pow(2).sum().sqrt())
 
 
+def qr_core(A: torch.Tensor, B: torch.Tensor, with_q: bool = True):
+    """``(C, Qa, Qb)`` with ``A_h B_h^T = Qa_h C_h Qb_h^T`` for batched factors ``A: H x m x k``, ``B: H x n x k``:
+    thin QRs ``A_h = Qa Ra``, ``B_h = Qb Rb`` and the small core ``C_h = Ra Rb^T`` (at most k x k), which has the
+    singular values of the m x n product at cost O(H (m + n) k^2). Computed in float32 (float64 stays float64);
+    ``with_q=False`` skips the Q factors (``Qa = Qb = None``)."""
+    dt = _svd_dtype(A.dtype)
+    mode = "reduced" if with_q else "r"
+    Qa, Ra = torch.linalg.qr(A.to(dt), mode=mode)
+    Qb, Rb = torch.linalg.qr(B.to(dt), mode=mode)
+    core = Ra @ Rb.transpose(-1, -2)
+    return (core, Qa, Qb) if with_q else (core, None, None)
+
+
 def head_spectral_init(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -100,7 +113,7 @@ def head_spectral_init(
 
     Thin QR ``A_h = Qa Ra``, ``B_h = Qb Rb``; SVD of the k x k core ``Ra Rb^T = Uc S Vc^T``; then
     ``A'_h = Qa Uc_r sqrt(S_r)``, ``B'_h = Qb Vc_r sqrt(S_r)`` so ``A'_h B'_h^T`` is the best rank-r
-    approximation of ``A_h B_h^T`` (paper Sec. 4: SI of each head's QK and OV form). Cost O(H (m + n) k^2).
+    approximation of ``A_h B_h^T`` (SI, Definition 3.1, of each head's QK and OV form, Sec. 2.3, Eq. (1)). Cost O(H (m + n) k^2).
     ``rank`` may not exceed ``k`` (the current per-head dimension): heads are only ever shrunk.
     """
     if A.dim() != 3 or B.dim() != 3:
@@ -114,10 +127,8 @@ def head_spectral_init(
         raise ValueError(f"rank must be <= min(dim_a, dim_b) = {min(m, n)}, got {rank}")
     if rank > k:
         raise ValueError(f"reduced head dim (rank) must be <= the head dim {k}, got {rank}; heads cannot grow")
-    dt = _svd_dtype(A.dtype)
-    Qa, Ra = torch.linalg.qr(A.detach().to(dt))  # A_h = Qa Ra, Qa: m x min(m,k)
-    Qb, Rb = torch.linalg.qr(B.detach().to(dt))
-    Uc, s, Vch = torch.linalg.svd(Ra @ Rb.transpose(1, 2))  # core of A_h B_h^T = Qa (Ra Rb^T) Qb^T
+    core, Qa, Qb = qr_core(A.detach(), B.detach())
+    Uc, s, Vch = torch.linalg.svd(core)  # A_h B_h^T = Qa (Ra Rb^T) Qb^T
     root = s[:, :rank].sqrt().unsqueeze(1)
     A2 = Qa @ (Uc[:, :, :rank] * root)  # A' = Qa Uc_r sqrt(S_r)
     B2 = Qb @ (Vch[:, :rank].transpose(1, 2) * root)  # B' = Qb Vc_r sqrt(S_r)
