@@ -42,7 +42,7 @@ from .forms import FactorView, FormSpec, module_forms, module_lookup
 # A group of forms is stacked when each form's two factors hold at most this many elements together: below it
 # the per-call overhead of one bmm per form dominates; above it one bmm per form runs at the matmul peak and
 # the stacking copy costs more than it saves (measured on CPU, single-threaded; see bench item 1).
-STACK_MAX_ELEMENTS = 1 << 15
+STACK_MAX_ELEMENTS = 1 << 14
 
 
 # ------------------------------------------------------------------------------------------ single-batch math

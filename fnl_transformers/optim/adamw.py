@@ -4,7 +4,7 @@ For each parameter tensor ``w`` (same operations, in the same order, as ``torch.
 
 * decoupled decay from the weights before the step: ``w <- w - lr * d`` where ``d = weight_decay * w``
   (AdamW) or, for factors of a factorized form, ``d = lambda_kind * dFD/dw`` with ``FD = 1/2 ||W_form||_F^2``
-  (paper Eq. (3));
+  (paper Definition 3.2);
 * ``m = beta1 m + (1 - beta1) g``, ``v = beta2 v + (1 - beta2) g^2``;
 * ``w <- w - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)``.
 """
@@ -37,7 +37,7 @@ def adamw_update(
     for w, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         d = fd.get(id(w))
         if d is not None:
-            w.add_(d, alpha=-lr)  # decoupled FD: w -= lr * lambda dFD/dw (paper Eq. (3))
+            w.add_(d, alpha=-lr)  # decoupled FD: w -= lr * lambda dFD/dw (paper Definition 3.2)
         elif weight_decay != 0:
             w.mul_(1 - lr * weight_decay)  # decoupled weight decay: w -= lr * wd * w
         m.lerp_(g, 1 - beta1)
