@@ -528,6 +528,19 @@ def _rekey(spec: FormSpec, ia: int, ib: int, im: Optional[int]) -> FormSpec:
 _MODEL_PLANS: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
 
 
+def _walk(model: nn.Module) -> List[nn.Module]:
+    """``model.modules()`` (pre-order, each module once), without building the qualified names."""
+    out, seen, stack = [], set(), [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append(module)
+        stack.extend(reversed([c for c in module._modules.values() if c is not None]))
+    return out
+
+
 def model_plan(model: nn.Module, kinds: Sequence[str]):
     """``(plan, tensors)`` for the forms of ``kinds`` in ``model``, or ``(None, [])`` when it has none.
 
@@ -537,7 +550,7 @@ def model_plan(model: nn.Module, kinds: Sequence[str]):
     tensors: List[torch.Tensor] = []
     index: Dict[int, int] = {}
     refs = []
-    for module in model.modules():
+    for module in _walk(model):
         specs = module_forms(module)
         if not specs:
             continue
