@@ -202,3 +202,19 @@ def test_kinds_switched_off_and_coefficients_change(mode):
     for lam in (0.1, 0.4):  # same plan, new weights
         _close(fnl.frobenius_penalty(model, qk=lam, ov=lam), dense_penalty(model, dict(COEFFS, qk=lam, ov=lam,
                                                                                       linear=0, embedding=0)), 1e-5)
+
+
+def test_float64_and_float32_forms_in_one_model(mode):
+    model = mixed_model(seed=4)
+    del model["lowp"]
+    model["ffn"][2].double()  # one float64 form among float32 ones: computed in float64, the rest in float32
+    got = fnl.frobenius_penalty_by_kind(model, **COEFFS)
+    assert got["linear"].dtype == torch.float64
+    ref = per_module_penalty(model, COEFFS)
+    for kind in ref:
+        _close(got[kind], ref[kind], what=kind)
+    g_got = grads_of(model, fnl.frobenius_penalty(model, **COEFFS))
+    g_ref = grads_of(model, torch.stack([v.double() for v in per_module_penalty(model, COEFFS).values()]).sum())
+    for name in g_ref:
+        assert g_got[name].dtype == g_ref[name].dtype
+        _close(g_got[name], g_ref[name], what=name)

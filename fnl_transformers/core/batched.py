@@ -223,13 +223,11 @@ class FDPlan:
 
     ``specs``: form specs whose keys are indices into the tensor list the plan runs on; ``metas``: the
     ``(shape, dtype, device)`` of those tensors. Forms of a group keep their relative order; ``kinds[pos]`` is
-    the kind of the form at position ``pos`` of the plan's order (values come out in that order) and
-    ``order[pos]`` its index in ``specs``.
+    the kind of the form at position ``pos`` of the plan's order (values come out in that order).
     """
 
     def __init__(self, specs: Sequence[FormSpec], metas: Sequence[Meta], stack_max: Optional[int] = None):
         stack_max = STACK_MAX_ELEMENTS if stack_max is None else stack_max
-        self.n_tensors = len(metas)
         by_sig: "OrderedDict[tuple, List[Tuple[int, FormSpec]]]" = OrderedDict()
         uses: Dict[int, List[bool]] = {}  # tensor index -> one entry per use: does it cover the whole tensor
         for i, spec in enumerate(specs):
@@ -254,15 +252,13 @@ class FDPlan:
                 uses.setdefault(spec.m, []).append(True)
         self.groups: List[_Group] = []
         self.kinds: List[str] = []
-        self.order: List[int] = []
         for (H, m, k, G, n, deep, da, db, dm, dev), members in by_sig.items():
             product = use_product(m, n, k)
             stacked = len(members) > 1 and not product and H * m * k + G * n * k <= stack_max
             group = _Group(H, m, G, n, k, deep, product, stacked, compute_dtype_of(da, db, dm), [], len(self.kinds))
-            for i, spec in members:
+            for _, spec in members:
                 group.slots.append(_Slot(len(self.kinds), spec.a, spec.b, spec.m))
                 self.kinds.append(spec.kind)
-                self.order.append(i)
             self.groups.append(group)
         # a tensor read by exactly one view that covers it gets its gradient written, not accumulated
         self.single_use = {idx: u == [True] for idx, u in uses.items()}
@@ -293,8 +289,8 @@ class FDPlan:
             v, s = run(g, tensors, keep)
             vals.append(v)
             saved.append(s)
-        out = torch.cat(vals) if len(vals) > 1 else vals[0]
-        return cast(out, self.dtype), saved
+        vals = [cast(v, self.dtype) for v in vals]
+        return (torch.cat(vals) if len(vals) > 1 else vals[0]), saved
 
     # -------------------------------------------------------------------------- gradients
 
@@ -309,7 +305,7 @@ class FDPlan:
             if saved is None:
                 _, saved = self._values(tensors, keep=True)
             for g, s in zip(self.groups, saved):
-                w = weights[g.first : g.first + len(g.slots)]
+                w = cast(weights[g.first : g.first + len(g.slots)], g.dtype)
                 run = _product_grads if g.product else _stacked_grads if g.stacked else _inplace_grads
                 run(g, tensors, s, w, sink)
         sink.finish()
@@ -571,9 +567,10 @@ def model_plan(model: nn.Module, kinds: Sequence[str]):
     if not refs:
         return None, []
     key = (tuple(refs), tuple(_meta(t) for t in tensors))
-    per_model = _MODEL_PLANS.get(model)
-    if per_model is None:
+    try:
         per_model = _MODEL_PLANS.setdefault(model, {})
+    except TypeError:  # a module class that is not hashable or weak-referenceable: no cache
+        per_model = {}
     kinds_key = tuple(kinds)
     cached = per_model.get(kinds_key)
     if cached is not None and cached[0] == key:
