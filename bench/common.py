@@ -44,6 +44,25 @@ def median_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def paired_ratios(baseline: Callable[[], object], ours: Callable[[], object], rounds: int, warmup: int = 1):
+    """``rounds`` rounds of baseline then ours (after ``warmup`` untimed rounds); returns the per-round ratios
+    ``ours / baseline`` (each from two adjacent measurements, so slow drift of a shared machine cancels) and
+    the median times ``(baseline_s, ours_s)``."""
+    now = clock()[0]
+    tb, to = [], []
+    for r in range(warmup + rounds):
+        times = []
+        for fn in (baseline, ours):
+            gc.collect()
+            t0 = now()
+            fn()
+            times.append(now() - t0)
+        if r >= warmup:
+            tb.append(times[0])
+            to.append(times[1])
+    return [o / b for b, o in zip(tb, to)], (statistics.median(tb), statistics.median(to))
+
+
 def repeats_summary(ratios: List[float], higher_is_better: bool, limit: Optional[float]) -> dict:
     """Median, spread and worst of independent repeats of one ratio; ``met`` only when the *worst* repeat
     meets ``limit`` (a lower bound for speed-ups, an upper bound for slowdowns), None without a limit."""

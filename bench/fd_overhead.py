@@ -7,8 +7,9 @@ Models: the paper's IWSLT model (``transformer_small``: 2 + 2 layers, d 256, FFN
 built as ``fnl_transformer_tiny`` with those dimensions, and ``fnl_transformer_iwslt_de_en`` (6 + 6 layers, d 512,
 FFN 1024, 4 heads of 128). Each as it is (dense FFN and embeddings: FD on every QK and OV form) and with FFN +
 embeddings factorized at rank scale 0.5 (FD on every kind of form). Same batch for both trainers, steps
-alternating; each of 3 independent repeats builds fresh trainers; a target counts as met only when the worst
-repeat meets it. Targets: at most 3% slower at 1.5k tokens, 1.5% at 4k.
+alternating; each of 3 independent repeats builds fresh trainers and takes the median of 7 rounds' ratios (each
+round: one step of each, adjacent in time); a target counts as met only when the worst repeat meets it.
+Targets: at most 3% slower at 1.5k tokens, 1.5% at 4k.
 
 FD costs ``4 sum (H m + G n) k^2`` FLOPs per update whatever the batch, a training step about ``6 tokens sum m n``
 (dense) or ``6 tokens sum (m + n) k`` (factorized), so FD's share falls with the batch; each row states FD's share
@@ -20,16 +21,19 @@ and 24 layers (half encoder, half decoder), per layer relative to 6 layers: line
 from __future__ import annotations
 
 import gc
+import statistics
 import tempfile
 
 import torch
 
-from .common import main, median_times, repeats_summary, row
+from .common import main, median_times, paired_ratios, repeats_summary, row
 from .fairseq_common import (ARCH, CRITERION, QUICK_DIMS, Run, make_data, plugin_status, skipped_rows, train_argv,
                              train_flops)
 
 ITEM, QUESTION = 2, "FD overhead in a fairseq training step"
 REPEATS = 3
+ROUNDS = 7  # per repeat: one step of each trainer per round, after one warm-up round; a repeat's ratio is the
+# median of its rounds' ratios (a single step's ratio scatters by a few percent on a shared machine)
 SMALL_DIMS = ["--encoder-embed-dim", "256", "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "1024",
               "--decoder-ffn-embed-dim", "1024", "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
               "--encoder-normalize-before", "--decoder-normalize-before"]
@@ -71,7 +75,7 @@ def fd_flops(model) -> int:
 
 
 def overhead_rows(data: str, root: str, quick: bool):
-    rounds = 2 if quick else 3
+    rounds = 2 if quick else ROUNDS
     repeats = 2 if quick else REPEATS
     batches = {128: 0.03, 256: 0.015} if quick else BATCHES
     cases = []
@@ -91,18 +95,19 @@ def overhead_rows(data: str, root: str, quick: bool):
             if i not in info:
                 info[i] = dict(tokens=int(sample["ntokens"]), step_flops=train_flops(runs["no FD"], sample),
                                fd_flops=fd_flops(runs["FD"].model))
-            t = median_times({k: (lambda r=r: r.step(sample)) for k, r in runs.items()}, rounds, warmup=1)
-            results[i].append(t)
+            ratios, (base_s, fd_s) = paired_ratios(lambda: runs["no FD"].step(sample), lambda: runs["FD"].step(sample),
+                                                   rounds)
+            results[i].append(dict(ratio=statistics.median(ratios), base=base_s, fd=fd_s))
             del runs, sample
             gc.collect()
     rows = []
     for i, (model_name, variant, tokens, _, _) in enumerate(cases):
-        ratios = [t["FD"] / t["no FD"] for t in results[i]]
+        ratios = [t["ratio"] for t in results[i]]
         limit = 1 + batches[tokens]
         summary = repeats_summary(ratios, higher_is_better=False, limit=limit)
         share = info[i]["fd_flops"] / info[i]["step_flops"]
-        base_s = sorted(t["no FD"] for t in results[i])[len(results[i]) // 2]
-        ours_s = sorted(t["FD"] for t in results[i])[len(results[i]) // 2]
+        base_s = statistics.median(t["base"] for t in results[i])
+        ours_s = statistics.median(t["fd"] for t in results[i])
         rows.append(row(f"{model_name}, {variant}: {info[i]['tokens']} target tokens (FD = {100 * share:.1f}% of the "
                         "step's FLOPs)", "no FD", base_s, "FD (coupled, in the loss)", ours_s, summary["ratio"],
                         "ours / baseline (slowdown)", f"<= {limit:.3f}x", summary["met"],
