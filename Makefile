@@ -1,10 +1,10 @@
-# The two commands of the README: `make demo` and `make test`. Both create ./.venv when it is missing.
+# The two commands of the README: `make demo` and `make test` (and `make lint`). All create ./.venv when it is missing.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fnl-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean gpu-carry gpu-check gpu-check-smoke
 
 install: $(STAMP)
 
@@ -27,8 +27,30 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# ruff (rules and formatter settings in pyproject.toml) on the whole tree, mypy on the torch-only layers
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy fnl_transformers/core fnl_transformers/optim
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
+
+# GPU check (README, "Training on GPUs / mixed precision"). gpu-carry: here, with network access, fills .gpu-carry/
+# with what a GPU machine without fairseq or network needs. gpu-check: there, with the machine's own python3 and
+# torch (no venv), installs from .gpu-carry/ into a scratch folder, runs the GPU tests, timings and training,
+# writes bench/results-gpu.json. gpu-check-smoke: the same pipeline on this CPU, tiny sizes.
+GPU_PYTHON ?= python3
+GPU_ARCH   ?= fnl_transformer_tiny
+GPU_CHECK_ARGS ?=
+
+gpu-carry: $(STAMP)
+	$(BIN)/python -m bench.gpu_carry --dest .gpu-carry
+
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check --arch $(GPU_ARCH) $(GPU_CHECK_ARGS)
+
+gpu-check-smoke: $(STAMP)
+	$(BIN)/python -m bench.gpu_check --cpu-smoke $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

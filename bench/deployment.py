@@ -15,8 +15,7 @@ import tempfile
 import torch
 
 from .common import main, median_times, row
-from .fairseq_common import (ARCH, Run, fairseq_cli, make_data, plugin_status, quiet, setting, skipped_rows,
-                             train_argv)
+from .fairseq_common import ARCH, Run, fairseq_cli, make_data, plugin_status, quiet, setting, skipped_rows, train_argv
 
 ITEM, QUESTION = 6, "Deployment: recomposed model vs stock transformer, generation"
 CASE, TARGET = "recomposed fnl (rank scale 0.5) vs stock transformer_iwslt_de_en, beam 4", "1.00 +- 0.05, identical"

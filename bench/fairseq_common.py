@@ -23,10 +23,10 @@ def plugin_status() -> Optional[str]:
     """None when fairseq and the fnl plugin (model, arch, FD criterion, recompose) are usable, else why not."""
     try:
         import fairseq  # noqa: F401
-
-        import fnl_transformers.fairseq_plugin  # noqa: F401  (registers the plugin)
         from fairseq.criterions import CRITERION_REGISTRY
         from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
+
+        import fnl_transformers.fairseq_plugin  # noqa: F401  (registers the plugin)
     except Exception as e:  # ImportError, or a plugin that fails to import
         return f"plugin not available ({type(e).__name__}: {e})"
     missing = [n for n, reg in ((MODEL, MODEL_REGISTRY), (ARCH, ARCH_MODEL_REGISTRY), (CRITERION, CRITERION_REGISTRY))

@@ -15,8 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fnl_transformers.core import (FactorizedLinear, accumulate_fd_grads, attention_form_specs, frobenius_penalty,
-                                   iter_forms, register_attention_forms)
+from fnl_transformers.core import (
+    FactorizedLinear,
+    accumulate_fd_grads,
+    attention_form_specs,
+    frobenius_penalty,
+    iter_forms,
+    register_attention_forms,
+)
 from fnl_transformers.core.forms import module_lookup
 
 from .common import check_close, main, median_times, row

@@ -12,7 +12,8 @@ The README's before/after table::
     python -m bench.fd_profile --before /tmp/fnl_old --out bench/profile.json --readme README.md
 
 The older version is loaded from ``<path>/fnl_transformers/core`` under another name and called through its
-public functions (``frobenius_penalty``, ``accumulate_fd_grads``) on the same model and forms.
+public functions (``frobenius_penalty``, ``accumulate_fd_grads``) on the same model and forms (keyed by
+number, as an optimizer group keys them).
 """
 from __future__ import annotations
 
@@ -75,8 +76,6 @@ def measure(fns: Dict[str, Callable[[], object]]) -> Dict[str, dict]:
 def run(before: str = None, quick: bool = False) -> Dict:
     from bench.fairseq_common import ARCH, QUICK_DIMS, Run, make_data, train_argv
     from fnl_transformers import core as after_core
-    from fnl_transformers.optim import param_groups
-    from fnl_transformers.optim._fd import group_forms
 
     cores = {"after": after_core}
     if before:
@@ -85,7 +84,14 @@ def run(before: str = None, quick: bool = False) -> Dict:
         data = make_data(root, 96 if quick else 600, mean_len=10 if quick else 24, vocab=300 if quick else 8000)
         model = Run(train_argv(data, root + "/ck", ARCH, *(QUICK_DIMS if quick else []))).model
     params = list(model.parameters())
-    forms = group_forms(param_groups(model, fd_qk=1e-4, fd_ov=1e-4)[0])  # the optimizer group's forms
+    # the forms as an optimizer group holds them: specs keyed by a number, a lookup from number to parameter
+    table, specs = [], []
+    for _, module, spec, _ in after_core.iter_forms(model, ("qk", "ov")):
+        get = after_core.module_lookup(module)
+        for key in spec.keys():
+            table.append(get(key))
+        specs.append(spec.with_keys(lambda key, get=get: next(i for i, t in enumerate(table) if t is get(key))))
+    coeffs = dict(qk=1e-4, ov=1e-4)
 
     def coupled(core):
         def fn():
@@ -97,7 +103,7 @@ def run(before: str = None, quick: bool = False) -> Dict:
     def decoupled(core):
         @torch.no_grad()
         def fn():
-            core.accumulate_fd_grads(forms.specs, forms.lookup, forms.coeffs, {})
+            core.accumulate_fd_grads(specs, table.__getitem__, coeffs, {})
         return fn
 
     return dict(model=f"{ARCH}{' (quick dims)' if quick else ''} with FD on every QK and OV form",

@@ -137,7 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke test; numbers meaningless)")
     p.add_argument("--only", help="comma list of item numbers to run (default: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each script (default 1)")
-    p.add_argument("--jobs", type=int, default=1, help="scripts run at a time (default 1: least interference between timings)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="scripts run at a time (default 1: least interference between timings)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench"), help="folder for results.json / results.md")
     p.add_argument("--readme", help="file whose bench:start/bench:end section gets the table "
                                     "(default: README.md if it has the markers; never in --quick runs)")

@@ -41,7 +41,8 @@ def run(args) -> int:
     lin, what = _layer()
     W = lin.weight.detach()
     print(f"layer: {what}, weight {tuple(W.shape)}, ||W||_F = {float(W.norm()):.4f}\n")
-    header = f"{'rank scale':>10} {'rank':>5} {'rel. error':>10} {'tail energy':>11} {'FD (Gram)':>10} {'FD (dense)':>10} {'||W||_*':>9} {'WD bound':>9}"
+    header = (f"{'rank scale':>10} {'rank':>5} {'rel. error':>10} {'tail energy':>11} {'FD (Gram)':>10} "
+              f"{'FD (dense)':>10} {'||W||_*':>9} {'WD bound':>9}")
     print(header)
     print("-" * len(header))
     for scale in args.rank_scales:

@@ -13,9 +13,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from hf_trainer_helpers import MLMData, quiet, tiny_bert, training_args  # noqa: E402
-
 from fnl_transformers.hf.trainer import FNLTrainer  # noqa: E402
+
+from hf_trainer_helpers import MLMData, quiet, tiny_bert, training_args  # noqa: E402
 
 RUNS = {
     "coupled": dict(fd="coupled", optim="adamw_torch"),

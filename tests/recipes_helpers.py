@@ -29,7 +29,7 @@ def run_script(path: str, *args: str, cwd: str = None, timeout: int = 900, env_e
 
 
 def last_line(text: str) -> str:
-    lines = [l for l in text.splitlines() if l.strip()]
+    lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 

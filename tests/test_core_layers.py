@@ -144,9 +144,11 @@ def test_attention_si_reduced_heads_are_best_rank_r_forms():
         Aq2 = torch.cat([new["q_weight"][h * r_qk : (h + 1) * r_qk], new["q_bias"][h * r_qk : (h + 1) * r_qk, None]], 1)
         got = Aq2.T.double() @ new["k_weight"][h * r_qk : (h + 1) * r_qk].double()
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-        u, s, vh = torch.linalg.svd(w["o_weight"][:, h * hd : (h + 1) * hd].double() @ w["v_weight"][h * hd : (h + 1) * hd].double())
+        head = slice(h * hd, (h + 1) * hd)
+        u, s, vh = torch.linalg.svd(w["o_weight"][:, head].double() @ w["v_weight"][head].double())
         ref = u[:, :r_ov] @ torch.diag(s[:r_ov]) @ vh[:r_ov]
-        got = new["o_weight"][:, h * r_ov : (h + 1) * r_ov].double() @ new["v_weight"][h * r_ov : (h + 1) * r_ov].double()
+        small = slice(h * r_ov, (h + 1) * r_ov)
+        got = new["o_weight"][:, small].double() @ new["v_weight"][small].double()
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(new["o_bias"], w["o_bias"] + w["o_weight"] @ w["v_bias"], rtol=1e-5, atol=1e-5)
 
@@ -154,9 +156,9 @@ def test_attention_si_reduced_heads_are_best_rank_r_forms():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(num_heads=5), "do not divide into num_heads=5"),
-        (dict(num_heads=4, qk_rank=5), r"qk_rank must be in \[1, head_dim=4\]"),
-        (dict(num_heads=4, ov_rank=0), "ov_rank must be a positive integer"),
+        (dict(num_heads=5), "q_weight: 16 output features do not divide into 5 heads"),
+        (dict(num_heads=4, qk_rank=5), r"qk_rank 5 does not fit .*dimension 4 and can only shrink.*\[1, 4\]"),
+        (dict(num_heads=4, ov_rank=0), r"ov_rank 0 does not fit .*\[1, 4\]"),
         (dict(num_heads=4, num_kv_heads=2), "one key/value head per query head"),
     ],
 )

@@ -16,11 +16,12 @@ import fairseq_helpers as fh
 
 pytest.importorskip("fairseq")
 
-import fnl_transformers.fairseq_plugin as plugin  # noqa: E402
 from fairseq import optim as fairseq_optim  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 from fairseq.modules.multihead_attention import MultiheadAttention  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
+
+import fnl_transformers.fairseq_plugin as plugin  # noqa: E402
 from fnl_transformers.core import (  # noqa: E402
     factorized_param_count,
     form_parameters,
@@ -131,9 +132,10 @@ def pad_to_dense(reduced, dense):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--head-dim-qk", "2", "--head-dim-ov", "4"],
-    ["--head-dim-qk", "6", "--head-dim-ov", "3", "--spectral-init-qk", "--spectral-init-ov"],
-    ["--head-dim", "5", "--spectral-init-qk"],
+    ["--head-dim-qk", "2", "--head-dim-ov", "4", "--no-spectral-init"],  # fresh projections
+    ["--head-dim-qk", "6", "--head-dim-ov", "3"],  # per-head SI (the default where heads shrink)
+    ["--head-dim", "5", "--spectral-init-qk", "--no-spectral-init-ov"],
+    ["--rank-scale", "0.5", "--factorize", "attention"],  # heads of 8 -> int(0.5 * 8) = 4
 ])
 def test_reduced_heads_equal_the_zero_padded_dense_model(data_bin, flags):
     """Forward, incremental decoding, cached cross-attention keys and beam search of ReducedHeadAttention equal
@@ -187,7 +189,7 @@ def test_spectral_init_of_reduced_qk_is_the_best_rank_r_approximation(data_bin):
 def test_parameter_counts_match_the_formula(data_bin):
     dense, task, _ = build(data_bin)
     base = n_params(dense)
-    d, ffn, V, H, hd, layers = 32, 64, len(task.target_dictionary), 4, 8, 4
+    d, ffn, V, H, layers = 32, 64, len(task.target_dictionary), 4, 4
     assert base == n_params(build(data_bin, *TINY_DENSE, arch="transformer")[0])
 
     def ffn_delta(R, deep):
@@ -217,6 +219,16 @@ def test_parameter_counts_match_the_formula(data_bin):
 
 
 # ---------------------------------------------------------------------------------------------- FD criterion
+
+
+def test_per_module_ranks_and_parameter_budget(data_bin):
+    """--ranks (first matching pattern wins over --rank-scale) and --target-param-ratio (core plan_ranks)."""
+    model, _, _ = build(data_bin, "--rank-scale", "0.5", "--ranks", "encoder.layers.0.fc1=3,*.fc1=5")
+    assert model.encoder.layers[0].fc1.rank == 3 and model.decoder.layers[1].fc1.rank == 5
+    assert model.encoder.layers[0].fc2.rank == rank_from_scale(32, 64, 0.5)
+    dense = n_params(build(data_bin)[0])
+    small = n_params(build(data_bin, "--target-param-ratio", "0.8", "--head-dim", "4")[0])
+    assert 0.7 * dense < small <= 0.8 * dense
 
 
 def _criterion(task, args):
@@ -280,18 +292,34 @@ def test_fd_is_skipped_in_validation_and_logged_per_kind(data_bin):
 
 
 def test_fd_without_forms_is_one_clear_error(data_bin):
-    model, task, args = build(data_bin, *TINY_DENSE, "--criterion", "fd_label_smoothed_cross_entropy",
-                              "--fd-linear", "0.1", arch="transformer")
-    crit = _criterion(task, args)
-    model.train()
-    with pytest.raises(ValueError, match="--fd-linear > 0 but the model has no embedding/linear forms to decay"):
-        crit(model, batch(task))
+    with pytest.raises(ValueError, match=r"--fd-linear > 0 but the model has no embedding/linear forms to decay"):
+        build(data_bin, "--criterion", "fd_label_smoothed_cross_entropy", "--fd-linear", "0.1")
     # --fd-linear decays factorized FFN layers and embeddings: FFN alone is enough
     model, task, args = build(data_bin, "--rank-scale", "0.5", "--factorize", "ffn", "--criterion",
                               "fd_label_smoothed_cross_entropy", "--fd-linear", "0.1")
     model.train()
     _, _, log = _criterion(task, args)(model, batch(task))
     assert "fd_linear" in log and "fd_embedding" not in log
+
+
+def test_fd_criterion_reads_the_models_fd_spec(data_bin):
+    """One FD spec, held by the model: the criterion on a stock model is refused; decoupled FD adds nothing to
+    the loss."""
+    model, task, args = build(data_bin, *TINY_DENSE, "--criterion", "fd_label_smoothed_cross_entropy",
+                              arch="transformer")
+    model.train()
+    with pytest.raises(ValueError, match="reads its FD coefficients from the model"):
+        _criterion(task, args)(model, batch(task))
+    model, task, args = build(data_bin, "--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "0.5",
+                              "--fd-mode", "decoupled", "--optimizer", "flambe")
+    assert model.fnl_fd.qk == 0.5 and model.fnl_fd.mode == "decoupled"
+    plain_args = copy.copy(args)
+    plain_args.criterion = "label_smoothed_cross_entropy"
+    model.train()
+    sample = batch(task)
+    loss, _, log = _criterion(task, args)(model, sample)
+    assert torch.equal(loss, _criterion(task, plain_args)(model, sample)[0])
+    assert not any(k.startswith("fd_") for k in log)
 
 
 # ---------------------------------------------------------------------------------------------- optimizers
@@ -302,17 +330,27 @@ def _optimizer(args, model):
     return fairseq_optim.build_optimizer(cfg.optimizer, list(model.parameters()))
 
 
+def _decay_of_groups(opt, model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for g in opt.param_groups:
+        decay = "fd" if g.get("fd_forms") else ("weight_decay" if g["weight_decay"] > 0 else "none")
+        out.update({names[id(p)]: decay for p in g["params"]})
+    return out
+
+
 def test_fnl_adam_keeps_fd_factors_out_of_weight_decay(data_bin):
     lr, wd = 0.005, 0.1
     model, task, args = build(data_bin, "--rank-scale", "0.5", "--criterion", "fd_label_smoothed_cross_entropy",
                               "--fd-qk", "0.01", "--fd-linear", "0.01", "--fd-embedding", "0",
                               "--optimizer", "fnl_adam", "--weight-decay", str(wd))
     opt = _optimizer(args, model)
-    names = {id(p): n for n, p in model.named_parameters()}
     fd = {n for n, _, kind in form_parameters(model, ["qk", "linear"])}
     assert fd and all(n.endswith(("q_proj.weight", "k_proj.weight", "fc1.U", "fc1.V", "fc2.U", "fc2.V")) for n in fd)
-    no_wd = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = _decay_of_groups(opt, model)
+    no_wd = {n for n, d in decay.items() if d == "none"}
     assert no_wd == fd  # embeddings (FD 0 here), v/out_proj, biases, norms keep weight decay
+    assert decay["encoder.embed_tokens.U"] == "weight_decay"  # a factor without FD: --weight-decay-factors
     # behaviour: with zero gradients Adam's step is the decay alone
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -323,36 +361,84 @@ def test_fnl_adam_keeps_fd_factors_out_of_weight_decay(data_bin):
         torch.testing.assert_close(p.detach(), expect, rtol=0, atol=1e-7)
 
 
+def test_no_weight_decay_factors_and_no_decay_bias_norm(data_bin):
+    model, _, args = build(data_bin, "--rank-scale", "0.5", "--optimizer", "fnl_adam", "--weight-decay", "0.1",
+                           "--no-weight-decay-factors", "--no-decay-bias-norm")
+    decay = _decay_of_groups(_optimizer(args, model), model)
+    factors = {n for n, _, _ in form_parameters(model)}
+    assert {n for n, d in decay.items() if d == "weight_decay"} == {
+        n for n, _ in model.named_parameters() if n not in factors and not n.endswith("bias")
+        and "layer_norm" not in n}
+    assert all(decay[n] == "none" for n in factors)
+
+
 def test_stock_optimizer_with_weight_decay_and_fd_is_refused(data_bin):
     with pytest.raises(ValueError, match=r"--fd-qk replaces weight decay .* Use --optimizer fnl_adam"):
         build(data_bin, "--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "0.01",
               "--weight-decay", "0.01")  # --optimizer adam from tiny_train_args
+    with pytest.raises(ValueError, match=r"--no-weight-decay-factors keeps the factors out of weight decay"):
+        build(data_bin, "--rank-scale", "0.5", "--no-weight-decay-factors", "--weight-decay", "0.01")
     build(data_bin, "--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "0.01")  # no decay: fine
 
 
-def test_flambe_groups_decoupled_fd_and_refuses_counting_twice(data_bin):
-    model, task, args = build(data_bin, "--rank-scale", "0.5", "--optimizer", "flambe", "--decoupled-fd-ov", "0.01",
-                              "--weight-decay", "0.01", "--no-decay-bias-norm")
+def test_inconsistent_fd_setups_are_refused_at_build(data_bin):
+    with pytest.raises(ValueError, match=r"--fd-qk with --fd-mode coupled adds Frobenius decay to the loss, which "
+                                         r"--criterion label_smoothed_cross_entropy does not do"):
+        build(data_bin, "--fd-qk", "0.01")
+    with pytest.raises(ValueError, match=r"--fd-mode decoupled applies Frobenius decay in the optimizer, which "
+                                         r"--optimizer fnl_adam does not do: use --optimizer flambe"):
+        build(data_bin, "--fd-qk", "0.01", "--fd-mode", "decoupled", "--optimizer", "fnl_adam")
+
+
+def test_flambe_groups_decoupled_fd_from_the_models_records(data_bin):
+    model, task, args = build(data_bin, "--rank-scale", "0.5", "--optimizer", "flambe", "--fd-ov", "0.01",
+                              "--fd-mode", "decoupled", "--weight-decay", "0.01", "--no-decay-bias-norm")
     opt = _optimizer(args, model)
     names = {id(p): n for n, p in model.named_parameters()}
     fd_groups = [g for g in opt.param_groups if g.get("fd_forms")]
     assert len(fd_groups) == 1 and fd_groups[0]["fd"] == {"ov": 0.01} and fd_groups[0]["weight_decay"] == 0
     assert {names[id(p)] for p in fd_groups[0]["params"]} == {n for n, _, _ in form_parameters(model, ["ov"])}
+    assert len(fd_groups[0]["fd_forms"]) == len(list(m for m in model.modules() if isinstance(m, MultiheadAttention)))
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed and not any(n.endswith("bias") or "layer_norm" in n for n in decayed)
     assert type(opt.optimizer).__name__ == "FLAMBe"
+    # the optimizer's decoupled FD term is the core's FD gradient of the forms rebuilt from the records
+    from fnl_transformers.core import fd_grads
+    from fnl_transformers.optim._fd import fd_terms
+
+    terms = fd_terms(fd_groups[0])
+    expected = fd_grads(model, ov=0.01)
+    assert {names[i] for i in terms} == set(expected)
+    for i, g in terms.items():
+        torch.testing.assert_close(g, expected[names[i]], rtol=1e-6, atol=1e-9)
     loss = sum(p.sum() for p in model.parameters())
     loss.backward()
     opt.step()  # runs the decoupled-FD update
-
-    model, _, args = build(data_bin, "--optimizer", "flambe", "--decoupled-fd-qk", "0.01", *FD_ALL)
-    with pytest.raises(ValueError, match="would count twice"):
-        _optimizer(args, model)
 
     model, _, args = build(data_bin, "--optimizer", "fnl_lamb", "--weight-decay", "0.01")
     opt = _optimizer(args, model)
     assert type(opt.optimizer).__name__ == "Lamb"
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_decoupled_fd_groups_survive_fp32_master_copies(data_bin):
+    """fairseq's FP16Optimizer with --fp16-no-flatten-grads hands the optimizer fp32 copies that carry
+    ``optim_overrides``: the groups (and the FD forms) are rebuilt from those copies."""
+    from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
+
+    model, _, args = build(data_bin, "--rank-scale", "0.5", "--optimizer", "flambe", "--fd-ov", "0.01",
+                           "--fd-linear", "0.01", "--fd-mode", "decoupled", "--weight-decay", "0.01")
+    args.fp16_no_flatten_grads = True
+    copies = _FP16OptimizerMixin.build_fp32_params(args, list(model.parameters()), flatten=False)
+    opt = fairseq_optim.build_optimizer(convert_namespace_to_omegaconf(args).optimizer, copies)
+    ref = _optimizer(args, model)
+    index = {id(c): i for i, c in enumerate(copies)}
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    got = [([index[id(p)] for p in g["params"]], g["weight_decay"], g.get("fd"), g.get("fd_forms"))
+           for g in opt.param_groups]
+    want = [([order[id(p)] for p in g["params"]], g["weight_decay"], g.get("fd"), g.get("fd_forms"))
+            for g in ref.param_groups]
+    assert got == want and got[0][3]
 
 
 def test_plugin_optimizers_on_a_stock_model_decay_everything(data_bin):
@@ -367,13 +453,20 @@ def test_plugin_optimizers_on_a_stock_model_decay_everything(data_bin):
 
 @pytest.mark.parametrize("flags, message", [
     (["--head-dim", "12"], r"--head-dim-qk 12 does not fit encoder\.layers\.0\.self_attn: its heads have dimension 8"),
-    (["--head-dim-ov", "0"], r"--head-dim-ov must be a positive integer, got 0"),
+    (["--head-dim-ov", "0"], r"--head-dim-ov must be a positive integer \(>= 1\), got 0"),
     (["--rank-scale", "0"], r"--rank-scale must be a finite number > 0"),
-    (["--deep"], r"--deep needs --rank-scale R"),
-    (["--rank-scale", "0.5", "--factorize", "ffn,attention"], r"--factorize must be a comma list of ffn, embeddings"),
-    (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "-1"], r"FD coefficient for 'qk' must be"),
+    (["--deep"], r"--deep needs --rank-scale, --ranks or --target-param-ratio"),
+    (["--rank-scale", "0.5", "--factorize", "ffn,embeddings"],
+     r"--factorize: unknown part\(s\) \['embeddings'\]; .*\('embeddings' is now spelled 'embedding'"),
+    (["--rank-scale", "1.5", "--factorize", "attention"],
+     r"the QK head dim 12 \(from --rank-scale 1.5 with 'attention' in --factorize\) does not fit"),
+    (["--rank-scale", "0.5", "--target-param-ratio", "0.5"], r"give --rank-scale or --target-param-ratio, not both"),
+    (["--ranks", "*.fc9=3"], r"--ranks: pattern\(s\) \['\*\.fc9'\] match no layer"),
+    (["--ranks", "fc1"], r"--ranks must be PATTERN=RANK pairs"),
+    (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "-1"], r"--fd-qk must be a finite number >= 0"),
     (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "0.01", "--optimizer", "fnl_adam",
-      "--weight-decay", "0.01", "--fp16"], r"--fp16/--bf16 copies all parameters into one flat buffer"),
+      "--weight-decay", "0.01", "--fp16"], r"--fp16/--bf16 copies all parameters into one flat buffer.*"
+                                           r"--fp16-no-flatten-grads"),
 ])
 def test_bad_options_give_one_clear_error(data_bin, flags, message):
     with pytest.raises(ValueError, match=message):
@@ -420,7 +513,7 @@ def test_architectures_have_the_dims_of_fairseqs():
         ARCH_CONFIG_REGISTRY[ours](a)
         ARCH_CONFIG_REGISTRY[theirs](b)
         assert {k: v for k, v in vars(a).items() if k in vars(b)} == vars(b)
-        assert a.rank_scale is None and a.head_dim is None and a.deep is False
+        assert a.rank_scale is None and a.head_dim is None and a.deep is None  # None: the core default applies
 
 
 @pytest.mark.slow

@@ -62,9 +62,11 @@ def test_padded_heads_with_folded_scaling_equal_reduced_attention(scaling):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_pad_heads_refuses_wider_heads():
-    with pytest.raises(ValueError, match="larger than the stock head dim"):
-        recompose.pad_heads(torch.zeros(4 * 9, 3), 4, 8)
+def test_padding_refuses_wider_heads():
+    p = {"q_weight": torch.zeros(4 * 9, 32), "q_bias": None, "k_weight": torch.zeros(4 * 9, 32), "k_bias": None,
+         "v_weight": torch.zeros(4 * 8, 32), "v_bias": None, "o_weight": torch.zeros(32, 4 * 8), "o_bias": None}
+    with pytest.raises(ValueError, match=r"per-head QK dim 9 does not fit .*dimension 8 and can only shrink"):
+        recompose.dense_attention(p, 4, 32, 8 ** -0.5)
 
 
 # ---------------------------------------------------------------- end to end

@@ -75,7 +75,7 @@ def _losses(run) -> list:
 def test_update_freq_2_equals_doubled_batch(data16, tmp_path):
     big = _train(data16, tmp_path / "big", "--batch-size", "16", updates=3)
     acc = _train(data16, tmp_path / "acc", "--batch-size", "8", "--update-freq", "2", updates=3)
-    control = _train(data16, tmp_path / "fd2", "--batch-size", "16", *DOUBLED_FD, updates=3)
+    _train(data16, tmp_path / "fd2", "--batch-size", "16", *DOUBLED_FD, updates=3)  # FD counted twice
     p_big, p_acc = _params(tmp_path / "big" / "checkpoint_last.pt"), _params(tmp_path / "acc" / "checkpoint_last.pt")
     p_control = _params(tmp_path / "fd2" / "checkpoint_last.pt")
     assert len(big.train) == len(acc.train) == 3
@@ -86,8 +86,8 @@ def test_update_freq_2_equals_doubled_batch(data16, tmp_path):
 
 # ---------------------------------------------------------------- resume
 
-RESUME_ARGS = ["--optimizer", "flambe", "--decoupled-fd-qk", "1e-3", "--decoupled-fd-ov", "1e-3",
-               "--decoupled-fd-linear", "1e-3", "--weight-decay", "0.01", "--lr", "0.01",
+RESUME_ARGS = ["--optimizer", "flambe", "--fd-qk", "1e-3", "--fd-ov", "1e-3", "--fd-linear", "1e-3",
+               "--fd-mode", "decoupled", "--weight-decay", "0.01", "--lr", "0.01",
                "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "3", "--dropout", "0.1"]
 
 

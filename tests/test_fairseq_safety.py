@@ -52,8 +52,8 @@ STOCK_VARIANTS = {
 
 # the plugin's model, optimizers and criterion (their state is in the checkpoint too)
 FNL_VARIANTS = {
-    "fnl_flambe_inverse_sqrt": ["--rank-scale", "0.5", "--optimizer", "flambe", "--decoupled-fd-qk", "1e-3",
-                                "--decoupled-fd-linear", "1e-3", "--weight-decay", "0.01",
+    "fnl_flambe_inverse_sqrt": ["--rank-scale", "0.5", "--optimizer", "flambe", "--fd-qk", "1e-3",
+                                "--fd-linear", "1e-3", "--fd-mode", "decoupled", "--weight-decay", "0.01",
                                 "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "2"],
     "fnl_lamb_deep_heads_fd": ["--rank-scale", "0.5", "--deep", "--head-dim", "4", "--optimizer", "fnl_lamb",
                                "--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "1e-3"],

@@ -3,10 +3,11 @@ import os
 
 import pytest
 import torch
-from hf_patch_helpers import inputs, minilm_dir, outputs, tiny
 
 from fnl_transformers.cli import main
 from fnl_transformers.hf import from_pretrained
+
+from hf_patch_helpers import inputs, minilm_dir, outputs, tiny
 
 
 @pytest.mark.slow
@@ -37,7 +38,7 @@ def test_compress_minilm_half_head_dim_and_rank_scale(tmp_path, capsys):
 def test_compress_and_inspect_a_small_model(tmp_path, capsys):
     tiny("gpt2").save_pretrained(tmp_path / "src")
     assert main(["compress", str(tmp_path / "src"), str(tmp_path / "out"), "--target-param-ratio", "0.8",
-                 "--qk-head-dim", "4", "--factorize", "ffn"]) == 0
+                 "--head-dim-qk", "4", "--factorize", "ffn"]) == 0
     table = capsys.readouterr().out
     assert "transformer.h.1.mlp.c_proj" in table and "transformer.wte" not in table
     model = from_pretrained(tmp_path / "out")

@@ -8,11 +8,12 @@ import copy
 
 import pytest
 import torch
-from hf_patch_helpers import inputs, make_heads_rank_deficient, minilm_dir, outputs, rel_diff, tiny
 
 from fnl_transformers.core import FactorizedEmbedding, FactorizedLinear, form_parameters, frobenius_penalty
 from fnl_transformers.hf import FNLConfig, get_fnl_config, patch_model
 from fnl_transformers.hf.layers import HeadPaddedLinear, TiedFactorizedHead
+
+from hf_patch_helpers import inputs, make_heads_rank_deficient, minilm_dir, outputs, rel_diff, tiny
 
 ARCHS = ["bert", "roberta", "distilbert", "gpt2", "llama", "llama_mha", "llama_tied", "mistral", "qwen2"]
 
@@ -53,7 +54,7 @@ def test_shrinking_heads_to_their_rank_is_exact(arch, qk, ov):
     make_heads_rank_deficient(model, qk, ov)
     batch = inputs(model)
     ref = outputs(model, batch)
-    patched = patch_model(copy.deepcopy(model), FNLConfig(qk_head_dim=qk, ov_head_dim=ov))
+    patched = patch_model(copy.deepcopy(model), FNLConfig(head_dim_qk=qk, head_dim_ov=ov))
     assert sum(p.numel() for p in patched.parameters()) < sum(p.numel() for p in model.parameters())
     assert rel_diff(outputs(patched, batch), ref) < 1e-5
     if qk != ov:
@@ -125,7 +126,7 @@ def test_minilm_heads_are_best_rank_r(minilm):
 def test_gpt2_fused_heads_are_best_rank_r():
     model = tiny("gpt2")
     H, r = 4, 3
-    patched = patch_model(copy.deepcopy(model), FNLConfig(qk_head_dim=r, ov_head_dim=5))
+    patched = patch_model(copy.deepcopy(model), FNLConfig(head_dim_qk=r, head_dim_ov=5))
 
     def forms(att, rq, rv):
         W, b = att.c_attn.weight, att.c_attn.bias  # d x (H rq + H rq + H rv), Conv1D layout
@@ -238,6 +239,48 @@ def test_spectral_init_false_draws_fresh_factors():
     assert patched.bert.encoder.layer[0].attention.self.query.out_features == 16
 
 
+def _head_grams(model):
+    """Per attention module and form: (A^T A, B^T B) of every head (QK with the query-bias row), float64."""
+    from fnl_transformers.core import HeadDims
+    from fnl_transformers.hf.arch import arch_for
+
+    arch = arch_for(model)
+    H = model.config.num_attention_heads
+    out = []
+    for _, att in arch.attention_modules(model):
+        hd = arch.original_head_dim(att, H)
+        t = {k: None if v is None else v.double() for k, v in arch.read(att, HeadDims(H, H, hd, hd, hd)).items()}
+        roles = {"qk": ("q_weight", "k_weight", "q_bias"), "ov": ("o_weight", "v_weight", None)}
+        for form, (a, b, bias) in roles.items():
+            A = t[a].reshape(H, hd, -1).transpose(1, 2) if form == "qk" else t[a].reshape(-1, H, hd).permute(1, 0, 2)
+            if bias and t[bias] is not None:
+                A = torch.cat([A, t[bias].reshape(H, 1, hd)], dim=1)
+            B = t[b].reshape(H, hd, -1).transpose(1, 2)
+            out.append((A.transpose(1, 2) @ A, B.transpose(1, 2) @ B))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "gpt2"])
+def test_spectral_init_at_full_head_dim_rebalances_each_head(arch):
+    """spectral_init_qk/ov=True at the full head dim: per-head SI at full rank, outputs unchanged (1e-5 relative),
+    and each head's factors balanced, A^T A = B^T B (1e-5 relative to the largest entry; float32 weights)."""
+    model = tiny(arch)
+    batch = inputs(model)
+    ref = outputs(model, batch)
+    assert any(float((ga - gb).abs().max()) > 1e-2 * float(ga.abs().max()) for ga, gb in _head_grams(model))
+    patched = patch_model(copy.deepcopy(model), FNLConfig(spectral_init_qk=True, spectral_init_ov=True))
+    assert rel_diff(outputs(patched, batch), ref) < 1e-5
+    for ga, gb in _head_grams(patched):
+        assert float((ga - gb).abs().max()) <= 1e-5 * float(ga.abs().max())
+    entry = patched.config.fnl_config["attention"][next(iter(patched.config.fnl_config["attention"]))]
+    assert entry["init_qk"] == entry["init_ov"] == "spectral" and entry["qk_rel_error"] < 1e-5
+
+
+def test_spectral_init_of_rope_queries_is_refused():
+    with pytest.raises(ValueError, match="rotary position embeddings"):
+        patch_model(tiny("llama_mha"), FNLConfig(spectral_init_qk=True))
+
+
 # --- rank selection -----------------------------------------------------------------------------------------------
 def test_per_module_ranks_override_rank_scale():
     cfg = FNLConfig(rank_scale=0.5, ranks={"*.layer.0.intermediate.dense": 3, "*word_embeddings": 5})
@@ -278,16 +321,16 @@ def test_llama_qk_head_shrinking_is_refused_under_rope():
 
 def test_gqa_ov_head_shrinking_is_refused():
     with pytest.raises(ValueError, match="grouped-query attention"):
-        patch_model(tiny("llama"), FNLConfig(ov_head_dim=4))
+        patch_model(tiny("llama"), FNLConfig(head_dim_ov=4))
 
 
 def test_value_bias_without_output_bias_refuses_ov_shrinking():
     with pytest.raises(ValueError, match="value bias can only be folded into an output bias"):
-        patch_model(tiny("qwen2"), FNLConfig(ov_head_dim=4))
+        patch_model(tiny("qwen2"), FNLConfig(head_dim_ov=4))
 
 
 def test_head_dim_that_does_not_fit_is_refused():
-    with pytest.raises(ValueError, match=r"does not fit .*8 dims.*1\.\.8"):
+    with pytest.raises(ValueError, match=r"head_dim_qk 9 does not fit .*dimension 8.*\[1, 8\]"):
         patch_model(tiny("bert"), FNLConfig(head_dim=9))
 
 
@@ -321,17 +364,17 @@ def test_optimizer_groups_find_the_registered_forms():
     from fnl_transformers.core import fd_grads
     from fnl_transformers.optim import AdamWFD, param_groups
 
-    cfg = FNLConfig(rank_scale=0.5, qk_head_dim=3, ov_head_dim=5, fd_linear=0.1, fd_embedding=0.1, fd_qk=0.1,
+    cfg = FNLConfig(rank_scale=0.5, head_dim_qk=3, head_dim_ov=5, fd_linear=0.1, fd_embedding=0.1, fd_qk=0.1,
                     fd_ov=0.1, fd_mode="decoupled")
     model = patch_model(tiny("gpt2"), cfg)
-    fd = {f"fd_{k}": v for k, v in cfg.fd_coefficients.items()}
+    fd = {f"fd_{k}": v for k, v in cfg.fd.coefficients().items()}
     groups = param_groups(model, **fd)
     names = {id(p): n for n, p in model.named_parameters()}
     fd_group = next(g for g in groups if g.get("fd_forms"))
     in_fd = {names[id(p)] for p in fd_group["params"]}
     assert {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
             "transformer.h.0.mlp.c_fc.U", "transformer.wte.V"} <= in_fd
-    expected = fd_grads(model, **cfg.fd_coefficients)
+    expected = fd_grads(model, **cfg.fd.coefficients())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = AdamWFD(groups, lr=1.0)
     for p in model.parameters():
@@ -370,7 +413,7 @@ def test_generation_with_kv_cache_after_shrinking(arch, qk, ov):
     """Cached decoding with padded per-head widths gives the unpatched model's tokens (exact-rank heads)."""
     model = tiny(arch)
     make_heads_rank_deficient(model, qk, ov)
-    patched = patch_model(copy.deepcopy(model), FNLConfig(qk_head_dim=qk, ov_head_dim=ov))
+    patched = patch_model(copy.deepcopy(model), FNLConfig(head_dim_qk=qk, head_dim_ov=ov))
     ids = torch.tensor([[5, 7, 9]])
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(patched.generate(ids, **kw), model.generate(ids, **kw))

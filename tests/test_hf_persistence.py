@@ -7,21 +7,22 @@ import json
 
 import pytest
 import torch
-from hf_patch_helpers import inputs, outputs, rel_diff, tiny
 
 from fnl_transformers.core import FactorizedLinear, form_parameters
 from fnl_transformers.hf import FNLConfig, from_pretrained, patch_model, recompose
 from fnl_transformers.hf.layers import TiedFactorizedHead
 
+from hf_patch_helpers import inputs, outputs, rel_diff, tiny
+
 CASES = {  # arch -> config exercising its special cases
     "bert": FNLConfig(rank_scale=0.5, head_dim=4, fd_qk=1e-3),
-    "roberta": FNLConfig(rank_scale=0.5, qk_head_dim=3, ov_head_dim=5),
-    "distilbert": FNLConfig(rank_scale=0.5, qk_head_dim=6, ov_head_dim=2, deep=True),
-    "gpt2": FNLConfig(rank_scale=0.5, qk_head_dim=3, ov_head_dim=5),
+    "roberta": FNLConfig(rank_scale=0.5, head_dim_qk=3, head_dim_ov=5),
+    "distilbert": FNLConfig(rank_scale=0.5, head_dim_qk=6, head_dim_ov=2, deep=True),
+    "gpt2": FNLConfig(rank_scale=0.5, head_dim_qk=3, head_dim_ov=5),
     "llama": FNLConfig(rank_scale=0.5),
-    "llama_mha": FNLConfig(ov_head_dim=3, ranks={"*.mlp.down_proj": 5}, factorize=("ffn",)),
-    "llama_tied": FNLConfig(rank_scale=0.5, ov_head_dim=5),
-    "mistral": FNLConfig(rank_scale=0.5, ov_head_dim=5),
+    "llama_mha": FNLConfig(head_dim_ov=3, ranks={"*.mlp.down_proj": 5}, factorize=("ffn",)),
+    "llama_tied": FNLConfig(rank_scale=0.5, head_dim_ov=5),
+    "mistral": FNLConfig(rank_scale=0.5, head_dim_ov=5),
     "qwen2": FNLConfig(rank_scale=0.5),
 }
 
@@ -77,6 +78,33 @@ def test_tied_weights_stay_tied_through_save_and_recompose(tmp_path):
     bert = recompose(patch_model(tiny("bert"), FNLConfig(rank_scale=0.5)))
     dec = bert.cls.predictions.decoder
     assert dec.weight is bert.bert.embeddings.word_embeddings.weight and dec.bias is bert.cls.predictions.bias
+
+
+def test_a_plan_saved_in_the_former_format_still_loads(tmp_path):
+    """config.json written before the settings model (plan format 1: ``qk_head_dim``/``ov_head_dim``, fd_embedding
+    0.0, no init records) reloads to the same model; an unknown format is one clear error."""
+    patched = patch_model(tiny("bert"), FNLConfig(rank_scale=0.5, head_dim_qk=3, head_dim_ov=5, fd_qk=1e-3,
+                                                  fd_embedding=0.0))
+    batch = inputs(patched)
+    patched.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "config.json"
+    config = json.loads(path.read_text())
+    plan = config["fnl_config"]
+    plan["format"] = 1
+    plan["config"] = {("qk_head_dim" if k == "head_dim_qk" else "ov_head_dim" if k == "head_dim_ov" else k): v
+                      for k, v in plan["config"].items()
+                      if k not in ("spectral_init_qk", "spectral_init_ov", "weight_decay_factors")}
+    for entry in plan["attention"].values():
+        entry["qk_head_dim"], entry["ov_head_dim"] = entry.pop("head_dim_qk"), entry.pop("head_dim_ov")
+        del entry["init_qk"], entry["init_ov"]
+    path.write_text(json.dumps(config))
+    reloaded = from_pretrained(tmp_path / "old")
+    assert torch.equal(outputs(reloaded, batch), outputs(patched.eval(), batch))
+    assert reloaded.fnl_config.head_dim_qk == 3 and reloaded.fnl_config.fd == patched.fnl_config.fd
+    plan["format"] = 7
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"fnl_config format 7 / arch 'bert' is not one this fnl_transformers reads"):
+        from_pretrained(tmp_path / "old")
 
 
 def test_plain_transformers_loading_of_a_patched_checkpoint_fails_loudly(tmp_path):
@@ -157,7 +185,7 @@ def test_patched_model_trains_and_stays_consistent(tmp_path):
 
 
 def test_reload_keeps_the_saved_dtype(tmp_path):
-    model = patch_model(tiny("llama_mha"), FNLConfig(rank_scale=0.5, ov_head_dim=4)).to(torch.bfloat16)
+    model = patch_model(tiny("llama_mha"), FNLConfig(rank_scale=0.5, head_dim_ov=4)).to(torch.bfloat16)
     model.save_pretrained(tmp_path)
     reloaded = from_pretrained(tmp_path)
     assert reloaded.model.layers[0].mlp.up_proj.U.dtype == torch.bfloat16

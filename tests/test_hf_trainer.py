@@ -5,7 +5,6 @@ Tiny models (BERT MLM, hidden 32, 2 layers), 3-6 updates each. Tolerances: param
 max |difference| relative to how far the reference moved (``max_rel_diff``); identical arithmetic in another
 order gives ~1e-6, a missing or doubled FD term or a wrongly scaled loss gives > 1e-2.
 """
-import os
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ def _trainer(tmp_path, model, data, cls=FNLTrainer, name="run", trainer_kw=None,
 
 
 def _manual_adamw(model, data, steps, batch, lr, wd, fd):
-    """Reference loop: sequential batches, loss = MLM mean + FD (Eq. 3), torch AdamW; weight decay on
+    """Reference loop: sequential batches, loss = MLM mean + FD (Definition 3.2), torch AdamW; weight decay on
     every weight except biases, LayerNorms and factors."""
     factors = {id(p) for _, p, _ in form_parameters(model)}
     decay, no = [], []
@@ -169,7 +168,7 @@ def test_bad_arguments_fail_clearly(tmp_path):
         _trainer(tmp_path, tiny_bert(), data, trainer_kw=dict(fnl_config={"qk": -1.0}))
     with pytest.raises(ValueError, match="unknown kinds"):
         _trainer(tmp_path, tiny_bert(), data, trainer_kw=dict(fnl_config={"attention": 1.0}))
-    with pytest.raises(ValueError, match="no forms of those kinds"):
+    with pytest.raises(ValueError, match="fd_embedding > 0 but the model has no embedding forms to decay"):
         _trainer(tmp_path, tiny_bert(), data, trainer_kw=dict(fnl_config={"embedding": 1e-3}))
     from transformers import BertConfig, BertForMaskedLM
 
@@ -267,7 +266,9 @@ def test_reloaded_patched_model_brings_its_fd_config(tmp_path):
     tiny_bert(fd_mode="decoupled").save_pretrained(tmp_path / "saved")
     model = from_pretrained(str(tmp_path / "saved"))
     trainer = _trainer(tmp_path, model, MLMData(4), max_steps=1)
-    assert trainer.fd_coefficients == {"linear": FD["linear"], "embedding": 0.0, "qk": FD["qk"], "ov": FD["ov"]}
+    # fd_embedding unset follows fd_linear (the model has no embedding forms, so it decays nothing more)
+    assert trainer.fd.coefficients() == {"linear": FD["linear"], "embedding": FD["linear"], "qk": FD["qk"],
+                                         "ov": FD["ov"]}
     assert trainer.fd_mode == "decoupled"
     trainer.train()
 
@@ -291,9 +292,9 @@ def test_eval_loss_is_the_task_mean(tmp_path):
     assert got == pytest.approx(float(want), rel=1e-6)
 
 
-def test_weight_decay_stays_on_attention_projections_of_kinds_without_fd(tmp_path):
-    """FD on OV only (the paper's FLAMBe setting): O/V projections and FFN factors leave the weight-decay group,
-    Q/K projections are ordinary dense weights and keep weight decay."""
+def test_weight_decay_stays_on_factors_of_kinds_without_fd(tmp_path):
+    """FD on OV only (the paper's FLAMBe setting): O/V projections leave the weight-decay group; Q/K projections
+    and FFN factors (forms without FD) keep weight decay, unless weight_decay_factors=False."""
     from transformers import BertConfig, BertForMaskedLM
 
     from fnl_transformers.hf import FNLConfig, patch_model
@@ -307,4 +308,11 @@ def test_weight_decay_stays_on_attention_projections_of_kinds_without_fd(tmp_pat
     attn = "bert.encoder.layer.0.attention"
     assert {f"{attn}.self.query.weight", f"{attn}.self.key.weight"} <= decayed
     assert not {f"{attn}.self.value.weight", f"{attn}.output.dense.weight"} & decayed
+    assert {n for n in decayed if n.endswith((".U", ".V"))}
+    assert not {n for n in decayed if "bias" in n or "LayerNorm" in n}
+
+    trainer = _trainer(tmp_path, model, MLMData(), trainer_kw=dict(weight_decay_factors=False))
+    decayed = set(trainer.get_decay_parameter_names(model))
+    assert not {f"{attn}.self.query.weight", f"{attn}.self.key.weight"} & decayed
     assert not {n for n in decayed if n.endswith((".U", ".V"))}
+    assert "bert.embeddings.word_embeddings.weight" in decayed

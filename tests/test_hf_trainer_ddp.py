@@ -43,7 +43,8 @@ def _torchrun(out, *args):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(tmp_path):
-    single = _run([sys.executable, SCRIPT, "--out", str(tmp_path / "single.pt"), "--batch", "4"], tmp_path / "single.pt")
+    single = _run([sys.executable, SCRIPT, "--out", str(tmp_path / "single.pt"), "--batch", "4"],
+                  tmp_path / "single.pt")
     ddp = _torchrun(tmp_path / "ddp.pt", "--batch", "2")
     ddp_ga = _torchrun(tmp_path / "ddp_ga.pt", "--batch", "1", "--accum", "2")
     start = params(tiny_bert())

@@ -1,5 +1,4 @@
 """Optimizers: Lamb vs torch-optimizer and a transcription of NVIDIA's rule, FLAMBe/AdamWFD vs hand formulas."""
-import copy
 import io
 import math
 
@@ -125,7 +124,8 @@ def test_lamb_matches_nvidia_rule_with_bias_correction(max_grad_norm):
         F.mse_loss(ref(ids), y).backward()
         params = list(ref.parameters())
         grads = [p.grad for p in params]
-        clipped_once |= max_grad_norm is not None and math.sqrt(sum(float((g * g).sum()) for g in grads)) > max_grad_norm
+        norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+        clipped_once |= max_grad_norm is not None and norm > max_grad_norm
         with torch.no_grad():
             nvidia_lamb_reference(params, grads, state, step, kw["lr"], *kw["betas"], kw["eps"], kw["weight_decay"],
                                   max_grad_norm if max_grad_norm is not None else math.inf)
@@ -189,7 +189,8 @@ def test_flambe_one_step_factorized_linear_hand_formula():
         "bias": lamb_first_step(before["bias"], grads["bias"], 0.0, lr, eps),  # bias: no decay at all
     }
     for name, p in layer.named_parameters():
-        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-12, atol=1e-12, msg=lambda m: name + m)
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-12, atol=1e-12,
+                                   msg=lambda m, name=name: name + m)
 
 
 def test_flambe_one_step_deep_factorized_linear_hand_formula():
@@ -210,7 +211,8 @@ def test_flambe_one_step_deep_factorized_linear_hand_formula():
         "V": lamb_first_step(V, g["V"], lam * (W.T @ U @ M), lr, eps),  # dFD/dV = W^T U M
     }
     for name, p in layer.named_parameters():
-        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-12, atol=1e-12, msg=lambda m: name + m)
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-12, atol=1e-12,
+                                   msg=lambda m, name=name: name + m)
 
 
 def test_flambe_one_step_attention_ov_form_hand_formula():
@@ -225,15 +227,15 @@ def test_flambe_one_step_attention_ov_form_hand_formula():
     att(torch.randn(3, 5, d, dtype=torch.float64)).pow(2).sum().backward()
     grads = {n: p.grad.clone() for n, p in att.named_parameters()}
     opt.step()
-    O, Vw = before["o.weight"], before["v.weight"]
-    dO, dV = torch.zeros_like(O), torch.zeros_like(Vw)
+    Wo, Vw = before["o.weight"], before["v.weight"]
+    dO, dV = torch.zeros_like(Wo), torch.zeros_like(Vw)
     for h in range(H):  # FD = 1/2 sum_h ||O_h V_h||_F^2, O_h = o.weight[:, head], V_h = v.weight[head, :]
         cols = slice(h * hd, (h + 1) * hd)
-        Wh = O[:, cols] @ Vw[cols, :]
+        Wh = Wo[:, cols] @ Vw[cols, :]
         dO[:, cols] = Wh @ Vw[cols, :].T
-        dV[cols, :] = O[:, cols].T @ Wh
+        dV[cols, :] = Wo[:, cols].T @ Wh
     expected = {
-        "o.weight": lamb_first_step(O, grads["o.weight"], lam * dO, lr, eps),
+        "o.weight": lamb_first_step(Wo, grads["o.weight"], lam * dO, lr, eps),
         "v.weight": lamb_first_step(Vw, grads["v.weight"], lam * dV, lr, eps),
         "q.weight": lamb_first_step(before["q.weight"], grads["q.weight"], wd * before["q.weight"], lr, eps),
         "k.weight": lamb_first_step(before["k.weight"], grads["k.weight"], wd * before["k.weight"], lr, eps),
@@ -241,7 +243,8 @@ def test_flambe_one_step_attention_ov_form_hand_formula():
     for name in ("q", "v", "o"):
         expected[f"{name}.bias"] = lamb_first_step(before[f"{name}.bias"], grads[f"{name}.bias"], 0.0, lr, eps)
     for name, p in att.named_parameters():
-        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-12, atol=1e-12, msg=lambda m: name + m)
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-12, atol=1e-12,
+                                   msg=lambda m, name=name: name + m)
 
 
 # ---------------------------------------------------------------- AdamWFD
@@ -307,7 +310,7 @@ def test_save_reload_mid_run_gives_identical_trajectory(cls):
 
 def test_param_groups_split():
     net = make_net()
-    groups = param_groups(net, fd_ov=1e-2, fd_linear=1e-3, weight_decay=0.01)
+    groups = param_groups(net, fd_ov=1e-2, fd_linear=1e-3, fd_embedding=0.0, weight_decay=0.01)
     names = {id(p): n for n, p in net.named_parameters()}
     by = [sorted(names[id(p)] for p in g["params"]) for g in groups]
     assert by[0] == ["att.o.weight", "att.v.weight", "ffn.U", "ffn.V"]
@@ -315,9 +318,21 @@ def test_param_groups_split():
     assert sorted(f["kind"] for f in groups[0]["fd_forms"]) == ["linear", "ov"]
     assert by[1] == ["att.k.weight", "att.q.weight", "emb.U", "emb.V", "head.weight"]  # fd 0 kinds: regular decay
     assert groups[1]["weight_decay"] == 0.01
-    assert by[2] == sorted(["att.q.bias", "att.v.bias", "att.o.bias", "norm.weight", "norm.bias",
-                            "ffn.bias", "head.bias"])
+    biases_norms = ["att.q.bias", "att.v.bias", "att.o.bias", "norm.weight", "norm.bias", "ffn.bias", "head.bias"]
+    assert by[2] == sorted(biases_norms)
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+
+    # fd_embedding None (the default) follows fd_linear
+    groups = param_groups(net, fd_linear=1e-3, weight_decay=0.01)
+    assert groups[0]["fd"] == {"linear": 1e-3, "embedding": 1e-3}
+    assert sorted(names[id(p)] for p in groups[0]["params"]) == ["emb.U", "emb.V", "ffn.U", "ffn.V"]
+
+    # weight_decay_factors=False: factors of forms without FD get no decay either
+    groups = param_groups(net, fd_ov=1e-2, fd_linear=1e-3, fd_embedding=0.0, weight_decay=0.01,
+                          weight_decay_factors=False)
+    by = [sorted(names[id(p)] for p in g["params"]) for g in groups]
+    assert by[1] == ["head.weight"] and groups[1]["weight_decay"] == 0.01
+    assert by[2] == sorted(biases_norms + ["att.k.weight", "att.q.weight", "emb.U", "emb.V"])
 
 
 @pytest.mark.parametrize("cls", [Lamb, FLAMBe, AdamWFD])
@@ -342,7 +357,7 @@ def test_bad_groups():
         FLAMBe([dict(param_groups(net, fd_ov=1e-2)[0], weight_decay=0.01)])
     with pytest.raises(ValueError, match="use FLAMBe"):
         Lamb(param_groups(net, fd_ov=1e-2))
-    with pytest.raises(ValueError, match="FD coefficient for 'qk'"):
+    with pytest.raises(ValueError, match="fd_qk must be a finite number >= 0"):
         param_groups(net, fd_qk=-1.0)
     with pytest.raises(ValueError, match="weight_decay must be in"):
         param_groups(net, weight_decay=-0.01)

@@ -1,4 +1,5 @@
-"""The torch-only core: factorized layers, spectral initialization, Frobenius decay, attention forms."""
+"""The torch-only core: factorized layers, spectral initialization, Frobenius decay, attention forms and surgery,
+the settings model and the decay policy."""
 from .attention import attention_spectral_init
 from .checks import NonFiniteError, check_finite
 from .forms import (
@@ -8,14 +9,15 @@ from .forms import (
     FormSpec,
     attention_form_specs,
     attention_forms,
+    clear_attention_forms,
     form_parameters,
     iter_forms,
     module_forms,
+    module_lookup,
     register_attention_forms,
 )
 from .frobenius import (
     accumulate_fd_grads,
-    check_fd_coefficients,
     fd_grads,
     form_diagnostics,
     form_grads,
@@ -23,40 +25,86 @@ from .frobenius import (
     frobenius_penalty,
     frobenius_penalty_by_kind,
 )
+from .heads import HeadDims, form_param_counts, form_rel_errors, head_products, head_shapes, pad_heads, shrink_heads
 from .layers import INIT_METHODS, FactorizedEmbedding, FactorizedLinear
-from .rank import factorized_param_count, rank_from_scale, rank_scale_for_param_ratio, resolve_rank
+from .policy import FD, NO_DECAY, WEIGHT_DECAY, DecayPolicy, default_no_decay, form_memberships, forms_from_memberships
+from .rank import (
+    factorized_param_count,
+    plan_ranks,
+    rank_from_scale,
+    rank_scale_for_budget,
+    rank_scale_for_param_ratio,
+    resolve_rank,
+)
+from .settings import (
+    FD_MODES,
+    PARTS,
+    FDSpec,
+    SettingsError,
+    StructureSpec,
+    check_fd_coefficients,
+    check_shrink,
+    flat_settings,
+    specific_head_dims,
+)
 from .spectral import head_spectral_init, spectral_init, tail_energy
 
 __all__ = [
-    "check_fd_coefficients",
-    "NonFiniteError",
-    "check_finite",
+    "FD",
+    "FD_MODES",
+    "INIT_METHODS",
+    "KINDS",
+    "NO_DECAY",
+    "PARTS",
+    "WEIGHT_DECAY",
     "BoundForm",
+    "DecayPolicy",
+    "FDSpec",
     "FactorView",
     "FactorizedEmbedding",
     "FactorizedLinear",
     "FormSpec",
-    "INIT_METHODS",
-    "KINDS",
+    "HeadDims",
+    "NonFiniteError",
+    "SettingsError",
+    "StructureSpec",
     "accumulate_fd_grads",
     "attention_form_specs",
     "attention_forms",
     "attention_spectral_init",
+    "check_fd_coefficients",
+    "check_finite",
+    "check_shrink",
+    "clear_attention_forms",
+    "default_no_decay",
     "factorized_param_count",
     "fd_grads",
+    "flat_settings",
     "form_diagnostics",
     "form_grads",
+    "form_memberships",
+    "form_param_counts",
     "form_parameters",
+    "form_rel_errors",
     "form_sq_norms",
+    "forms_from_memberships",
     "frobenius_penalty",
     "frobenius_penalty_by_kind",
+    "head_products",
+    "head_shapes",
     "head_spectral_init",
     "iter_forms",
     "module_forms",
+    "module_lookup",
+    "pad_heads",
+    "plan_ranks",
     "rank_from_scale",
+    "rank_scale_for_budget",
     "rank_scale_for_param_ratio",
     "register_attention_forms",
     "resolve_rank",
+    "shrink_heads",
     "spectral_init",
+    "specific_head_dims",
     "tail_energy",
 ]

@@ -4,7 +4,7 @@ A *form* is a batch of matrices ``W_h = A_h M B_{g(h)}^T`` (``h`` over heads, ``
 grouped-query attention) whose factors are read as **views** of 2-D parameters (no copies):
 
 * ``FactorizedLinear``/``FactorizedEmbedding``: one form ``U [M] V^T`` (kind ``linear`` / ``embedding``).
-* Multi-head attention (paper Sec. 4, Eq. for MHA): per head the Query-Key form ``W_q,h W_k,h^T`` (kind
+* Multi-head attention (paper Sec. 2.3, Eq. (1)): per head the Query-Key form ``W_q,h W_k,h^T`` (kind
   ``qk``) and the Output-Value form ``W_o,h W_v,h`` (kind ``ov``), for any dense attention layer.
 
 A :class:`FactorView` says how to read a batched factor ``(heads x dim x head_dim)`` from a parameter: take
@@ -16,7 +16,7 @@ Specs are plain data, so they survive ``deepcopy``, pickling and ``.to(device)``
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Hashable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Hashable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ class FormSpec:
             m=None if self.m is None else mapping(self.m),
         )
 
-    def bind(self, lookup: Callable[[Hashable], torch.Tensor]) -> "BoundForm":
+    def bind(self, lookup: "Lookup") -> "BoundForm":
         M = None if self.m is None else lookup(self.m)
         return BoundForm(self.kind, self.a.view(lookup(self.a.key)), self.b.view(lookup(self.b.key)), M)
 
@@ -76,11 +76,25 @@ class BoundForm:
     B: torch.Tensor  # G x n x k, H % G == 0
     M: Optional[torch.Tensor] = None  # k x k
 
+    def products(self) -> torch.Tensor:
+        """The dense per-head products ``W_h = A_h M B_g(h)^T`` (``H x m x n``; float32, float64 stays float64)."""
+        dt = torch.float64 if self.A.dtype == torch.float64 else torch.float32
+        A = self.A.to(dt) if self.M is None else self.A.to(dt) @ self.M.to(dt)
+        B = self.B.to(dt)
+        if B.shape[0] != A.shape[0]:
+            B = B.repeat_interleave(A.shape[0] // B.shape[0], dim=0)  # head h uses group h // (H / G)
+        return A @ B.transpose(1, 2)
 
-def module_lookup(module: nn.Module) -> Callable[[str], torch.Tensor]:
-    def get(path: str) -> torch.Tensor:
-        obj = module
-        for part in path.split("."):
+
+Lookup = Callable[[Any], torch.Tensor]  # a form key -> the tensor it names
+
+
+def module_lookup(module: nn.Module) -> Lookup:
+    """The parameter at a dotted path relative to ``module`` (the keys of its form specs)."""
+
+    def get(path: Any) -> torch.Tensor:
+        obj: Any = module
+        for part in str(path).split("."):
             obj = getattr(obj, part)
         return obj
 
@@ -103,17 +117,18 @@ def iter_forms(model: nn.Module, kinds=KINDS) -> Iterator[Tuple[str, nn.Module, 
                 yield name, module, spec, spec.bind(module_lookup(module))
 
 
-def form_parameters(model: nn.Module, kinds=KINDS) -> List[Tuple[str, nn.Parameter, str]]:
+def form_parameters(model: nn.Module, kinds=KINDS) -> List[Tuple[str, torch.Tensor, str]]:
     """``(qualified_name, parameter, kind)`` for each parameter that is a factor of a form (a parameter
     shared by two kinds, such as GPT-2's fused ``c_attn``, is listed once per kind)."""
-    out, seen = [], set()
+    out: List[Tuple[str, torch.Tensor, str]] = []
+    seen = set()
     for name, module, spec, _ in iter_forms(model, kinds):
         get = module_lookup(module)
         for key in spec.keys():
             p = get(key)
             if (id(p), spec.kind) not in seen:
                 seen.add((id(p), spec.kind))
-                out.append((f"{name}.{key}" if name else key, p, spec.kind))
+                out.append((f"{name}.{key}" if name else str(key), p, spec.kind))
     return out
 
 
@@ -135,7 +150,8 @@ def attention_form_specs(
     k_slice: Tuple[int, Optional[int]] = (0, None),
     v_slice: Tuple[int, Optional[int]] = (0, None),
 ) -> List[FormSpec]:
-    """QK and OV form specs of a multi-head attention layer (paper Sec. 4: per-head ``Q_h K_h^T``, ``O_h V_h``).
+    """QK and OV form specs of a multi-head attention layer (paper Sec. 2.3, Eq. (1): per-head ``Q_h K_h^T`` and
+    ``O_h V_h``).
 
     ``q``/``k``/``v``/``o`` are parameter paths. Default layout is ``nn.Linear``'s: q/k/v weights are
     ``(heads * head_dim) x d`` and o is ``d x (heads * head_dim)``; ``transposed=True`` is the Conv1D layout
@@ -169,6 +185,12 @@ def register_attention_forms(module: nn.Module, specs: List[FormSpec]) -> nn.Mod
                 f"{spec.kind} form: factor shapes {tuple(bound.A.shape)} and {tuple(bound.B.shape)} do not pair"
             )
     setattr(module, ATTR, list(specs))
+    return module
+
+
+def clear_attention_forms(module: nn.Module) -> nn.Module:
+    """Remove the forms :func:`register_attention_forms` declared on ``module`` (if any)."""
+    module.__dict__.pop(ATTR, None)
     return module
 
 

@@ -35,10 +35,11 @@ from .batched import (
     use_product,
 )
 from .forms import KINDS, BoundForm, FormSpec, iter_forms
+from .settings import check_fd_coefficients
 from .spectral import qr_core
 
-__all__ = ["accumulate_fd_grads", "check_fd_coefficients", "fd_grads", "form_diagnostics", "form_grads",
-           "form_sq_norms", "frobenius_penalty", "frobenius_penalty_by_kind", "use_product"]
+__all__ = ["accumulate_fd_grads", "fd_grads", "form_diagnostics", "form_grads", "form_sq_norms", "frobenius_penalty",
+           "frobenius_penalty_by_kind", "use_product"]
 
 
 def _bound(f: BoundForm):
@@ -83,16 +84,6 @@ def form_grads(f: BoundForm) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch
         else:
             dA, dB, dM = gram_grads(A, B, M, gram(A), gram(B), w)
     return dA, dB, None if dM is None else dM.sum(0)
-
-
-def check_fd_coefficients(linear=0.0, embedding=0.0, qk=0.0, ov=0.0) -> Dict[str, float]:
-    """``{kind: coefficient}`` as floats; one clear error for a negative, NaN or infinite coefficient."""
-    coeffs = {"linear": linear, "embedding": embedding, "qk": qk, "ov": ov}
-    for kind, value in coeffs.items():
-        value = float(value)
-        if not value >= 0 or value == float("inf"):
-            raise ValueError(f"FD coefficient for {kind!r} must be a finite number >= 0, got {value!r}")
-    return {k: float(v) for k, v in coeffs.items()}
 
 
 def _active(coeffs: Dict[str, float]) -> Tuple[str, ...]:

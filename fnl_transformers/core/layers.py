@@ -1,6 +1,6 @@
 """Factorized layers ``W = U [M] V^T`` with spectral or random initialization.
 
-Paper: Khodak et al., ICLR 2021, Sec. 2 (factorized layers, rank scale), Sec. 3.1 (SI), Sec. 5 (overcomplete
+Paper: Khodak et al., ICLR 2021, Sec. 2 (factorized layers, rank scale), Definition 3.1 (SI), Sec. 5 (overcomplete
 "deep" factors ``U M V^T`` multiplied out after training: teacher-free distillation).
 
 Every layer type implements the same small trio: ``from_*`` (factorize a dense layer), ``product()`` (the
@@ -10,7 +10,7 @@ chosen by a string (:data:`INIT_METHODS`).
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from .spectral import spectral_init
 
 
 def init_spectral(weight: torch.Tensor, rank: int, generator=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """SI (paper Sec. 3.1): ``U = U_r sqrt(S_r)``, ``V = V_r sqrt(S_r)`` of the dense weight."""
+    """SI (paper Definition 3.1): ``U = U_r sqrt(S_r)``, ``V = V_r sqrt(S_r)`` of the dense weight."""
     return spectral_init(weight, rank, generator=generator)
 
 
@@ -32,10 +32,11 @@ def init_random(weight: torch.Tensor, rank: int, generator=None) -> Tuple[torch.
     as a layer ``n -> r`` (bound ``1/sqrt(n)``), ``U`` as a layer ``r -> m`` (bound ``1/sqrt(r)``). The
     paper's "regular" initialization of factorized layers, the baseline SI improves on."""
     m, n = weight.shape
-    kw = dict(dtype=weight.dtype, device=weight.device)
+    # drawn on the generator's device (a CPU generator also seeds CUDA factors), then moved to the weight's
+    kw: Dict[str, Any] = dict(dtype=weight.dtype, device=generator.device if generator is not None else weight.device)
     U = (torch.rand(m, rank, generator=generator, **kw) * 2 - 1) / math.sqrt(rank)
     V = (torch.rand(n, rank, generator=generator, **kw) * 2 - 1) / math.sqrt(n)
-    return U, V
+    return U.to(weight.device), V.to(weight.device)
 
 
 INIT_METHODS: Dict[str, Callable] = {"spectral": init_spectral, "random": init_random}
@@ -128,11 +129,11 @@ class FactorizedLinear(_Factorized):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         W = check_matrix("linear.weight", linear.weight)
-        rank = resolve_rank(*W.shape, rank=rank, rank_scale=rank_scale)
+        rank = resolve_rank(W.shape[0], W.shape[1], rank=rank, rank_scale=rank_scale)
         layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None, deep=deep,
                     dtype=W.dtype, device=W.device)
         layer._set_factors(*_init(W, rank, init, generator))
-        if linear.bias is not None:
+        if linear.bias is not None and layer.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
         return layer
@@ -212,7 +213,7 @@ class FactorizedEmbedding(_Factorized):
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
         W = check_matrix("embedding.weight", embedding.weight)
-        rank = resolve_rank(*W.shape, rank=rank, rank_scale=rank_scale)
+        rank = resolve_rank(W.shape[0], W.shape[1], rank=rank, rank_scale=rank_scale)
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, rank, embedding.padding_idx, deep,
                     dtype=W.dtype, device=W.device)
         layer._set_factors(*_init(W, rank, init, generator))

@@ -6,8 +6,9 @@ The paper (Khodak et al., ICLR 2021, Section 2) parameterizes a factorized layer
 """
 from __future__ import annotations
 
+import fnmatch
 import math
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -53,10 +54,10 @@ def resolve_rank(m: int, n: int, rank: Optional[int] = None, rank_scale: Optiona
     """Exactly one of ``rank`` and ``rank_scale`` chooses the rank of an ``m x n`` layer."""
     if rank is not None and rank_scale is not None:
         raise ValueError("give either rank or rank_scale, not both")
-    if rank is None and rank_scale is None:
-        raise ValueError("give rank (an integer >= 1) or rank_scale (a number > 0)")
     if rank is not None:
         return check_positive_int("rank", rank)
+    if rank_scale is None:
+        raise ValueError("give rank (an integer >= 1) or rank_scale (a number > 0)")
     return rank_from_scale(m, n, rank_scale)
 
 
@@ -74,6 +75,36 @@ def _shapes(model: nn.Module, include: Callable[[str, nn.Module], bool]) -> list
     return shapes
 
 
+def factorized_total(shapes: Sequence[Tuple[int, int]], rest: int, scale: float, deep: bool = False) -> int:
+    """Parameters of ``rest`` plus the layers of ``shapes`` factorized at rank scale ``scale`` (no biases)."""
+    return rest + sum(factorized_param_count(m, n, rank_from_scale(m, n, scale), deep) for m, n in shapes)
+
+
+def rank_scale_for_budget(shapes: Sequence[Tuple[int, int]], rest: int, budget: float, deep: bool = False,
+                          tol: float = 1e-4) -> float:
+    """Largest rank scale whose factorized layers (``m x n`` each, from shapes alone) plus ``rest`` other
+    parameters count at most ``budget``. Bisection: the rank rule makes the count a step function.
+    Raises ValueError when even rank 1 everywhere exceeds the budget."""
+    if not shapes:
+        raise ValueError("no layer to factorize: the rank scale has nothing to act on")
+    lo, hi = 1e-9, 1.0
+    smallest = factorized_total(shapes, rest, lo, deep)
+    if smallest > budget:
+        raise ValueError(f"unreachable: rank 1 in every factorized layer still keeps {smallest:,} parameters, more "
+                         f"than the budget of {int(budget):,}")
+    while factorized_total(shapes, rest, hi, deep) <= budget and hi < 1e6:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if factorized_total(shapes, rest, mid, deep) <= budget:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < tol * lo:
+            break
+    return lo
+
+
 def rank_scale_for_param_ratio(
     model: nn.Module,
     target_ratio: float,
@@ -85,8 +116,7 @@ def rank_scale_for_param_ratio(
 
     ``include(name, module)`` selects the ``nn.Linear``/``nn.Embedding`` layers that would be factorized.
     The ratio counts all parameters of ``model`` (factorized layers at their new size, everything else unchanged).
-    Bisection on the rank scale; the rank rule makes the count a step function, so the returned scale is the
-    largest one whose count does not exceed the target.
+    The returned scale is the largest one whose count does not exceed the target (:func:`rank_scale_for_budget`).
     """
     if not (isinstance(target_ratio, (int, float)) and math.isfinite(target_ratio) and target_ratio > 0):
         raise ValueError(f"target_ratio must be a number > 0, got {target_ratio!r}")
@@ -94,28 +124,63 @@ def rank_scale_for_param_ratio(
     if not shapes:
         raise ValueError("no nn.Linear or nn.Embedding layer matched `include`; nothing to factorize")
     total = sum(p.numel() for p in model.parameters())
-    dense = sum(m * n for m, n in shapes)
-    rest = total - dense
-
-    def count(scale: float) -> int:
-        return rest + sum(factorized_param_count(m, n, rank_from_scale(m, n, scale), deep) for m, n in shapes)
-
-    target = target_ratio * total
-    lo, hi = 1e-9, 1.0
-    if count(lo) > target:
-        smallest = count(lo) / total
+    rest = total - sum(m * n for m, n in shapes)
+    smallest = factorized_total(shapes, rest, 1e-9, deep)
+    if smallest > target_ratio * total:
         raise ValueError(
-            f"target_ratio {target_ratio} is below the smallest reachable ratio {smallest:.4f} (rank 1 everywhere)"
+            f"target_ratio {target_ratio} is below the smallest reachable ratio {smallest / total:.4f} (rank 1 "
+            "everywhere)"
         )
-    while count(hi) <= target and hi < 1e6:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if count(mid) <= target:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < tol * lo:
-            break
-    return lo
+    return rank_scale_for_budget(shapes, rest, target_ratio * total, deep, tol)
 
+
+def plan_ranks(layers: Sequence[Tuple[str, int, int]], structure, params_before: int,
+               params_now: Optional[int] = None) -> Dict[str, int]:
+    """``{layer name: rank}`` of the layers to factorize, from shapes only.
+
+    ``layers``: ``(qualified name, m, n)`` of every candidate layer (the parts in ``structure.factorize``);
+    ``structure``: a :class:`~fnl_transformers.core.StructureSpec`. A layer's rank is that of the first
+    ``structure.ranks`` pattern (``fnmatch``) matching its name, else ``rank_from_scale`` with the rank scale (or,
+    with ``target_param_ratio``, the scale whose model keeps that fraction of ``params_before`` parameters, the
+    model counting ``params_now`` parameters before this factorization); a layer with neither is not
+    factorized. A pattern matching no candidate layer is an error."""
+    from .settings import SettingsError
+
+    params_now = params_before if params_now is None else params_now
+    explicit: Dict[str, int] = {}
+    used = set()
+    for name, _, _ in layers:
+        for pattern, rank in structure.ranks.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                explicit[name] = rank
+                used.add(pattern)
+                break
+    unused = [p for p in structure.ranks if p not in used]
+    if unused:
+        examples = ", ".join(name for name, _, _ in layers[:4]) or "none"
+        raise SettingsError(lambda n: f"{n('ranks')}: pattern(s) {unused} match no layer of the parts "
+                                      f"{list(structure.factorize)} (layer names look like: {examples})")
+    scale = structure.rank_scale
+    if structure.target_param_ratio is not None:
+        scaled = [(m, n) for name, m, n in layers if name not in explicit]
+        if not scaled:
+            raise SettingsError(lambda n: f"{n('target_param_ratio')}: every layer has an explicit rank in "
+                                          f"{n('ranks')}; nothing left to scale")
+        rest = params_now - sum(m * n for m, n in scaled) + sum(
+            factorized_param_count(m, n, explicit[name], structure.deep) - m * n
+            for name, m, n in layers if name in explicit)
+        try:
+            scale = rank_scale_for_budget(scaled, rest, structure.target_param_ratio * params_before, structure.deep)
+        except ValueError:
+            smallest = factorized_total(scaled, rest, 1e-9, structure.deep)
+            raise SettingsError(lambda n: (
+                f"{n('target_param_ratio')} {structure.target_param_ratio} is unreachable: rank 1 in every "
+                f"factorized layer still keeps {smallest / params_before:.4f} of the parameters; raise the ratio or "
+                "factorize more parts")) from None
+    ranks = {}
+    for name, m, n in layers:
+        if name in explicit:
+            ranks[name] = explicit[name]
+        elif scale is not None:
+            ranks[name] = rank_from_scale(m, n, scale)
+    return ranks

@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from .rank import check_matrix, check_positive_int
+from .settings import check_shrink
 
 
 def _svd_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,7 +45,9 @@ def _revive_dead_pairs(U, V, s, tol, pad_std, generator):
         pad_std = float(live.pow(2).mean().sqrt()) if live.numel() else 1.0 / math.sqrt(V.shape[-2])
         if pad_std == 0.0:
             pad_std = 1.0 / math.sqrt(V.shape[-2])
-    noise = torch.randn(V.shape, generator=generator, dtype=V.dtype, device=V.device) * pad_std
+    # drawn on the generator's device (a CPU generator also seeds CUDA factors: the same draws on every device)
+    where = generator.device if generator is not None else V.device
+    noise = torch.randn(V.shape, generator=generator, dtype=V.dtype, device=where).to(V.device) * pad_std
     mask = dead.unsqueeze(-2)
     U = U.masked_fill(mask, 0.0)
     V = torch.where(mask.expand_as(V), noise, V)
@@ -60,7 +63,7 @@ def spectral_init(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Factors ``U (m x r)``, ``V (n x r)`` of ``weight (m x n)`` with ``U V^T`` its best rank-r approximation.
 
-    ``U = U_r sqrt(S_r)``, ``V = V_r sqrt(S_r)`` (paper Definition 3.1, SI). For ``rank > min(m, n)`` the extra
+    ``U = U_r sqrt(S_r)``, ``V = V_r sqrt(S_r)`` (paper, Definition 3.1, SI). For ``rank > min(m, n)`` the extra
     columns, and columns of numerically zero singular values, are revived as described in the module docstring.
     """
     check_matrix("weight", weight)
@@ -113,7 +116,8 @@ def head_spectral_init(
 
     Thin QR ``A_h = Qa Ra``, ``B_h = Qb Rb``; SVD of the k x k core ``Ra Rb^T = Uc S Vc^T``; then
     ``A'_h = Qa Uc_r sqrt(S_r)``, ``B'_h = Qb Vc_r sqrt(S_r)`` so ``A'_h B'_h^T`` is the best rank-r
-    approximation of ``A_h B_h^T`` (SI, Definition 3.1, of each head's QK and OV form, Sec. 2.3, Eq. (1)). Cost O(H (m + n) k^2).
+    approximation of ``A_h B_h^T`` (paper Sec. 2.3, Eq. (1): SI of each head's QK and OV form). Cost
+    O(H (m + n) k^2).
     ``rank`` may not exceed ``k`` (the current per-head dimension): heads are only ever shrunk.
     """
     if A.dim() != 3 or B.dim() != 3:
@@ -125,8 +129,7 @@ def head_spectral_init(
     n = B.shape[1]
     if rank > min(m, n):
         raise ValueError(f"rank must be <= min(dim_a, dim_b) = {min(m, n)}, got {rank}")
-    if rank > k:
-        raise ValueError(f"reduced head dim (rank) must be <= the head dim {k}, got {rank}; heads cannot grow")
+    check_shrink("reduced head dim (rank)", rank, k)  # heads only shrink
     core, Qa, Qb = qr_core(A.detach(), B.detach())
     Uc, s, Vch = torch.linalg.svd(core)  # A_h B_h^T = Qa (Ra Rb^T) Qb^T
     root = s[:, :rank].sqrt().unsqueeze(1)

@@ -2,11 +2,13 @@
 
 Importing this package (which imports fairseq) registers, once per process:
 
-* the model ``fnl_transformer`` and architectures ``fnl_transformer`` (base dims), ``fnl_transformer_iwslt_de_en``,
+* the model ``fnl_transformer`` (with the fnl options, FD included, as model flags) and architectures
+  ``fnl_transformer`` (base dims), ``fnl_transformer_iwslt_de_en``,
   ``fnl_transformer_wmt_en_de``, ``fnl_transformer_tiny`` (:mod:`.model`, reduced heads in :mod:`.attention`);
 * the criterion ``fd_label_smoothed_cross_entropy`` (:mod:`.criterion`);
 * the optimizers ``fnl_adam``, ``flambe``, ``fnl_lamb`` (:mod:`.optim`);
-* the safe-loading allow-list for fairseq checkpoints under torch >= 2.6 (:mod:`.safe_loading`).
+* the safe-loading allow-list for fairseq checkpoints under torch >= 2.6 (:mod:`.safe_loading`);
+* ``torchrun`` launch (``env://``) of ``fairseq-train`` on CPU and GPU (:mod:`.distributed`).
 
 Registration is idempotent and independent of import order: :func:`register` skips names already in fairseq's
 registries, so a second import under another name (``--user-dir`` imports its folder as a top-level module),
@@ -16,9 +18,9 @@ duplicate". ``fnl userdir`` prints ``user_dir/fnl_fairseq_plugin``, a shim packa
 """
 from __future__ import annotations
 
-from . import safe_loading
+from . import distributed, safe_loading
 from .criterion import FDLabelSmoothedCrossEntropyConfig, FDLabelSmoothedCrossEntropyCriterion
-from .model import ARCHITECTURES, FnlSettings, FnlTransformerModel
+from .model import ARCHITECTURES, FnlTransformerModel, fnl_specs
 from .optim import OPTIMIZERS
 
 MODEL_NAME = "fnl_transformer"
@@ -45,6 +47,7 @@ def register() -> None:
 
 
 safe_loading.install()
+distributed.install()
 register()
 
-__all__ = ["FDLabelSmoothedCrossEntropyCriterion", "FnlSettings", "FnlTransformerModel", "register"]
+__all__ = ["FDLabelSmoothedCrossEntropyCriterion", "FnlTransformerModel", "fnl_specs", "register"]

@@ -1,8 +1,9 @@
 """fairseq ``MultiheadAttention`` with reduced per-head dimensions, and per-head SI of its QK / OV forms.
 
-Paper: Khodak et al., ICLR 2021, Sec. 4: each head's Query-Key form ``W_q,h W_k,h^T`` and Output-Value form
-``W_o,h W_v,h`` have inner dimension ``head_dim``; shrinking it (QK and OV separately) compresses attention,
-and SI makes the shrunken forms the best rank-r approximations of the dense ones.
+Paper: Khodak et al., ICLR 2021, Sec. 2.3, Eq. (1): each head's Query-Key form ``W_q,h W_k,h^T`` and Output-Value
+form ``W_o,h W_v,h`` have inner dimension ``head_dim``; shrinking it (QK and OV separately) compresses attention,
+and SI (Definition 3.1) makes the shrunken forms the best rank-r approximations of the dense ones. The surgery
+itself is the core's (:func:`~fnl_transformers.core.shrink_heads`); this module maps fairseq's names and layouts.
 
 :class:`ReducedHeadAttention` keeps fairseq's parameter names and layouts (``q_proj``, ``k_proj``: ``(heads *
 head_dim_qk) x d``; ``v_proj``: ``(heads * head_dim_ov) x d``; ``out_proj``: ``d x (heads * head_dim_ov)``) and
@@ -14,6 +15,7 @@ head dim equal to ``embed_dim / heads``).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -21,7 +23,15 @@ from fairseq import utils
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
 
-from ..core import attention_form_specs, attention_spectral_init, register_attention_forms
+from ..core import (
+    HeadDims,
+    StructureSpec,
+    attention_form_specs,
+    form_param_counts,
+    register_attention_forms,
+    shrink_heads,
+)
+from ..core.heads import Tensors
 
 
 class ReducedHeadAttention(MultiheadAttention):
@@ -167,14 +177,35 @@ def _linear(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
     return out
 
 
-def _fresh_linear(like: nn.Linear, in_features: int, out_features: int, gain: float, zero_bias: bool) -> nn.Linear:
-    """A new projection initialized as fairseq's ``MultiheadAttention.reset_parameters`` would at this size."""
-    w = like.weight
-    out = nn.Linear(in_features, out_features, bias=like.bias is not None, dtype=w.dtype, device=w.device)
-    nn.init.xavier_uniform_(out.weight, gain=gain)
-    if zero_bias and out.bias is not None:
-        nn.init.constant_(out.bias, 0.0)
+PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
+
+
+def read_projections(attn: MultiheadAttention) -> Tensors:
+    """``{q,k,v,o}_{weight,bias}`` of a fairseq attention module (``nn.Linear`` layout, detached)."""
+    out: Tensors = {}
+    for key, proj in PROJ.items():
+        lin = getattr(attn, proj)
+        out[f"{key}_weight"] = lin.weight.detach()
+        out[f"{key}_bias"] = None if lin.bias is None else lin.bias.detach()
     return out
+
+
+def _fresh_init(attn: MultiheadAttention):
+    """fairseq's ``MultiheadAttention.reset_parameters`` at a new size: xavier-uniform weights (gain ``1/sqrt(2)``
+    for q/k/v when they share a dim), q/k/v biases as ``nn.Linear`` initializes them, a zero output bias."""
+    gain = 1 / math.sqrt(2) if attn.qkv_same_dim else 1.0
+    fan_in = {"q": attn.embed_dim, "k": attn.kdim, "v": attn.vdim}
+
+    def fresh(key: str, shape, like: Tensor) -> Tensor:
+        out = torch.empty(shape, dtype=like.dtype, device=like.device)
+        if key.endswith("weight"):
+            return nn.init.xavier_uniform_(out, gain=1.0 if key == "o_weight" else gain)
+        if key == "o_bias":
+            return out.zero_()
+        bound = 1 / math.sqrt(fan_in[key[0]])
+        return out.uniform_(-bound, bound)
+
+    return fresh
 
 
 def check_attention(attn: MultiheadAttention, name: str) -> None:
@@ -184,66 +215,46 @@ def check_attention(attn: MultiheadAttention, name: str) -> None:
                          "--spectral-init-qk/-ov (the extra key/value is outside the QK/OV forms); drop them")
     if getattr(attn, "use_xformers", False):
         raise ValueError(f"{name}: xformers attention is not supported with --head-dim; drop --xformers-att-config")
-    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+    for proj in PROJ.values():
         if type(getattr(attn, proj)) is not nn.Linear:
             raise ValueError(f"{name}.{proj} is a {type(getattr(attn, proj)).__name__}, not an nn.Linear: "
                              "--head-dim and --spectral-init-qk/-ov need fairseq's plain projections")
 
 
-def reduce_attention(
-    attn: MultiheadAttention,
-    head_dim_qk: Optional[int] = None,
-    head_dim_ov: Optional[int] = None,
-    spectral_init_qk: bool = False,
-    spectral_init_ov: bool = False,
-    name: str = "attention",
-) -> MultiheadAttention:
-    """Shrink ``attn``'s per-head QK and/or OV dimension in place (SI or fairseq's random init).
+def head_dims(attn: MultiheadAttention) -> HeadDims:
+    """The per-head dims of a (possibly reduced) fairseq attention module."""
+    hd = attn.embed_dim // attn.num_heads
+    return HeadDims(attn.num_heads, attn.num_heads, hd, getattr(attn, "head_dim_qk", hd),
+                    getattr(attn, "head_dim_ov", hd))
 
-    ``None`` keeps a dimension. With SI the new projections are the per-head best rank-r approximations of the
-    current ones (:func:`fnl_transformers.core.attention_spectral_init`, exact at full rank: key bias dropped
-    (softmax-invariant), value bias folded into the output bias); without SI a shrunken part is re-initialized
-    as fairseq initializes attention (xavier-uniform, gain ``1/sqrt(2)`` for q/k/v when q, k, v share a dim).
-    If a dimension changes the module becomes a :class:`ReducedHeadAttention`.
-    """
+
+def reduce_attention(attn: MultiheadAttention, structure: StructureSpec, name: str = "attention") -> int:
+    """Resize ``attn``'s heads in place as ``structure`` says (its head dims and per-head initialization, core
+    :meth:`~fnl_transformers.core.StructureSpec.head_dims` / ``head_init``); returns the parameters removed.
+
+    Spectral init is exact at full rank (key bias dropped, softmax-invariant; value bias folded into the output
+    bias); random init is fairseq's for a new attention. If a dimension changes the module becomes a
+    :class:`ReducedHeadAttention` (original score scaling)."""
+    full = head_dims(attn)
+    qk, ov = structure.head_dims(full.head_dim, where=name)
+    dims = replace(full, qk=qk, ov=ov)
+    init = {form: structure.head_init(form, dims.shrinks(form)) for form in ("qk", "ov")}
+    if not dims.changed and init["qk"] is None and init["ov"] is None:
+        return 0
     check_attention(attn, name)
-    H = attn.num_heads
-    hd = attn.embed_dim // H
-    dq = hd if head_dim_qk is None else head_dim_qk
-    dv = hd if head_dim_ov is None else head_dim_ov
-    for flag, d in (("--head-dim-qk", dq), ("--head-dim-ov", dv)):
-        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= hd:
-            raise ValueError(
-                f"{flag} {d} does not fit {name}: its heads have dimension {hd} (embed_dim {attn.embed_dim} / "
-                f"{H} heads) and can only shrink; use an integer in [1, {hd}]"
-            )
-    if spectral_init_qk or spectral_init_ov:
-        bias = lambda lin: None if lin.bias is None else lin.bias  # noqa: E731
-        new = attention_spectral_init(
-            attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.out_proj.weight, H,
-            qk_rank=dq, ov_rank=dv, q_bias=bias(attn.q_proj), k_bias=bias(attn.k_proj), v_bias=bias(attn.v_proj),
-            o_bias=bias(attn.out_proj),
-        )
-    gain = 1 / math.sqrt(2) if attn.qkv_same_dim else 1.0
-    if spectral_init_qk:
-        attn.q_proj = _linear(new["q_weight"], new["q_bias"])
-        attn.k_proj = _linear(new["k_weight"], new["k_bias"])
-    elif dq != hd:
-        attn.k_proj = _fresh_linear(attn.k_proj, attn.kdim, H * dq, gain, zero_bias=False)
-        attn.q_proj = _fresh_linear(attn.q_proj, attn.embed_dim, H * dq, gain, zero_bias=False)
-    if spectral_init_ov:
-        attn.v_proj = _linear(new["v_weight"], new["v_bias"])
-        attn.out_proj = _linear(new["o_weight"], new["o_bias"])
-    elif dv != hd:
-        attn.v_proj = _fresh_linear(attn.v_proj, attn.vdim, H * dv, gain, zero_bias=False)
-        attn.out_proj = _fresh_linear(attn.out_proj, H * dv, attn.embed_dim, 1.0, zero_bias=True)
-    if dq != hd or dv != hd:
+    t = read_projections(attn)
+    new = shrink_heads(t, dims, init["qk"], init["ov"], fresh=_fresh_init(attn))
+    for key, proj in PROJ.items():
+        if new[f"{key}_weight"] is not t[f"{key}_weight"]:
+            setattr(attn, proj, _linear(new[f"{key}_weight"], new[f"{key}_bias"]))
+    if dims.changed:
         attn.__class__ = ReducedHeadAttention
-        attn.head_dim_qk, attn.head_dim_ov = dq, dv
-        attn.head_dim = dq
+        attn.head_dim_qk, attn.head_dim_ov = dims.qk, dims.ov
+        attn.head_dim = dims.qk
         attn.skip_embed_dim_check = True  # fairseq's own flag for resized heads: never the fused fast path
         # attn.scaling is left at the original 1/sqrt(embed_dim / heads)
-    return attn
+    counts = lambda d: sum(form_param_counts(t, d).values())  # noqa: E731
+    return counts(full) - counts(dims)
 
 
 def register_fairseq_attention_forms(attn: MultiheadAttention) -> None:

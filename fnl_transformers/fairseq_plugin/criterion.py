@@ -1,7 +1,12 @@
 """``fd_label_smoothed_cross_entropy``: label-smoothed cross entropy plus Frobenius decay of the model's forms.
 
-Paper: Khodak et al., ICLR 2021, Sec. 3.2, Eq. (3): ``lambda/2 ||U V^T||_F^2`` on each factorized form, in place
-of weight decay on the factors; Sec. 4: the attention QK and OV forms get separate coefficients.
+Paper: Khodak et al., ICLR 2021, Definition 3.2: ``lambda/2 ||U V^T||_F^2`` on each factorized form, in place of
+weight decay on the factors; Sec. 2.3, Eq. (1): the attention QK and OV forms get separate coefficients.
+
+The coefficients are the model's: ``--fd-linear``, ``--fd-embedding``, ``--fd-qk``, ``--fd-ov`` and
+``--fd-mode`` are options of ``--arch fnl_transformer*``, and the criterion reads the one FD spec the model holds
+(``model.fnl_fd``, :class:`fnl_transformers.core.FDSpec`). With ``--fd-mode coupled`` (default) the penalty is
+added to the loss; with ``decoupled`` the optimizer (``flambe``) applies FD and the loss has none.
 
 The penalty ``P = sum_kind lambda_kind / 2 sum_forms ||W||_F^2`` (:func:`fnl_transformers.core.
 frobenius_penalty_by_kind`) counts exactly once per update whatever ``--update-freq`` and the number of workers:
@@ -29,19 +34,11 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 
-from ..core import KINDS, form_diagnostics, frobenius_penalty_by_kind, iter_forms
-from ..core import check_fd_coefficients
+from ..core import KINDS, form_diagnostics, frobenius_penalty_by_kind
 
 
 @dataclass
 class FDLabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
-    fd_qk: float = field(default=0.0, metadata={"help": "Frobenius decay coefficient of the attention QK forms"})
-    fd_ov: float = field(default=0.0, metadata={"help": "Frobenius decay coefficient of the attention OV forms"})
-    fd_linear: float = field(
-        default=0.0, metadata={"help": "Frobenius decay coefficient of factorized FFN layers (and of the "
-                                       "embeddings unless --fd-embedding is given)"})
-    fd_embedding: Optional[float] = field(
-        default=None, metadata={"help": "Frobenius decay coefficient of factorized embeddings (default: --fd-linear)"})
     form_diagnostics_interval: int = field(
         default=0, metadata={"help": "log Frobenius / nuclear norms, the weight-decay bound and the effective step "
                                      "of each form kind every N updates (0: never)"})
@@ -54,44 +51,27 @@ def _current_lr() -> Optional[float]:
 
 class FDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
-                 fd_qk=0.0, fd_ov=0.0, fd_linear=0.0, fd_embedding=None, form_diagnostics_interval=0):
+                 form_diagnostics_interval=0):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        coeffs = check_fd_coefficients(linear=fd_linear, embedding=fd_linear if fd_embedding is None else fd_embedding,
-                               qk=fd_qk, ov=fd_ov)  # one clear error for a negative / non-finite value
-        self.fd = {k: v for k, v in coeffs.items() if v > 0}
-        # flag -> kinds it decays (--fd-linear covers the embeddings too unless --fd-embedding is given)
-        self._flags = {f"--fd-{k}": {k} for k in ("qk", "ov") if k in self.fd}
-        if fd_linear > 0:
-            self._flags["--fd-linear"] = {"linear"} | ({"embedding"} if fd_embedding is None else set())
-        if fd_embedding is not None and fd_embedding > 0:
-            self._flags["--fd-embedding"] = {"embedding"}
         if isinstance(form_diagnostics_interval, bool) or int(form_diagnostics_interval) != form_diagnostics_interval \
                 or form_diagnostics_interval < 0:
             raise ValueError(f"--form-diagnostics-interval must be an integer >= 0, got {form_diagnostics_interval!r}")
         self.diag_interval = int(form_diagnostics_interval)
-        self._checked = False
         self._diag_update = -1
 
-    def _check_forms(self, model) -> None:
-        present = {spec.kind for _, _, spec, _ in iter_forms(model)}
-        idle = {flag: kinds for flag, kinds in self._flags.items() if not kinds & present}
-        if idle:
-            flags = ", ".join(idle)
-            kinds = "/".join(sorted(set().union(*idle.values())))
-            raise ValueError(
-                f"{flags} > 0 but the model has no {kinds} forms to decay: use --arch fnl_transformer* (it declares "
-                "the attention QK/OV forms) and --rank-scale for linear/embedding forms, or drop the flag"
-            )
-        self._checked = True
-
     def forward(self, model, sample, reduce=True):
+        fd = getattr(model, "fnl_fd", None)
+        if fd is None:
+            raise ValueError(
+                f"--criterion fd_label_smoothed_cross_entropy reads its FD coefficients from the model, but "
+                f"{type(model).__name__} holds none: use --arch fnl_transformer* (where --fd-* are model options), "
+                "or --criterion label_smoothed_cross_entropy"
+            )
         loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
         if not model.training:
             return loss, sample_size, logging_output  # FD is a training regularizer: not in validation
-        if self.fd:
-            if not self._checked:
-                self._check_forms(model)
-            parts = frobenius_penalty_by_kind(model, **self.fd)
+        if fd.coupled:
+            parts = frobenius_penalty_by_kind(model, **fd.coefficients())
             # counts once per update: sum_b P s_b / sum_b s_b = P (module docstring)
             loss = loss + torch.stack(list(parts.values())).sum().to(loss.dtype) * sample_size
             for kind, value in parts.items():

@@ -1,28 +1,30 @@
 """``fnl_transformer``: fairseq's ``transformer`` with factorized FFN / embedding layers, SI, and reduced heads.
 
-Paper: Khodak, Tenenholtz, Mackey, Fusi, ICLR 2021: Sec. 2 (factorized layers, rank scale), Sec. 3.1 (spectral
-initialization), Sec. 4 (attention QK / OV forms, reduced head dimension), Sec. 5 (overcomplete "deep" factors).
+Paper: Khodak, Tenenholtz, Mackey, Fusi, ICLR 2021: Sec. 2 (factorized layers, rank scale), Definition 3.1
+(spectral initialization), Definition 3.2 (Frobenius decay), Sec. 2.3, Eq. (1) (attention QK / OV forms, reduced
+head dimension), Sec. 5 (overcomplete "deep" factors).
 
 How the model is built: exactly as fairseq's ``transformer`` (same modules, same random numbers), then
-transformed in place: FFN ``fc1``/``fc2`` and the token embeddings become
-:class:`~fnl_transformers.core.FactorizedLinear` / :class:`~fnl_transformers.core.FactorizedEmbedding`
-(``--rank-scale``), SI (``--spectral-init``) factorizes the dense initialization, and attention heads shrink
-(``--head-dim``) with or without per-head SI. With every option off the model IS fairseq's ``transformer``
-(same parameters, names, outputs and training trajectory).
+transformed in place: attention heads shrink (per-head SI or fresh projections, core
+:func:`~fnl_transformers.core.shrink_heads`), and FFN ``fc1``/``fc2`` and the token embeddings become
+:class:`~fnl_transformers.core.FactorizedLinear` / :class:`~fnl_transformers.core.FactorizedEmbedding` at the
+ranks of core :func:`~fnl_transformers.core.plan_ranks` (SI factorizes the dense initialization). With every
+option off the model IS fairseq's ``transformer`` (same parameters, names, outputs and training trajectory).
 
-Options (``fairseq-train --arch fnl_transformer* ...``):
+Options: one model flag per core setting (:func:`fnl_transformers.core.flat_settings`; ``--`` + the setting's name
+with dashes, the names of ``FNLConfig``), converted to the core specs by :func:`fnl_specs`, which validate and
+default them (one clear error per bad option, spelled as the flag): ``--rank-scale --factorize --ranks
+--target-param-ratio --head-dim --head-dim-qk --head-dim-ov --spectral-init/--no-spectral-init
+--spectral-init-qk/--no-spectral-init-qk --spectral-init-ov/--no-spectral-init-ov --deep --fd-linear
+--fd-embedding --fd-qk --fd-ov --fd-mode --weight-decay-factors/--no-weight-decay-factors``. ``ARCHITECTURE.md``
+has the table.
 
-* ``--rank-scale R``: factorize the parts named by ``--factorize`` (default ``ffn,embeddings``) at rank
-  ``round(R * min(m, n))`` per layer; ``R < 1`` compresses, ``R >= 1`` is overcomplete.
-* ``--factorize PARTS``: comma list of ``ffn`` (``fc1``, ``fc2`` of every layer) and ``embeddings`` (token
-  embeddings and, when not tied, the decoder output projection).
-* ``--deep``: ``U M V^T`` factors (``M`` starts at the identity): overcomplete training, multiplied out after
-  training by ``fnl recompose`` (teacher-free distillation).
-* ``--spectral-init``: SI of the factorized layers (else fresh random factors).
-* ``--head-dim D`` / ``--head-dim-qk D`` / ``--head-dim-ov D``: per-head dimension of the QK and OV forms of
-  every attention (encoder self, decoder self, cross); ``--head-dim`` sets both, the others override it.
-* ``--spectral-init-qk`` / ``--spectral-init-ov``: per-head SI of the QK / OV forms (at the reduced head dim,
-  or at full dim where they only balance the factors; exact there: key bias dropped, value bias folded).
+The model holds the one FD spec (``model.fnl_fd``, :class:`~fnl_transformers.core.FDSpec`): the criterion
+``fd_label_smoothed_cross_entropy`` reads it (coupled FD), and the build sets each parameter's decay (the core
+:class:`~fnl_transformers.core.DecayPolicy`) in ``p.optim_overrides["fnl"]`` (with its form memberships for
+decoupled FD), which the plugin's optimizers (``fnl_adam``, ``flambe``, ``fnl_lamb``) read from whatever parameter
+list fairseq hands them (fairseq copies ``optim_overrides`` onto fp32 master copies with
+``--fp16-no-flatten-grads``). The build refuses inconsistent combinations once, each with one line naming the fix.
 
 Parameter names (fairseq's, plus the factors; ``*`` is ``encoder`` or ``decoder``, ``i`` the layer):
 
@@ -40,20 +42,14 @@ Parameter names (fairseq's, plus the factors; ``*`` is ``encoder`` or ``decoder`
   ORIGINAL ``1/sqrt(embed_dim / heads)``, so zero-padding the per-head rows / columns back to
   ``embed_dim / heads`` gives the dense ``transformer`` computing the same function.
 
-Recorded in the model args (``cfg["model"]`` of a checkpoint) for ``fnl recompose``: ``rank_scale``,
-``factorize``, ``deep``, ``head_dim_qk``/``head_dim_ov`` (resolved; ``None`` = full), and fairseq's own
-``encoder_embed_dim``, ``decoder_embed_dim``, ``encoder_ffn_embed_dim``, ``decoder_ffn_embed_dim``,
-``encoder_attention_heads``, ``decoder_attention_heads`` (the original dims), ``share_*`` flags.
-
-FD bookkeeping: the model records the criterion's FD coefficients (``--fd-qk``, ``--fd-ov``, ``--fd-linear``,
-``--fd-embedding``) at build time; :meth:`FnlTransformerModel.fd_parameters` lists the factors they decay, which
-the plugin's optimizers (``fnl_adam``, ``flambe``, ``fnl_lamb``) keep out of ``--weight-decay``.
+The options are recorded in the model args (``cfg["model"]`` of a checkpoint, ``factorize`` normalized) with
+fairseq's own ``encoder_embed_dim``, ``..._ffn_embed_dim``, ``..._attention_heads`` and ``share_*`` flags: the
+same rules rebuild the same shapes (``fnl recompose``, ``fairseq-generate``).
 """
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+import argparse
+from typing import List, Tuple
 
 import torch
 from fairseq.models.transformer import (
@@ -65,102 +61,64 @@ from fairseq.models.transformer import (
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import nn
 
-from ..core import FactorizedEmbedding, FactorizedLinear, KINDS, form_parameters
-from ..core.rank import check_rank_scale
-from .attention import register_fairseq_attention_forms, reduce_attention
+from ..core import (
+    FD,
+    FD_MODES,
+    WEIGHT_DECAY,
+    DecayPolicy,
+    FactorizedEmbedding,
+    FactorizedLinear,
+    FDSpec,
+    SettingsError,
+    StructureSpec,
+    flat_settings,
+    form_memberships,
+    form_parameters,
+    plan_ranks,
+)
+from ..core.settings import flag, specs_from_flat
+from .attention import reduce_attention, register_fairseq_attention_forms
 
-PARTS = ("ffn", "embeddings")
-# optimizers of this plugin: they keep factors decayed by the criterion's FD out of --weight-decay
+FD_CRITERION = "fd_label_smoothed_cross_entropy"
+# optimizers of this plugin: they read each parameter's decay from p.optim_overrides["fnl"]
 FD_AWARE_OPTIMIZERS = ("fnl_adam", "flambe", "fnl_lamb")
-
-# models built in this process (weakly held): the plugin's optimizers find the model of the parameters
-# fairseq hands them (fairseq passes a flat parameter list, no names)
-LIVE_MODELS: "weakref.WeakSet[FnlTransformerModel]" = weakref.WeakSet()
+DECOUPLED_FD_OPTIMIZERS = ("flambe",)  # apply decoupled FD
+OVERRIDES_KEY = "fnl"
 
 
 def add_fnl_args(parser) -> None:
-    g = parser.add_argument_group("fnl_transformers (factorized layers, SI, reduced heads)")
-    g.add_argument("--rank-scale", type=float, metavar="R",
-                   help="factorize the --factorize parts at rank round(R * min(m, n)) (R < 1 compresses, "
-                        "R >= 1 is overcomplete); default: no factorization")
-    g.add_argument("--factorize", type=str, metavar="PARTS",
-                   help="comma list of parts --rank-scale factorizes: ffn, embeddings (default: ffn,embeddings)")
-    g.add_argument("--deep", action="store_true",
-                   help="U M V^T factors (M starts at the identity): overcomplete training, multiply out after "
-                        "training with `fnl recompose`")
-    g.add_argument("--spectral-init", action="store_true",
-                   help="spectral initialization of the factorized layers (else random factors)")
-    g.add_argument("--spectral-init-qk", action="store_true", help="per-head SI of the attention QK forms")
-    g.add_argument("--spectral-init-ov", action="store_true", help="per-head SI of the attention OV forms")
-    g.add_argument("--head-dim", type=int, metavar="D", help="per-head dim of the QK and OV forms (all attentions)")
-    g.add_argument("--head-dim-qk", type=int, metavar="D", help="per-head dim of the QK forms (overrides --head-dim)")
-    g.add_argument("--head-dim-ov", type=int, metavar="D", help="per-head dim of the OV forms (overrides --head-dim)")
+    """One flag per core flat setting (meaning from the core's field help)."""
+    g = parser.add_argument_group("fnl_transformers (factorized layers, SI, reduced heads, Frobenius decay)")
+    for s in flat_settings():
+        kw = dict(default=None, help=s.help + ("" if s.default in (None, {}) else f" (default: {_show(s.default)})"))
+        if s.type == "bool":
+            g.add_argument(flag(s.name), action=argparse.BooleanOptionalAction, **kw)
+        elif s.name == "fd_mode":
+            g.add_argument(flag(s.name), choices=FD_MODES, **kw)
+        else:
+            metavar = {"factorize": "PARTS", "ranks": "PATTERN=RANK,..."}.get(s.name, "D" if s.type == "int" else "X")
+            g.add_argument(flag(s.name), type={"int": int, "float": float}.get(s.type, str), metavar=metavar, **kw)
+
+
+def _show(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def fnl_defaults(args) -> None:
-    """Defaults of the fnl options (every architecture calls this after fairseq's own defaults)."""
-    for name, default in (("rank_scale", None), ("factorize", None), ("deep", False), ("spectral_init", False),
-                          ("spectral_init_qk", False), ("spectral_init_ov", False), ("head_dim", None),
-                          ("head_dim_qk", None), ("head_dim_ov", None)):
-        if getattr(args, name, None) is None:
-            setattr(args, name, default)
+    """Every fnl option present in ``args`` (``None`` = not given: the core spec's default applies)."""
+    for s in flat_settings():
+        if not hasattr(args, s.name):
+            setattr(args, s.name, None)
 
 
-@dataclass(frozen=True)
-class FnlSettings:
-    rank_scale: Optional[float] = None
-    factorize: Tuple[str, ...] = PARTS
-    deep: bool = False
-    spectral_init: bool = False
-    spectral_init_qk: bool = False
-    spectral_init_ov: bool = False
-    head_dim_qk: Optional[int] = None
-    head_dim_ov: Optional[int] = None
-
-    @classmethod
-    def from_args(cls, args) -> "FnlSettings":
-        """Validated settings; one clear ValueError per bad option."""
-        rank_scale = getattr(args, "rank_scale", None)
-        if rank_scale is not None:
-            rank_scale = check_rank_scale(rank_scale, "--rank-scale")
-        raw = getattr(args, "factorize", None)
-        parts = PARTS if raw is None else tuple(p.strip() for p in str(raw).split(",") if p.strip())
-        bad = [p for p in parts if p not in PARTS]
-        if bad or not parts:
-            raise ValueError(f"--factorize must be a comma list of {', '.join(PARTS)}, got {raw!r}")
-        deep, si = bool(getattr(args, "deep", False)), bool(getattr(args, "spectral_init", False))
-        if rank_scale is None and (deep or si or raw is not None):
-            used = [f for f, on in (("--deep", deep), ("--spectral-init", si), ("--factorize", raw is not None)) if on]
-            raise ValueError(f"{', '.join(used)} needs --rank-scale R (which layers to factorize at which rank)")
-        head_dim = getattr(args, "head_dim", None)
-        dims = {}
-        for kind in ("qk", "ov"):
-            d = getattr(args, f"head_dim_{kind}", None)
-            d = head_dim if d is None else d
-            if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
-                raise ValueError(f"--head-dim-{kind} must be a positive integer, got {d!r}")
-            dims[kind] = d
-        return cls(rank_scale, parts, deep, si, bool(getattr(args, "spectral_init_qk", False)),
-                   bool(getattr(args, "spectral_init_ov", False)), dims["qk"], dims["ov"])
-
-    @property
-    def factorizes(self) -> bool:
-        return self.rank_scale is not None
-
-    @property
-    def touches_attention(self) -> bool:
-        return (self.head_dim_qk is not None or self.head_dim_ov is not None or self.spectral_init_qk
-                or self.spectral_init_ov)
-
-
-def criterion_fd(args) -> Dict[str, float]:
-    """The FD coefficients of the fd_label_smoothed_cross_entropy criterion, from the full args."""
-    if getattr(args, "criterion", None) != "fd_label_smoothed_cross_entropy":
-        return {k: 0.0 for k in KINDS}
-    linear = float(getattr(args, "fd_linear", 0.0) or 0.0)
-    emb = getattr(args, "fd_embedding", None)
-    return {"linear": linear, "embedding": linear if emb is None else float(emb),
-            "qk": float(getattr(args, "fd_qk", 0.0) or 0.0), "ov": float(getattr(args, "fd_ov", 0.0) or 0.0)}
+def fnl_specs(args) -> Tuple[StructureSpec, FDSpec, DecayPolicy]:
+    """The core specs of the fnl options in ``args``: one clear error (naming the flag) per bad option."""
+    values = {s.name: getattr(args, s.name, None) for s in flat_settings()}
+    structure, fd, weight_decay_factors = specs_from_flat(values, namer=flag)
+    # fairseq's stock optimizers decay every parameter: biases and norms too unless --no-decay-bias-norm
+    policy = DecayPolicy(fd, weight_decay_factors=weight_decay_factors,
+                         decay_bias_norm=not getattr(args, "no_decay_bias_norm", False))
+    return structure, fd, policy
 
 
 class TiedFactorizedProjection(nn.Module):
@@ -180,51 +138,71 @@ class TiedFactorizedProjection(nn.Module):
         return "tied to decoder.embed_tokens: x V M^T U^T"
 
 
-def _check_model_options(args, s: FnlSettings) -> None:
-    if s.factorizes and "embeddings" in s.factorize and getattr(args, "adaptive_softmax_cutoff", None):
+def _shrinks_heads(s: StructureSpec) -> bool:
+    return s.head_dim_qk is not None or s.head_dim_ov is not None or (
+        "attention" in s.factorize and s.rank_scale is not None)
+
+
+def _check_model_options(args, s: StructureSpec) -> None:
+    if s.factorizes and "embedding" in s.factorize and getattr(args, "adaptive_softmax_cutoff", None):
         raise ValueError("--adaptive-softmax-cutoff is not supported with factorized embeddings; "
                          "use --factorize ffn or drop the adaptive softmax")
-    if (s.factorizes or s.touches_attention) and (getattr(args, "quant_noise_pq", 0) or 0) > 0:
+    touches = _shrinks_heads(s) or s.spectral_init_qk or s.spectral_init_ov
+    if (s.factorizes or touches) and (getattr(args, "quant_noise_pq", 0) or 0) > 0:
         raise ValueError("--quant-noise-pq is not supported with fnl options (it wraps the dense layers); set it to 0")
-    if s.head_dim_qk is not None or s.head_dim_ov is not None:
-        for flag in ("cross_self_attention", "scale_heads", "adaptive_input"):
-            if getattr(args, flag, False):
-                raise ValueError(f"--{flag.replace('_', '-')} is not supported with --head-dim; drop one of them")
+    if _shrinks_heads(s):
+        for name in ("cross_self_attention", "scale_heads", "adaptive_input"):
+            if getattr(args, name, False):
+                raise ValueError(f"--{name.replace('_', '-')} is not supported with --head-dim; drop one of them")
 
 
-def _factorize_layer(linear: nn.Linear, s: FnlSettings) -> FactorizedLinear:
-    init = "spectral" if s.spectral_init else "random"
-    return FactorizedLinear.from_linear(linear, rank_scale=s.rank_scale, init=init, deep=s.deep)
-
-
-def _factorize_embedding(emb: nn.Embedding, s: FnlSettings) -> FactorizedEmbedding:
-    init = "spectral" if s.spectral_init else "random"
-    return FactorizedEmbedding.from_embedding(emb, rank_scale=s.rank_scale, init=init, deep=s.deep)
-
-
-def apply_settings(model: TransformerModel, s: FnlSettings) -> None:
-    """Transform a freshly built dense ``transformer`` in place (see the module docstring)."""
-    layers = list(model.encoder.layers) + list(model.decoder.layers)
-    if s.factorizes and "ffn" in s.factorize:
-        for layer in layers:
-            layer.fc1 = _factorize_layer(layer.fc1, s)
-            layer.fc2 = _factorize_layer(layer.fc2, s)
-    if s.factorizes and "embeddings" in s.factorize:
+def _layer_candidates(model: TransformerModel, s: StructureSpec) -> List[Tuple[str, nn.Module]]:
+    """The dense layers of the parts in ``--factorize``, by qualified name (a shared embedding once)."""
+    out: List[Tuple[str, nn.Module]] = []
+    if "ffn" in s.factorize:
+        for side in ("encoder", "decoder"):
+            for i, layer in enumerate(getattr(model, side).layers):
+                out += [(f"{side}.layers.{i}.fc1", layer.fc1), (f"{side}.layers.{i}.fc2", layer.fc2)]
+    if "embedding" in s.factorize:
         enc, dec = model.encoder.embed_tokens, model.decoder.embed_tokens
-        new_enc = _factorize_embedding(enc, s)
-        new_dec = new_enc if dec is enc else _factorize_embedding(dec, s)
-        model.encoder.embed_tokens, model.decoder.embed_tokens = new_enc, new_dec
-        if model.decoder.share_input_output_embed:
-            model.decoder.output_projection = TiedFactorizedProjection(new_dec)
-        else:
-            proj = _factorize_layer(model.decoder.output_projection, s)
-            proj.fd_kind = "embedding"  # the output embedding table (FD kind of this one layer)
-            model.decoder.output_projection = proj
-    if s.touches_attention:
-        for name, module in list(model.named_modules()):
-            if isinstance(module, MultiheadAttention):
-                reduce_attention(module, s.head_dim_qk, s.head_dim_ov, s.spectral_init_qk, s.spectral_init_ov,
-                                 name=name)
+        out.append(("encoder.embed_tokens", enc))
+        if dec is not enc:
+            out.append(("decoder.embed_tokens", dec))
+        if not model.decoder.share_input_output_embed:
+            out.append(("decoder.output_projection", model.decoder.output_projection))
+    return out
+
+
+def _factorized(module: nn.Module, rank: int, s: StructureSpec) -> nn.Module:
+    if isinstance(module, nn.Embedding):
+        return FactorizedEmbedding.from_embedding(module, rank=rank, init=s.layer_init, deep=s.deep)
+    return FactorizedLinear.from_linear(module, rank=rank, init=s.layer_init, deep=s.deep)
+
+
+def apply_structure(model: TransformerModel, s: StructureSpec) -> None:
+    """Transform a freshly built dense ``transformer`` in place (see the module docstring): heads first, then the
+    layers at the ranks :func:`~fnl_transformers.core.plan_ranks` gives (a parameter budget counts the heads)."""
+    before = sum(p.numel() for p in model.parameters())
+    removed = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MultiheadAttention):
+            removed += reduce_attention(module, s, name=name)
+    shared = model.decoder.embed_tokens is model.encoder.embed_tokens
+    candidates = _layer_candidates(model, s)
+    ranks = plan_ranks([(name, *module.weight.shape) for name, module in candidates], s, before, before - removed)
+    for name, module in candidates:
+        if name not in ranks:
+            continue
+        layer = _factorized(module, ranks[name], s)
+        if name == "decoder.output_projection":
+            layer.fd_kind = "embedding"  # the output embedding table (FD kind of this one layer)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+        if name == "encoder.embed_tokens" and shared:
+            model.decoder.embed_tokens = layer
+    dec = model.decoder.embed_tokens
+    if model.decoder.share_input_output_embed and isinstance(dec, FactorizedEmbedding):
+        model.decoder.output_projection = TiedFactorizedProjection(dec)
     for module in model.modules():
         if isinstance(module, MultiheadAttention):
             register_fairseq_attention_forms(module)
@@ -245,25 +223,20 @@ class FnlTransformerModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         fnl_defaults(args)
-        settings = FnlSettings.from_args(args)
-        _check_model_options(args, settings)
-        model = super().build_model(args, task)  # dense, the same random numbers as `transformer`
-        apply_settings(model, settings)
-        # recorded for `fnl recompose` (the args are saved as cfg["model"] of each checkpoint)
-        args.head_dim_qk, args.head_dim_ov = settings.head_dim_qk, settings.head_dim_ov
-        if settings.factorizes:
-            args.factorize = ",".join(settings.factorize)
-        model.fnl_settings = settings
-        model.fnl_criterion_fd = criterion_fd(args)
+        try:
+            structure, fd, policy = fnl_specs(args)
+            _check_model_options(args, structure)
+            model = super().build_model(args, task)  # dense, the same random numbers as `transformer`
+            apply_structure(model, structure)
+            fd.check_present(kind for _, _, kind in form_parameters(model))
+        except SettingsError as e:
+            raise e.spelled(flag) from None
+        args.factorize = ",".join(structure.factorize)  # normalized, recorded in the checkpoint
+        model.fnl_structure, model.fnl_fd, model.fnl_policy = structure, fd, policy
         model.fnl_num_updates = 0
-        _check_optimizer(model, args)
-        LIVE_MODELS.add(model)
+        _check_training_setup(model, args)
+        set_optim_overrides(model, policy)
         return model
-
-    def fd_parameters(self) -> List[Tuple[str, nn.Parameter, str]]:
-        """``(name, parameter, kind)`` of the factors decayed by the criterion's FD (kept out of weight decay)."""
-        active = [k for k, v in self.fnl_criterion_fd.items() if v > 0]
-        return form_parameters(self, active) if active else []
 
     def set_num_updates(self, num_updates):
         self.fnl_num_updates = num_updates  # read by the criterion for --form-diagnostics-interval
@@ -290,25 +263,62 @@ class FnlTransformerModel(TransformerModel):
             ) from exc
 
 
-def _check_optimizer(model: FnlTransformerModel, args) -> None:
-    """FD replaces weight decay on the factors it decays: refuse optimizers that would apply both."""
-    if not model.fd_parameters():
-        return
-    optimizer = getattr(args, "optimizer", None)
-    wd = float(getattr(args, "weight_decay", 0.0) or 0.0)
-    if optimizer is not None and optimizer not in FD_AWARE_OPTIMIZERS and wd > 0:
-        active = [f"--fd-{k}" for k, v in model.fnl_criterion_fd.items() if v > 0]
+
+def set_optim_overrides(model: nn.Module, policy: DecayPolicy) -> None:
+    """Record each parameter's decay (``fd``, ``weight_decay`` or ``none``) in ``p.optim_overrides["fnl"]``, with
+    ``"weight_decay": 0.0`` for the parameters without weight decay and, for decoupled FD, the coefficients and
+    the parameter's form memberships (core :func:`~fnl_transformers.core.form_memberships`)."""
+    fd = policy.fd
+    memberships = form_memberships(model, fd.active) if fd.decoupled else {}
+    coeffs = {k: v for k, v in fd.coefficients().items() if k in fd.active}
+    for _, p, decay in policy.assign(model):
+        overrides = dict(getattr(p, "optim_overrides", None) or {})
+        entry: dict = {"decay": decay}
+        if decay == FD and fd.decoupled:
+            entry.update(fd=coeffs, forms=memberships[id(p)])
+        overrides[OVERRIDES_KEY] = entry
+        if decay != WEIGHT_DECAY:
+            overrides["weight_decay"] = 0.0
+        else:
+            overrides.pop("weight_decay", None)
+        p.optim_overrides = overrides
+
+
+def _check_training_setup(model: FnlTransformerModel, args) -> None:
+    """The criterion and optimizer must apply the FD spec and decay policy the model holds (skipped when the
+    args name none, e.g. when a checkpoint is rebuilt for recomposing)."""
+    fd, policy = model.fnl_fd, model.fnl_policy
+    flags = ", ".join(f"--fd-{k}" for k in ("linear", "embedding", "qk", "ov")
+                      if getattr(fd, k) is not None and getattr(fd, k) > 0)
+    criterion = getattr(args, "criterion", None)
+    if fd.coupled and criterion is not None and criterion != FD_CRITERION:
         raise ValueError(
-            f"{', '.join(active)} replaces weight decay on the factors it decays, but --optimizer {optimizer} applies "
-            f"--weight-decay {wd:g} to every parameter. Use --optimizer fnl_adam (fairseq's adam without weight "
-            "decay on those factors), flambe or fnl_lamb, or set --weight-decay 0"
+            f"{flags} with --fd-mode coupled adds Frobenius decay to the loss, which --criterion {criterion} does not "
+            f"do: use --criterion {FD_CRITERION}, or --fd-mode decoupled with --optimizer flambe"
         )
-    flat_fp16 = (getattr(args, "fp16", False) or getattr(args, "bf16", False)) and not (
-        getattr(args, "memory_efficient_fp16", False) or getattr(args, "memory_efficient_bf16", False))
-    if optimizer in FD_AWARE_OPTIMIZERS and wd > 0 and flat_fp16:
+    optimizer = getattr(args, "optimizer", None)
+    if fd.decoupled and optimizer is not None and optimizer not in DECOUPLED_FD_OPTIMIZERS:
         raise ValueError(
-            "--fp16/--bf16 copies all parameters into one flat buffer, so the optimizer cannot keep FD factors out of "
-            "--weight-decay; use --memory-efficient-fp16 (or --memory-efficient-bf16)"
+            f"{flags} with --fd-mode decoupled applies Frobenius decay in the optimizer, which --optimizer "
+            f"{optimizer} does not do: use --optimizer flambe, or --fd-mode coupled with --criterion {FD_CRITERION}"
+        )
+    wd = float(getattr(args, "weight_decay", 0.0) or 0.0)
+    kept_out = [decay for _, p, decay in policy.assign(model) if p.requires_grad and decay != WEIGHT_DECAY]
+    if optimizer is not None and optimizer not in FD_AWARE_OPTIMIZERS and wd > 0 and kept_out:
+        why = (f"{flags} replaces weight decay on the factors it decays" if FD in kept_out else
+               "--no-weight-decay-factors keeps the factors out of weight decay")
+        raise ValueError(
+            f"{why}, but --optimizer {optimizer} applies --weight-decay {wd:g} to every parameter. Use --optimizer "
+            "fnl_adam (fairseq's adam with the decay policy's groups), flambe or fnl_lamb, or set --weight-decay 0"
+        )
+    flat = (getattr(args, "fp16", False) or getattr(args, "bf16", False)) and not (
+        getattr(args, "memory_efficient_fp16", False) or getattr(args, "memory_efficient_bf16", False)
+        or getattr(args, "fp16_no_flatten_grads", False))
+    if optimizer in FD_AWARE_OPTIMIZERS and flat and ((wd > 0 and kept_out) or fd.decoupled):
+        raise ValueError(
+            "--fp16/--bf16 copies all parameters into one flat buffer, so the optimizer cannot give each parameter "
+            "its decay (FD / weight decay / none); add --fp16-no-flatten-grads (per-parameter fp32 copies) or use "
+            "--memory-efficient-fp16 (or --memory-efficient-bf16)"
         )
 
 

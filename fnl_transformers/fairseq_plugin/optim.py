@@ -1,85 +1,76 @@
-"""fairseq optimizers that keep Frobenius-decayed factors out of ``--weight-decay``: ``fnl_adam``, ``flambe``,
-``fnl_lamb``.
+"""fairseq optimizers that give each parameter the decay the model chose: ``fnl_adam``, ``flambe``, ``fnl_lamb``.
 
-FD replaces weight decay on the factors it decays (paper, Khodak et al., ICLR 2021, Sec. 3.2: keep the
-coefficient, swap WD for FD). fairseq hands an optimizer one flat parameter list, and its stock optimizers
-(``adam``, ``sgd``, ...) decay all of it, so:
+fairseq hands an optimizer one flat parameter list, and its stock optimizers (``adam``, ``sgd``, ...) decay all of
+it. An ``fnl_transformer`` model records, at build time, each parameter's decay under the one decay policy
+(:class:`fnl_transformers.core.DecayPolicy`: FD, weight decay or none) in ``p.optim_overrides["fnl"]``, with its
+form memberships for decoupled FD; fairseq copies ``optim_overrides`` onto its fp32 master copies
+(``--fp16-no-flatten-grads``), so these optimizers rebuild the groups from whatever list they receive, with no
+reference to the model:
 
 * ``--optimizer fnl_adam``: fairseq's ``adam`` (same options, same update; ``FusedAdam`` on GPU) with parameter
-  groups: the factors decayed by the criterion's FD (``--fd-qk``/``--fd-ov``/``--fd-linear``/``--fd-embedding``)
-  get weight decay 0, every other parameter ``--weight-decay``.
-* ``--optimizer flambe``: :class:`fnl_transformers.optim.FLAMBe` (LAMB with *decoupled* FD, paper Sec. 5), FD
-  coefficients ``--decoupled-fd-qk``/``-ov``/``-linear``/``-embedding`` (applied in the optimizer, not the loss);
-  the same groups otherwise. ``--optimizer fnl_lamb``: :class:`fnl_transformers.optim.Lamb` (fairseq's ``lamb``
-  is apex's ``FusedLAMB``), the same groups, no decoupled FD.
-* ``--no-decay-bias-norm`` (all three): also no weight decay on biases and normalization layers (BERT practice;
-  fairseq's default decays them).
+  groups: ``--weight-decay`` for the parameters the policy decays, 0 for the others (FD factors, biases and norms
+  with ``--no-decay-bias-norm``, factors with ``--no-weight-decay-factors``).
+* ``--optimizer flambe``: :class:`fnl_transformers.optim.FLAMBe` (LAMB with *decoupled* FD, paper Sec. 6 and
+  Table 4): with ``--fd-mode decoupled`` the FD coefficients (``--fd-qk``/``--fd-ov``/``--fd-linear``/
+  ``--fd-embedding``) are applied in the optimizer, not the loss; the same groups otherwise.
+  ``--optimizer fnl_lamb``: :class:`fnl_transformers.optim.Lamb` (fairseq's ``lamb`` is apex's ``FusedLAMB``),
+  the same groups, no decoupled FD.
+* ``--no-decay-bias-norm`` (all three): no weight decay on biases and normalization layers (BERT practice;
+  fairseq's default decays them). The model reads it when it is built.
 
-With ``fnl_transformer`` models and a stock optimizer, ``--weight-decay > 0`` together with the criterion's FD is
-refused at model build time with the fix (see :func:`fnl_transformers.fairseq_plugin.model._check_optimizer`).
-The groups are built by :func:`fnl_transformers.optim.param_groups`; the optimizer finds the model of its
-parameters among the ``fnl_transformer`` models built in the process. Parameters of other models (e.g. stock
-``transformer``) form one group with ``--weight-decay``, exactly as fairseq's own optimizers do.
+Inconsistent combinations (a stock optimizer with ``--weight-decay`` and FD, decoupled FD without ``flambe``, a
+flat fp16 buffer) are refused when the model is built (:mod:`fnl_transformers.fairseq_plugin.model`). Parameters
+without the record (another model's, or the criterion's) get ``--weight-decay``, exactly as fairseq's own
+optimizers do.
 """
 # (no `from __future__ import annotations`: fairseq reads the config dataclasses' field types at runtime)
 
 import ast
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from fairseq.dataclass import FairseqDataclass
 from fairseq.optim import FairseqOptimizer
 from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 from omegaconf import II, OmegaConf
 
-from ..core import KINDS
-from ..optim import FLAMBe, Lamb, default_no_decay, param_groups
-from .model import LIVE_MODELS
+from ..core import FD, NO_DECAY, forms_from_memberships
+from ..optim import FLAMBe, Lamb
+from .model import OVERRIDES_KEY
 
 
-def find_model(params: List) -> Optional[Any]:
-    """The live ``fnl_transformer`` model owning (most of) ``params``, or None."""
-    ids = {id(p) for p in params}
-    best, best_n = None, 0
-    for model in list(LIVE_MODELS):
-        n = sum(1 for p in model.parameters() if id(p) in ids)
-        if n > best_n:
-            best, best_n = model, n
-    return best
-
-
-def fnl_param_groups(params, weight_decay: float, decoupled: Optional[Dict[str, float]] = None,
-                     no_decay_bias_norm: bool = False) -> List[dict]:
-    """Parameter groups for the flat list fairseq passes an optimizer (see the module docstring)."""
+def fnl_param_groups(params, weight_decay: float, no_decay_bias_norm: bool = False) -> List[dict]:
+    """Parameter groups for the flat list fairseq passes an optimizer, from each parameter's
+    ``optim_overrides["fnl"]`` (see the module docstring): a decoupled-FD group (``fd``, ``fd_forms``), a
+    ``weight_decay`` group and a group without decay; empty groups are omitted."""
     params = list(params)
-    decoupled = {k: float(v) for k, v in (decoupled or {}).items() if v}
-    model = find_model(params)
-    if model is None:
-        if decoupled or no_decay_bias_norm:
+    records = [(getattr(p, "optim_overrides", None) or {}).get(OVERRIDES_KEY) for p in params]
+    if all(r is None for r in records):
+        if no_decay_bias_norm:
             raise ValueError(
-                "--decoupled-fd-* and --no-decay-bias-norm need parameters of a model built with "
-                "--arch fnl_transformer* (and not copied into a flat fp16 buffer: use --memory-efficient-fp16)"
+                "--no-decay-bias-norm needs parameters of a model built with --arch fnl_transformer* (and not "
+                "copied into a flat fp16 buffer: add --fp16-no-flatten-grads or use --memory-efficient-fp16)"
             )
         return [{"params": params, "weight_decay": weight_decay}]
-    twice = [k for k in decoupled if model.fnl_criterion_fd.get(k, 0) > 0]
-    if twice:
-        raise ValueError(
-            f"FD on {', '.join(twice)} is both in the loss (--fd-{twice[0]}) and decoupled in the optimizer "
-            f"(--decoupled-fd-{twice[0]}): it would count twice; keep one of them"
-        )
-    excluded = {id(p) for _, p, _ in model.fd_parameters()}
-
-    def no_decay(name, p, module):
-        return id(p) in excluded or (no_decay_bias_norm and default_no_decay(name, p, module))
-
-    own = {id(p) for p in model.parameters()}
-    mine = [p for p in params if id(p) in own]
-    others = [p for p in params if id(p) not in own]  # e.g. criterion parameters: fairseq's behaviour
-    groups = param_groups(model, weight_decay=weight_decay, no_decay=no_decay, params=mine,
-                          **{f"fd_{k}": v for k, v in decoupled.items()})
-    if others:
-        groups.append({"params": others, "weight_decay": weight_decay})
+    fd_params, memberships, coeffs, decay, none = [], [], {}, [], []
+    for p, r in zip(params, records):
+        if r is not None and r["decay"] == FD and "forms" in r:  # decoupled FD
+            fd_params.append(p)
+            memberships.append(r["forms"])
+            coeffs = r["fd"]
+        elif r is not None and r["decay"] in (FD, NO_DECAY):
+            none.append(p)
+        else:
+            decay.append(p)
+    groups = []
+    if fd_params:
+        groups.append({"params": fd_params, "weight_decay": 0.0, "fd": dict(coeffs),
+                       "fd_forms": forms_from_memberships(memberships)})
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if none:
+        groups.append({"params": none, "weight_decay": 0.0})
     return groups
 
 
@@ -96,11 +87,12 @@ def _betas(betas) -> tuple:
 @dataclass
 class FnlAdamConfig(FairseqAdamConfig):
     no_decay_bias_norm: bool = field(
-        default=False, metadata={"help": "no weight decay on biases and normalization layers either"})
+        default=False, metadata={"help": "no weight decay on biases and normalization layers (the fnl_transformer "
+                                              "model reads it when it is built)"})
 
 
 class FnlAdam(FairseqAdam):
-    """fairseq's ``adam`` with the factors decayed by the criterion's FD kept out of ``--weight-decay``."""
+    """fairseq's ``adam`` with the decay policy's groups (FD factors kept out of ``--weight-decay``)."""
 
     def __init__(self, cfg: FnlAdamConfig, params):
         groups = fnl_param_groups(params, cfg.weight_decay, no_decay_bias_norm=cfg.no_decay_bias_norm)
@@ -114,19 +106,14 @@ class FnlLambConfig(FairseqDataclass):
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (inside the trust ratio)"})
     trust_clip: Optional[float] = field(default=None, metadata={"help": "upper bound on the trust ratio"})
     no_decay_bias_norm: bool = field(
-        default=False, metadata={"help": "no weight decay on biases and normalization layers either"})
+        default=False, metadata={"help": "no weight decay on biases and normalization layers (the fnl_transformer "
+                                              "model reads it when it is built)"})
     lr: List[float] = II("optimization.lr")
 
 
 @dataclass
 class FLAMBeConfig(FnlLambConfig):
-    decoupled_fd_qk: float = field(default=0.0, metadata={"help": "decoupled FD coefficient of the QK forms"})
-    decoupled_fd_ov: float = field(default=0.0, metadata={"help": "decoupled FD coefficient of the OV forms"})
-    decoupled_fd_linear: float = field(
-        default=0.0, metadata={"help": "decoupled FD coefficient of factorized FFN layers (and embeddings unless "
-                                       "--decoupled-fd-embedding is given)"})
-    decoupled_fd_embedding: Optional[float] = field(
-        default=None, metadata={"help": "decoupled FD coefficient of factorized embeddings (default: linear's)"})
+    """FLAMBe takes FnlLamb's options; its FD coefficients are the model's (``--fd-* X --fd-mode decoupled``)."""
 
 
 class FnlLamb(FairseqOptimizer):
@@ -136,12 +123,8 @@ class FnlLamb(FairseqOptimizer):
 
     def __init__(self, cfg, params):
         super().__init__(cfg)
-        groups = fnl_param_groups(params, cfg.weight_decay, decoupled=self._decoupled(),
-                                  no_decay_bias_norm=cfg.no_decay_bias_norm)
+        groups = fnl_param_groups(params, cfg.weight_decay, no_decay_bias_norm=cfg.no_decay_bias_norm)
         self._optimizer = self.torch_optimizer(groups, **self.optimizer_config)
-
-    def _decoupled(self) -> Dict[str, float]:
-        return {}
 
     @property
     def optimizer_config(self):
@@ -153,13 +136,6 @@ class FairseqFLAMBe(FnlLamb):
     """:class:`fnl_transformers.optim.FLAMBe` for fairseq (``--optimizer flambe``): LAMB with decoupled FD."""
 
     torch_optimizer = FLAMBe
-
-    def _decoupled(self) -> Dict[str, float]:
-        c = self.cfg
-        emb = c.decoupled_fd_linear if c.decoupled_fd_embedding is None else c.decoupled_fd_embedding
-        out = {"linear": c.decoupled_fd_linear, "embedding": emb, "qk": c.decoupled_fd_qk, "ov": c.decoupled_fd_ov}
-        assert set(out) == set(KINDS)
-        return out
 
 
 OPTIMIZERS = {

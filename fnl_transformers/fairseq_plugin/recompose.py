@@ -37,46 +37,26 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..core import FactorizedEmbedding, FactorizedLinear
+from ..core import FactorizedEmbedding, FactorizedLinear, HeadDims, check_shrink, pad_heads
 
 STOCK_ARCH = "transformer"
 STOCK_CRITERION = "label_smoothed_cross_entropy"
 VERIFY_RTOL = 1e-4
 
 
-# ---------------------------------------------------------------- math on tensors (no fairseq)
-
-def pad_heads(weight: torch.Tensor, num_heads: int, full_dim: int, dim: int = 0) -> torch.Tensor:
-    """Zero-pad each head's block of ``weight`` along ``dim`` (``num_heads * r`` -> ``num_heads * full_dim``)."""
-    size = weight.shape[dim]
-    if size % num_heads:
-        raise ValueError(f"{size} features along dim {dim} do not divide into {num_heads} heads")
-    r = size // num_heads
-    if r > full_dim:
-        raise ValueError(f"per-head dim {r} is larger than the stock head dim {full_dim}: cannot pad")
-    w = weight.movedim(dim, 0)
-    blocks = w.reshape(num_heads, r, *w.shape[1:])
-    out = blocks.new_zeros(num_heads, full_dim, *w.shape[1:])
-    out[:, :r] = blocks
-    return out.reshape(num_heads * full_dim, *w.shape[1:]).movedim(0, dim).contiguous()
-
+# ---------------------------------------------------------------- tensors (the math is the core's)
 
 def dense_attention(p: Dict[str, Optional[torch.Tensor]], num_heads: int, embed_dim: int,
                     scaling: float) -> Dict[str, Optional[torch.Tensor]]:
     """Stock-fairseq attention tensors from reduced-head ones (``nn.Linear`` layout, keys ``q_weight``,
-    ``q_bias``, ``k_*``, ``v_*``, ``o_weight``, ``o_bias``): heads zero-padded to ``D = embed_dim / heads`` and
-    the score scaling ``scaling`` folded into the query (paper Sec. 4: the QK form ``s W_q,h W_k,h^T``)."""
+    ``q_bias``, ``k_*``, ``v_*``, ``o_weight``, ``o_bias``; per-head dims read from the shapes): heads zero-padded
+    to ``D = embed_dim / heads`` and the score scaling ``scaling`` folded into the query (core
+    :func:`~fnl_transformers.core.pad_heads`; paper Sec. 2.3, Eq. (1): the QK form ``s W_q,h W_k,h^T``)."""
     D = embed_dim // num_heads
-    fold = scaling / D ** -0.5  # s_used / s_stock
-    out: Dict[str, Optional[torch.Tensor]] = {}
-    for name in ("q", "k", "v"):
-        w, b = p[f"{name}_weight"], p[f"{name}_bias"]
-        c = fold if name == "q" else 1.0
-        out[f"{name}_weight"] = pad_heads(w * c, num_heads, D, dim=0)
-        out[f"{name}_bias"] = None if b is None else pad_heads(b * c, num_heads, D, dim=0)
-    out["o_weight"] = pad_heads(p["o_weight"], num_heads, D, dim=1)
-    out["o_bias"] = p["o_bias"]
-    return out
+    qk, ov = p["q_weight"].shape[0] // num_heads, p["v_weight"].shape[0] // num_heads
+    for label, value in (("QK", qk), ("OV", ov)):
+        check_shrink(f"per-head {label} dim", value, D, "fairseq's transformer (stock head dim)")
+    return pad_heads(p, HeadDims(num_heads, num_heads, D, qk, ov), fold=scaling / D ** -0.5)  # s_used / s_stock
 
 
 def _dense_linear(module: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -195,9 +175,9 @@ def build_models(state: Dict[str, Any], path: str = "checkpoint"):
     """``(fnl_model, stock_model, stock_args)``: the fnl model loaded from ``state`` and an empty stock
     ``transformer`` of the same dimensions (float32, eval mode)."""
     from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+    from fairseq.models.transformer import TransformerModel
 
     from . import FnlTransformerModel  # registers the plugin
-    from fairseq.models.transformer import TransformerModel
 
     args = _as_namespace(_model_cfg(state))
     arch = getattr(args, "arch", None) or getattr(args, "_name", None)
@@ -214,8 +194,10 @@ def build_models(state: Dict[str, Any], path: str = "checkpoint"):
     fnl_args = copy.deepcopy(args)
     # shapes do not depend on the initialization or the training setup: skip SI work, embedding files and the
     # optimizer/criterion checks; the weights come from the checkpoint
-    for flag in ("spectral_init", "spectral_init_qk", "spectral_init_ov"):
-        setattr(fnl_args, flag, False)
+    fnl_args.spectral_init = False  # no SVDs; shrunk heads get fresh projections of the same shapes
+    for flag in ("spectral_init_qk", "spectral_init_ov"):
+        if getattr(fnl_args, flag, None):
+            setattr(fnl_args, flag, None)  # a re-balance at full dim changes no shape
     fnl_args.encoder_embed_path = fnl_args.decoder_embed_path = None
     fnl_args.criterion, fnl_args.optimizer = None, None
     ARCH_CONFIG_REGISTRY[arch](fnl_args)

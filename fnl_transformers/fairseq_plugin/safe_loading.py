@@ -110,7 +110,8 @@ def _describe(f) -> str:
 def safe_load(f, *args, **kwargs):
     """``torch.load(f, ..., weights_only=True)``; a refused file raises :class:`UnsafeCheckpointError`."""
     if kwargs.pop("weights_only", None) is False:
-        warnings.warn("fnl_transformers safe loading: ignoring weights_only=False for a fairseq checkpoint")
+        warnings.warn("fnl_transformers safe loading: ignoring weights_only=False for a fairseq checkpoint",
+                      stacklevel=2)
     if "pickle_module" in kwargs:
         raise ValueError("safe loading of fairseq checkpoints does not take a pickle_module")
     try:
@@ -161,7 +162,8 @@ def install() -> None:
     if not hasattr(torch.serialization, "add_safe_globals"):
         warnings.warn(
             f"torch {torch.__version__} cannot allow-list globals (torch >= 2.4 can); fairseq checkpoints load "
-            "with torch's default, which executes pickled code: use torch >= 2.6 for safe loading"
+            "with torch's default, which executes pickled code: use torch >= 2.6 for safe loading",
+            stacklevel=2,
         )
         _INSTALLED = True
         return

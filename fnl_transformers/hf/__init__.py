@@ -9,10 +9,16 @@ Importing this package imports ``transformers`` (``import fnl_transformers`` alo
     model = from_pretrained(out)          # rebuilds and loads strictly
     vanilla = recompose(model)            # plain architecture, same outputs
     trainer = FNLTrainer(model=model, args=training_args, train_dataset=ds)  # FD once per update
+
+Modules: ``config`` (FNLConfig, the converter to the core settings), ``arch`` (per-architecture names and
+layouts), ``plan`` (typed plan records, computed from shapes), ``apply`` (patch_model, apply_plan), ``recompose``,
+``persist`` (plan in config.json, from_pretrained), ``layers`` (padded projections, tied factorized head),
+``trainer`` (FNLTrainer), ``loss_scaling`` (gradient-accumulation loss fix), ``report`` (per-layer table).
 """
+from .apply import patch_model
 from .config import FNLConfig
-from .patch import get_fnl_config, is_patched, patch_model, recompose
-from .pretrained import from_pretrained
+from .persist import from_pretrained, get_fnl_config, is_patched
+from .recompose import recompose
 from .trainer import FNLTrainer
 
 __all__ = ["FNLConfig", "FNLTrainer", "from_pretrained", "get_fnl_config", "is_patched", "patch_model", "recompose"]

@@ -24,27 +24,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..core import FormSpec, attention_form_specs
+from ..core import FormSpec, HeadDims, attention_form_specs
 from .layers import HeadPaddedConv1D, HeadPaddedLinear, HeadSlicedConv1D, HeadSlicedLinear
 
 
-@dataclass(frozen=True)
-class HeadDims:
-    """Per-head dimensions of one attention module: original, QK, OV, and the common padded width."""
-
-    heads: int
-    kv_heads: int
-    head_dim: int
-    qk: int
-    ov: int
-
-    @property
-    def width(self) -> int:
-        return max(self.qk, self.ov)
-
-    @property
-    def changed(self) -> bool:
-        return self.qk != self.head_dim or self.ov != self.head_dim
+def padded_width(dims: HeadDims) -> int:
+    """The one per-head width an attention forward reshapes q, k and v with (the larger of the QK and OV dims)."""
+    return max(dims.qk, dims.ov)
 
 
 @dataclass(frozen=True)
@@ -95,7 +81,7 @@ class Arch:
     def write(self, att: nn.Module, t: Dict[str, Optional[torch.Tensor]], dims: HeadDims) -> None:
         """Install q/k/v/o for ``dims`` with values ``t`` (``nn.Linear`` layout; any missing entry keeps the
         fresh initialization of the new layer) and set the head-size attributes."""
-        H, G, W = dims.heads, dims.kv_heads, dims.width
+        H, G, W = dims.heads, dims.kv_heads, padded_width(dims)
         ref = att.get_submodule(self.q).weight
         kw = dict(dtype=ref.dtype, device=ref.device)
         d_in, d_out = ref.shape[1], att.get_submodule(self.o).out_features
@@ -110,7 +96,7 @@ class Arch:
         }
         for key, layer in new.items():
             _copy_into(layer, t.get(f"{key}_weight"), t.get(f"{key}_bias"))
-            _set_module(att, getattr(self, key), layer)
+            set_submodule(att, getattr(self, key), layer)
         self.set_head_dim(att, W, H)
 
     def set_head_dim(self, att: nn.Module, width: int, heads: int) -> None:
@@ -156,7 +142,7 @@ class GPT2Arch(Arch):
         return out
 
     def write(self, att: nn.Module, t: Dict[str, Optional[torch.Tensor]], dims: HeadDims) -> None:
-        H, W = dims.heads, dims.width
+        H, W = dims.heads, padded_width(dims)
         ref = att.c_attn.weight
         d, d_out = ref.shape[0], att.c_proj.weight.shape[1]
         inners = (dims.qk, dims.qk, dims.ov)
@@ -230,7 +216,8 @@ def arch_for(model: nn.Module) -> Arch:
     )
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` of ``root`` by ``module``."""
     parent, _, child = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
 

@@ -22,14 +22,15 @@ from transformers.pytorch_utils import Conv1D
 from ..core import FactorizedEmbedding
 
 
-def pad_heads(y: torch.Tensor, heads: int, inner: int, outer: int) -> torch.Tensor:
-    """``(..., heads * inner) -> (..., heads * outer)``: zero-pad each head's last dimensions."""
+def pad_activations(y: torch.Tensor, heads: int, inner: int, outer: int) -> torch.Tensor:
+    """``(..., heads * inner) -> (..., heads * outer)``: zero-pad each head's activations (a forward-time shape
+    adapter; padding weights back is core :func:`~fnl_transformers.core.pad_heads`)."""
     if inner == outer:
         return y
     return F.pad(y.unflatten(-1, (heads, inner)), (0, outer - inner)).flatten(-2)
 
 
-def slice_heads(x: torch.Tensor, heads: int, inner: int, outer: int) -> torch.Tensor:
+def slice_activations(x: torch.Tensor, heads: int, inner: int, outer: int) -> torch.Tensor:
     """``(..., heads * outer) -> (..., heads * inner)``: keep each head's first ``inner`` dimensions."""
     if inner == outer:
         return x
@@ -45,7 +46,7 @@ class HeadPaddedLinear(nn.Linear):
         self.heads, self.inner, self.outer = heads, inner, outer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pad_heads(super().forward(x), self.heads, self.inner, self.outer)
+        return pad_activations(super().forward(x), self.heads, self.inner, self.outer)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", heads={self.heads}, padded_head_dim={self.outer}"
@@ -61,7 +62,7 @@ class HeadSlicedLinear(nn.Linear):
         self.heads, self.inner, self.outer = heads, inner, outer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(slice_heads(x, self.heads, self.inner, self.outer))
+        return super().forward(slice_activations(x, self.heads, self.inner, self.outer))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", heads={self.heads}, padded_head_dim={self.outer}"
@@ -77,7 +78,7 @@ class HeadPaddedConv1D(Conv1D):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = super().forward(x).split([self.heads * i for i in self.inners], dim=-1)
-        return torch.cat([pad_heads(p, self.heads, i, self.outer) for p, i in zip(parts, self.inners)], dim=-1)
+        return torch.cat([pad_activations(p, self.heads, i, self.outer) for p, i in zip(parts, self.inners)], dim=-1)
 
     def __repr__(self) -> str:
         return (f"HeadPaddedConv1D(nf={self.nf}, nx={self.nx}, heads={self.heads}, inners={self.inners}, "
@@ -92,7 +93,7 @@ class HeadSlicedConv1D(Conv1D):
         self.heads, self.inner, self.outer = heads, inner, outer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(slice_heads(x, self.heads, self.inner, self.outer))
+        return super().forward(slice_activations(x, self.heads, self.inner, self.outer))
 
     def __repr__(self) -> str:
         return (f"HeadSlicedConv1D(nf={self.nf}, nx={self.nx}, heads={self.heads}, inner={self.inner}, "

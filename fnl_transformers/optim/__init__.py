@@ -4,12 +4,13 @@ All three are plain ``torch.optim.Optimizer`` s (param groups, ``zero_grad``, ``
 usable directly, from a HuggingFace ``Trainer`` (``optimizers=(opt, scheduler)``) or wrapped by a training
 framework (fairseq plugin). API:
 
-* ``param_groups(model, fd_linear=0, fd_embedding=0, fd_qk=0, fd_ov=0, weight_decay=0.0,
-  no_decay=default_no_decay, params=None) -> list of groups``: an FD group (factors of forms whose kind has a
-  nonzero coefficient: ``weight_decay=0``, ``fd={kind: lambda}``, ``fd_forms`` = form specs keyed by indices
-  into the group's params, plain dicts), a decay group (``weight_decay``) and a no-decay group (biases,
-  normalization layers). ``params`` restricts to a given flat list (e.g. the trainable parameters a
-  framework passes its optimizer).
+* ``param_groups(model, fd_linear=0, fd_embedding=None, fd_qk=0, fd_ov=0, weight_decay=0.0,
+  no_decay=default_no_decay, params=None, weight_decay_factors=True) -> list of groups``, by the one decay
+  policy (:class:`fnl_transformers.core.DecayPolicy`): an FD group (factors of forms whose kind has a nonzero
+  coefficient: ``weight_decay=0``, ``fd={kind: lambda}``, ``fd_forms`` = form specs keyed by indices into the
+  group's params, plain dicts), a decay group (``weight_decay``) and a no-decay group (biases, normalization
+  layers; factors without FD too with ``weight_decay_factors=False``). ``params`` restricts to a given flat
+  list (e.g. the trainable parameters a framework passes its optimizer).
 * ``Lamb(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True,
   trust_clip=None, max_grad_norm=None)``: LAMB as NVIDIA's BERT recipe (NVLAMB); trust ratio
   ``||w|| / ||r||``, 1 when either norm is 0. Rejects groups with active FD.
@@ -25,8 +26,9 @@ Typical use, the paper's BERT setting (FD on the attention OV forms, regular dec
 
 A group's FD coefficients may be changed during training (``group["fd"]["ov"] = ...``), like its ``lr``.
 """
+from ..core import default_no_decay
 from .adamw import AdamWFD, adamw_update
-from .groups import default_no_decay, param_groups
+from .groups import param_groups
 from .lamb import FLAMBe, Lamb, lamb_update
 
 __all__ = ["AdamWFD", "FLAMBe", "Lamb", "adamw_update", "default_no_decay", "lamb_update", "param_groups"]

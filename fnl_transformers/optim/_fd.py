@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, List, NamedTuple, Optional, Set
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set
 
 import torch
 
-from ..core import KINDS, FactorView, FormSpec, accumulate_fd_grads
+from ..core import KINDS, FactorView, FormSpec, accumulate_fd_grads, check_fd_coefficients
 
 
 def check_number(name: str, value, low: float = 0.0, high: float = math.inf, low_open: bool = False,
@@ -57,8 +57,11 @@ def check_common(group: dict, index: int) -> None:
     fd = group.setdefault("fd", {})
     if not isinstance(fd, dict) or set(fd) - set(KINDS):
         raise ValueError(f"{where}fd must be a dict with keys among {KINDS}, got {fd!r}")
-    for kind, lam in fd.items():
-        fd[kind] = check_number(f"{where}fd[{kind!r}]", lam, fix=" (0 turns FD off for that kind)")
+    try:
+        coeffs = check_fd_coefficients(**fd)  # the one validation of FD coefficients
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
+    fd.update({kind: coeffs[kind] for kind in fd})
 
 
 def encode_forms(forms, n_params: int, index: int) -> List[dict]:
@@ -118,7 +121,7 @@ class GroupForms(NamedTuple):
     """A group's FD forms, ready for :func:`fnl_transformers.core.accumulate_fd_grads`."""
 
     specs: List[FormSpec]
-    lookup: Callable[[int], torch.Tensor]
+    lookup: Callable[[Any], torch.Tensor]  # a form key (an index into the group's params) -> the tensor
     coeffs: Dict[str, float]
 
     def param_ids(self) -> Set[int]:

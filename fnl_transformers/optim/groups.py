@@ -1,22 +1,15 @@
-"""Parameter groups from a model: Frobenius decay on factorized forms, weight decay elsewhere, none on norms/biases."""
+"""Parameter groups from a model, by the one decay policy (:class:`fnl_transformers.core.DecayPolicy`): Frobenius
+decay on factors of forms with FD, weight decay elsewhere, none on biases and normalization layers."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 from torch import nn
 
-from ..core import KINDS, iter_forms
-from ..core.forms import module_lookup
-from ..core import check_fd_coefficients
+from ..core import FD, NO_DECAY, DecayPolicy, FDSpec, default_no_decay, iter_forms, module_lookup
 from ._fd import check_number, encode_forms
 
 NoDecay = Union[Callable[[str, nn.Parameter, nn.Module], bool], Iterable[str]]
-
-
-def default_no_decay(name: str, param: nn.Parameter, module: nn.Module) -> bool:
-    """No decay for biases (``*bias``) and every parameter of a normalization layer (a module whose class
-    name contains ``Norm``: ``nn.LayerNorm``, ``nn.RMSNorm``, HF's ``T5LayerNorm``, fairseq's LayerNorm...)."""
-    return name.rsplit(".", 1)[-1].endswith("bias") or "norm" in type(module).__name__.lower()
 
 
 def _no_decay_rule(no_decay: NoDecay) -> Callable[[str, nn.Parameter, nn.Module], bool]:
@@ -28,41 +21,47 @@ def _no_decay_rule(no_decay: NoDecay) -> Callable[[str, nn.Parameter, nn.Module]
     return lambda name, param, module: any(s in name for s in patterns)
 
 
+def _rekey(get: Callable[[Any], Any], index: Dict[int, int]) -> Callable[[Any], int]:
+    """A form key (a path in its module) -> the index of the parameter it names in the FD group."""
+    return lambda key: index[id(get(key))]
+
+
 def param_groups(
     model: nn.Module,
     fd_linear: float = 0.0,
-    fd_embedding: float = 0.0,
+    fd_embedding: Optional[float] = None,
     fd_qk: float = 0.0,
     fd_ov: float = 0.0,
     weight_decay: float = 0.0,
     no_decay: NoDecay = default_no_decay,
     params: Optional[Iterable[nn.Parameter]] = None,
+    weight_decay_factors: bool = True,
 ) -> List[dict]:
     """Optimizer parameter groups of ``model`` for :class:`FLAMBe`, :class:`AdamWFD` (or any optimizer).
 
-    * **FD group**: every factor of a form whose kind has a nonzero coefficient (``fd_<kind>``), with
-      ``weight_decay=0``, ``fd={kind: lambda}`` and ``fd_forms`` (the forms re-keyed to indices into the
-      group's ``params``, stored as plain dicts so ``state_dict`` round-trips).
+    * **FD group**: every factor of a form whose kind has a nonzero coefficient (``fd_<kind>``; ``fd_embedding``
+      None means the same as ``fd_linear``), with ``weight_decay=0``, ``fd={kind: lambda}`` and ``fd_forms``
+      (the forms re-keyed to indices into the group's ``params``, stored as plain dicts so ``state_dict``
+      round-trips).
     * **decay group**: every other trainable parameter, with ``weight_decay`` (factors of forms whose
-      coefficient is 0 included: ``param_groups(model, fd_ov=1e-2, weight_decay=0.01)`` is FD on the
-      OV forms and regular decay everywhere else, the paper's FLAMBe setting).
+      coefficient is 0 included unless ``weight_decay_factors=False``: ``param_groups(model, fd_ov=1e-2,
+      weight_decay=0.01)`` is FD on the OV forms and regular decay everywhere else, the paper's FLAMBe setting).
     * **no-decay group**: parameters for which ``no_decay(name, param, module)`` is true (default
-      :func:`default_no_decay`: biases and normalization layers), ``weight_decay=0``. ``no_decay`` may also
-      be a list of substrings of parameter names (HF style: ``["bias", "LayerNorm.weight"]``).
+      :func:`~fnl_transformers.core.default_no_decay`: biases and normalization layers), and factors without FD
+      when ``weight_decay_factors=False``; ``weight_decay=0``. ``no_decay`` may also be a list of substrings of
+      parameter names (HF style: ``["bias", "LayerNorm.weight"]``).
 
-    Frozen parameters (``requires_grad=False``) are left out, except a frozen factor of an FD form with a
-    trainable factor (its value enters the FD gradient; it has no gradient, so it is never updated).
-    ``params`` restricts the groups to those parameters (each must belong to ``model``), e.g. the list a
-    training framework hands its optimizer. Empty groups are omitted. No parameter is in two groups.
+    The decision per parameter is :class:`~fnl_transformers.core.DecayPolicy`'s. Frozen parameters
+    (``requires_grad=False``) are left out, except a frozen factor of an FD form with a trainable factor (its value
+    enters the FD gradient; it has no gradient, so it is never updated). ``params`` restricts the groups to those
+    parameters (each must belong to ``model``), e.g. the list a training framework hands its optimizer. Empty
+    groups are omitted. No parameter is in two groups.
     """
-    coeffs = check_fd_coefficients(fd_linear, fd_embedding, fd_qk, fd_ov)
+    fd = FDSpec(fd_linear, fd_embedding, fd_qk, fd_ov)
     weight_decay = check_number("weight_decay", weight_decay, fix=" (0 disables decay)")
-    rule = _no_decay_rule(no_decay)
-
-    owner: Dict[int, tuple] = {}  # id(param) -> (qualified name, param, owning module), first name wins (ties)
-    for mname, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            owner.setdefault(id(p), (f"{mname}.{pname}" if mname else pname, p, module))
+    policy = DecayPolicy(fd, weight_decay_factors=weight_decay_factors, bias_norm=_no_decay_rule(no_decay))
+    assigned = policy.assign(model)  # model order, each parameter once
+    owner: Dict[int, tuple] = {id(p): (name, p, decay) for name, p, decay in assigned}
     if params is None:
         wanted = {i for i, (_, p, _) in owner.items() if p.requires_grad}
     else:
@@ -73,11 +72,10 @@ def param_groups(
                                  "`model`; pass the model that owns it")
             wanted.add(id(p))
 
-    # FD forms: those of active kinds with at least one wanted factor
-    active = tuple(k for k in KINDS if coeffs[k] > 0)
+    # FD forms: those of active kinds with at least one wanted factor (all their factors join the FD group)
     fd_ids: List[int] = []
     forms = []  # (spec, lookup)
-    for _, module, spec, _ in iter_forms(model, active):
+    for _, module, spec, _ in iter_forms(model, fd.active):
         get = module_lookup(module)
         ids = [id(get(key)) for key in spec.keys()]
         if not any(i in wanted for i in ids):
@@ -87,17 +85,20 @@ def param_groups(
     order = {i: n for n, i in enumerate(owner)}  # model order
     fd_ids.sort(key=order.__getitem__)
     index = {i: n for n, i in enumerate(fd_ids)}
-    fd_forms = [spec.with_keys(lambda key, get=get: index[id(get(key))]) for spec, get in forms]
+    fd_forms = [spec.with_keys(_rekey(get, index)) for spec, get in forms]
 
-    decay, no = [], []
-    for i, (name, p, module) in owner.items():
+    decay: List[nn.Parameter] = []
+    no: List[nn.Parameter] = []
+    for i, (_, p, decision) in owner.items():
         if i in wanted and i not in index:
-            (no if rule(name, p, module) else decay).append(p)
+            assert decision != FD, "a factor of an FD form outside the FD group"
+            (no if decision == NO_DECAY else decay).append(p)
 
     groups = []
     if fd_ids:
         fd_params = [owner[i][1] for i in fd_ids]
-        groups.append({"params": fd_params, "weight_decay": 0.0, "fd": {k: coeffs[k] for k in active},
+        coeffs = fd.coefficients()
+        groups.append({"params": fd_params, "weight_decay": 0.0, "fd": {k: coeffs[k] for k in fd.active},
                        "fd_forms": encode_forms(fd_forms, len(fd_params), 0)})
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay})

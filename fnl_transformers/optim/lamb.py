@@ -188,7 +188,8 @@ class Lamb(FDOptimizer):
             check_number(f"param group {index}: trust_clip", group["trust_clip"], low_open=True,
                          fix=" (None disables clipping)")
         if not isinstance(group["bias_correction"], bool):
-            raise ValueError(f"param group {index}: bias_correction must be True or False, got {group['bias_correction']!r}")
+            raise ValueError(f"param group {index}: bias_correction must be True or False, "
+                             f"got {group['bias_correction']!r}")
 
     def _grad_scale(self) -> Optional[torch.Tensor]:
         """``max(1, ||G|| / max_grad_norm)`` over every gradient of the optimizer, or None."""
@@ -227,7 +228,7 @@ class Lamb(FDOptimizer):
 
 
 class FLAMBe(Lamb):
-    """FLAMBe (paper Sec. 6, Table 4): :class:`Lamb` whose decay term, for factors of factorized forms, is decoupled
+    """FLAMBe (paper Sec. 6 and Table 4): :class:`Lamb` whose decay term, for factors of factorized forms, is decoupled
     Frobenius decay ``lambda_kind * dFD/dw`` instead of ``weight_decay * w``.
 
     Forms and coefficients come from the parameter groups (``group["fd_forms"]``, ``group["fd"]``), which

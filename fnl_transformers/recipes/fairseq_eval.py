@@ -45,7 +45,8 @@ def bleu(hyps: List[str], refs: List[str]):
     from sacrebleu.metrics import BLEU
 
     if len(hyps) != len(refs):
-        raise EvalError(f"{len(hyps)} hypotheses but {len(refs)} references: the reference file does not match the test set")
+        raise EvalError(f"{len(hyps)} hypotheses but {len(refs)} references: the reference file does not match the "
+                        "test set")
     metric = BLEU()
     score = metric.corpus_score(hyps, [refs])
     return score.score, str(metric.get_signature()), score
@@ -73,7 +74,8 @@ def checkpoint_info(checkpoint: str, user_dir: Optional[str] = None, data: Optio
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fnl_transformers.recipes.fairseq_eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fnl_transformers.recipes.fairseq_eval",
+                                description=__doc__.splitlines()[0])
     p.add_argument("gen_out", help="fairseq-generate stdout")
     p.add_argument("--ref", required=True, help="reference text, one line per test sentence, in test-set order")
     p.add_argument("--checkpoint", required=True)

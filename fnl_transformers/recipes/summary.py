@@ -5,6 +5,8 @@
 and writes ``DIR/summary.md`` (one table per metric: score, parameters, regularizer, coefficient, rank scale,
 updates, path) and ``DIR/summary.png`` (per metric: score against parameter count, and score against the
 regularization coefficient, one marker per variant; coefficient 0 sits on the linear part of a symlog axis).
+BERT pretraining runs, with the SQuAD scores of their models, get the layout of the paper's Table 4 instead
+(:mod:`fnl_transformers.recipes.bert_table`: a table and ``DIR/bert_mlm_curves.png``).
 """
 from __future__ import annotations
 
@@ -121,16 +123,32 @@ def plot(rows: List[dict], path: str) -> None:
     os.replace(tmp, path)
 
 
-def summarize(paths: List[str], out_dir: str) -> Dict[str, str]:
+def summarize(paths: List[str], out_dir: str) -> Dict[str, object]:
+    """Write ``summary.md`` and the plots; returns ``{"table", "plots", "plot" (the first), "markdown"}``.
+
+    BERT pretraining results (recipe ``bert-mlm``) and the SQuAD results of their models go to the Table 4
+    layout (:mod:`fnl_transformers.recipes.bert_table`, plot ``bert_mlm_curves.png``); every other result to
+    the tables by metric above (plot ``summary.png``)."""
+    from . import bert_table
+
     rows = load(find_results(paths))
+    bert, rest = bert_table.split_rows(rows)
     os.makedirs(out_dir, exist_ok=True)
-    md_path, png_path = os.path.join(out_dir, "summary.md"), os.path.join(out_dir, "summary.png")
-    text = markdown(rows)
+    md_path = os.path.join(out_dir, "summary.md")
+    sections, plots = [], []
+    if rest:
+        sections.append(markdown(rest))
+        plots.append(os.path.join(out_dir, "summary.png"))
+        plot(rest, plots[-1])
+    if bert:
+        sections.append(bert_table.markdown(bert))
+        if bert_table.plot(bert, os.path.join(out_dir, bert_table.PLOT)):
+            plots.append(os.path.join(out_dir, bert_table.PLOT))
+    text = "\n".join(sections)
     with open(md_path + ".tmp", "w") as f:
         f.write(text)
     os.replace(md_path + ".tmp", md_path)
-    plot(rows, png_path)
-    return {"table": md_path, "plot": png_path, "markdown": text}
+    return {"table": md_path, "plots": plots, "plot": plots[0] if plots else None, "markdown": text}
 
 
 def main(argv=None) -> int:
@@ -144,7 +162,9 @@ def main(argv=None) -> int:
         print(f"{os.environ.get('FNL_PROG', 'summary')}: error: {exc}", file=sys.stderr)
         return 2
     print(out["markdown"])
-    print(f"table: {out['table']}\nplot:  {out['plot']}")
+    print(f"table: {out['table']}")
+    for path in out["plots"]:
+        print(f"plot:  {path}")
     return 0
 
 

@@ -86,7 +86,8 @@ def _surface(words: Sequence[str]) -> str:
     return text[0].upper() + text[1:]
 
 
-def write_parallel(out_dir: str, src: str = "de", tgt: str = "en", sizes=(12000, 400, 400), seed: int = 0) -> Dict[str, int]:
+def write_parallel(out_dir: str, src: str = "de", tgt: str = "en", sizes=(12000, 400, 400),
+                   seed: int = 0) -> Dict[str, int]:
     """Write ``{train,valid,test}.{src,tgt}`` to ``out_dir``; returns {split: lines}. Splits are disjoint."""
     pair = ToyLanguagePair(seed)
     rng = random.Random(seed + 1)
@@ -144,7 +145,8 @@ def squad_examples(n_paragraphs: int, seed: int = 0, prefix: str = "q") -> dict:
         thing, adj, city = rng.choice(_THINGS), rng.choice(_ADJS), rng.choice(_CITIES)
         person, year, material = rng.choice(_PEOPLE), str(rng.randrange(1700, 2020)), rng.choice(_MATERIALS)
         sentences = [
-            (f"The {adj} {thing} of {city} was designed by {person}.", person, f"Who designed the {adj} {thing} of {city}?"),
+            (f"The {adj} {thing} of {city} was designed by {person}.", person,
+             f"Who designed the {adj} {thing} of {city}?"),
             (f"Work on it started in {year}.", year, f"In which year did work on the {thing} in {city} start?"),
             (f"Its walls are made of {material}.", material, f"What are the walls of the {thing} in {city} made of?"),
         ]
@@ -178,7 +180,8 @@ def write_squad(out_dir: str, train_paragraphs: int = 200, dev_paragraphs: int =
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fnl_transformers.recipes.synthetic", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fnl_transformers.recipes.synthetic",
+                                description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
     a = sub.add_parser("parallel", help="train/valid/test.{src,tgt} of the toy language pair")
     a.add_argument("out_dir")

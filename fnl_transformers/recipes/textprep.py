@@ -126,10 +126,12 @@ def clean_dir(raw_dir: str, out_dir: str, src: str, tgt: str, max_len: int = 175
             s_lines = _read(os.path.join(raw_dir, f"{split}.{src}"))
             t_lines = _read(os.path.join(raw_dir, f"{split}.{tgt}"))
         except UnicodeDecodeError as exc:
-            raise PrepError(f"{split}.{src}/{tgt} in {raw_dir} is not UTF-8 text ({exc.reason}): convert it with iconv") from None
+            raise PrepError(f"{split}.{src}/{tgt} in {raw_dir} is not UTF-8 text ({exc.reason}): convert it with "
+                            "iconv") from None
         kept, removed = clean_split(s_lines, t_lines, max_len, ratio, keep_all=(split == "test"))
         if not kept:
-            raise PrepError(f"no {split} pair survives cleaning (removed: {removed}); check the files or raise --max-len/--ratio")
+            raise PrepError(f"no {split} pair survives cleaning (removed: {removed}); check the files or raise "
+                            "--max-len/--ratio")
         write_lines(os.path.join(out_dir, f"{split}.{src}"), [k[0] for k in kept])
         write_lines(os.path.join(out_dir, f"{split}.{tgt}"), [k[1] for k in kept])
         dropped = ", ".join(f"{v} {k}" for k, v in removed.items() if v) or "none"
@@ -156,7 +158,8 @@ def spm_train(clean_dir_: str, model_prefix: str, src: str, tgt: str, vocab_size
         m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(exc))
         if m:
             raise PrepError(
-                f"--vocab-size {m.group(1)} is too large for this training corpus: pass --vocab-size {m.group(2)} or less"
+                f"--vocab-size {m.group(1)} is too large for this training corpus: pass --vocab-size {m.group(2)} "
+                "or less"
             ) from None
         raise PrepError(f"sentencepiece training failed: {str(exc).strip().splitlines()[-1]}") from None
     for ext in ("model", "vocab"):
@@ -210,11 +213,13 @@ def extract_iwslt(orig_dir: str, raw_dir: str, src: str = "de", tgt: str = "en",
     pair = pair or f"{src}-{tgt}"  # the archive's name for the pair (de-en also serves en -> de)
     found = glob.glob(os.path.join(orig_dir, "**", f"train.tags.{pair}.{src}"), recursive=True)
     if not found:
-        raise PrepError(f"train.tags.{pair}.{src} not found under {orig_dir}: is this the unpacked IWSLT'14 {pair} archive?")
+        raise PrepError(f"train.tags.{pair}.{src} not found under {orig_dir}: is this the unpacked IWSLT'14 {pair} "
+                        "archive?")
     base = os.path.dirname(found[0])
     train = {lang: _train_tags(os.path.join(base, f"train.tags.{pair}.{lang}")) for lang in (src, tgt)}
     if len(train[src]) != len(train[tgt]):
-        raise PrepError(f"train.tags.{pair}: {len(train[src])} {src} lines but {len(train[tgt])} {tgt} lines after tag removal")
+        raise PrepError(f"train.tags.{pair}: {len(train[src])} {src} lines but {len(train[tgt])} {tgt} lines after "
+                        "tag removal")
     test = {src: [], tgt: []}
     for part in _TEST_PARTS:
         for lang in (src, tgt):
@@ -224,8 +229,8 @@ def extract_iwslt(orig_dir: str, raw_dir: str, src: str = "de", tgt: str = "en",
             test[lang] += _xml_segments(path)
     os.makedirs(raw_dir, exist_ok=True)
     for lang in (src, tgt):
-        write_lines(os.path.join(raw_dir, f"valid.{lang}"), [l for i, l in enumerate(train[lang], 1) if i % 23 == 0])
-        write_lines(os.path.join(raw_dir, f"train.{lang}"), [l for i, l in enumerate(train[lang], 1) if i % 23 != 0])
+        write_lines(os.path.join(raw_dir, f"valid.{lang}"), [s for i, s in enumerate(train[lang], 1) if i % 23 == 0])
+        write_lines(os.path.join(raw_dir, f"train.{lang}"), [s for i, s in enumerate(train[lang], 1) if i % 23 != 0])
         write_lines(os.path.join(raw_dir, f"test.{lang}"), test[lang])
     return check_raw_dir(raw_dir, src, tgt)
 
@@ -247,7 +252,8 @@ def download(url: str, path: str) -> None:
     except OSError as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise PrepError(f"could not download {url} ({exc}); when offline, pass --raw-dir DIR with your own corpus") from None
+        raise PrepError(f"could not download {url} ({exc}); when offline, pass --raw-dir DIR with your own "
+                        "corpus") from None
     os.replace(tmp, path)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train one IWSLT'14 variant of the paper (Khodak et al., ICLR 2021, Sec. 4 / Table 3) with the fairseq plugin.
+# Train one IWSLT'14 variant of the paper (Khodak et al., ICLR 2021, Sec. 6 and Figure 4) with the fairseq plugin.
 PROG=train.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
@@ -17,7 +17,7 @@ warmup-init-lr 0.25 and 4000 warmup updates, clip-norm 0.1, dropout 0.2, max-tok
   fd-qkov         FD COEF of the QK (W_q,h W_k,h^T) and OV forms
   lowrank-si-fd   FFN + embeddings factorized at --rank-scale (0.5), spectral init (layers, QK, OV), FD COEF of
                   the factorized layers and the QK/OV forms
-  lowrank-nosi    the same with random factors (no SI)
+  lowrank-nosi    the same with random factors (--no-spectral-init)
   head-dim-half   per-head dim halved (128 -> 64) for QK and OV, per-head SI of the forms, FD COEF of QK/OV
 Options (each overrides the variant's value):
   --coef X            regularization coefficient (default 1e-4; the paper sweeps 1e-6 .. 1e-3, tuned on the
@@ -120,7 +120,8 @@ case "$VARIANT" in
   fd-qkov) REG=fd; VAR=("${FD_CRIT[@]}" --fd-qk "$C" --fd-ov "$C") ;;
   lowrank-si-fd) REG=fd; VAR=("${FD_CRIT[@]}" --fd-linear "$C" --fd-qk "$C" --fd-ov "$C" --rank-scale "$R"
                                --spectral-init --spectral-init-qk --spectral-init-ov) ;;
-  lowrank-nosi) REG=fd; VAR=("${FD_CRIT[@]}" --fd-linear "$C" --fd-qk "$C" --fd-ov "$C" --rank-scale "$R") ;;
+  lowrank-nosi) REG=fd; VAR=("${FD_CRIT[@]}" --fd-linear "$C" --fd-qk "$C" --fd-ov "$C" --rank-scale "$R"
+                              --no-spectral-init) ;;
   head-dim-half) REG=fd; VAR=("${FD_CRIT[@]}" --fd-qk "$C" --fd-ov "$C" --head-dim "$HD"
                                --spectral-init-qk --spectral-init-ov) ;;
 esac

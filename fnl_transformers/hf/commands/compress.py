@@ -25,18 +25,19 @@ def add_arguments(parser) -> None:
     size.add_argument("--target-param-ratio", type=float,
                       help="choose the rank scale that keeps this fraction of the parameters, in (0, 1]")
     parser.add_argument("--head-dim", type=int, help="reduced per-head dimension of every attention head")
-    parser.add_argument("--qk-head-dim", type=int, help="reduced per-head dimension of the QK forms only")
-    parser.add_argument("--ov-head-dim", type=int, help="reduced per-head dimension of the OV forms only")
+    parser.add_argument("--head-dim-qk", type=int, help="reduced per-head dimension of the QK forms only")
+    parser.add_argument("--head-dim-ov", type=int, help="reduced per-head dimension of the OV forms only")
     parser.add_argument("--factorize", default="ffn,embedding",
                         help="comma-separated parts to factorize at the rank scale: ffn, embedding, attention "
                         "(default: ffn,embedding)")
 
 
 def run(args) -> int:
-    from ..config import FNLConfig
-    from ..patch import patch_model
-    from ..report import format_table
     from transformers.utils import logging as hf_logging
+
+    from ..apply import patch_model
+    from ..config import FNLConfig
+    from ..report import format_table
 
     if not os.path.isdir(args.model_dir):
         raise FileNotFoundError(f"MODEL_DIR {args.model_dir} is not a directory")
@@ -45,11 +46,11 @@ def run(args) -> int:
     if args.rank_scale is not None and not 0 < args.rank_scale <= 1:
         raise ValueError(f"--rank-scale must be in (0, 1] to compress, got {args.rank_scale}")
     if args.rank_scale is None and args.target_param_ratio is None and args.head_dim is None \
-            and args.qk_head_dim is None and args.ov_head_dim is None:
+            and args.head_dim_qk is None and args.head_dim_ov is None:
         raise ValueError("nothing to compress: give --rank-scale or --target-param-ratio, and/or --head-dim")
     parts = tuple(p.strip() for p in args.factorize.split(",") if p.strip())
     config = FNLConfig(rank_scale=args.rank_scale, target_param_ratio=args.target_param_ratio, factorize=parts,
-                       head_dim=args.head_dim, qk_head_dim=args.qk_head_dim, ov_head_dim=args.ov_head_dim)
+                       head_dim=args.head_dim, head_dim_qk=args.head_dim_qk, head_dim_ov=args.head_dim_ov)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # stdout is the table, stderr only errors
     try:

@@ -11,7 +11,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..patch import CONFIG_KEY
+    from ..config import FNLConfig
+    from ..persist import CONFIG_KEY
+    from ..plan import Plan
     from ..report import format_table
 
     path = os.path.join(args.dir, "config.json")
@@ -23,8 +25,10 @@ def run(args) -> int:
     if not isinstance(plan, dict):
         raise ValueError(f"{args.dir} is not a fnl_transformers checkpoint (config.json has no {CONFIG_KEY!r}); "
                          "`fnl compress` makes one")
-    settings = {k: v for k, v in plan.get("config", {}).items() if v not in (None, 0.0, {}, False)}
-    print(f"{args.dir}: {config.get('architectures', ['?'])[0]} patched by fnl_transformers ({plan.get('arch')}); "
+    plan = Plan.from_dict(plan)
+    defaults = FNLConfig().to_dict()
+    settings = {k: v for k, v in plan.config.to_dict().items() if v != defaults[k]}
+    print(f"{args.dir}: {config.get('architectures', ['?'])[0]} patched by fnl_transformers ({plan.arch}); "
           f"settings: {json.dumps(settings)}")
     print(format_table(plan))
     return 0

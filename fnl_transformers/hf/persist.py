@@ -1,10 +1,12 @@
-"""Reloading patched checkpoints: ``from_pretrained(path)`` rebuilds the factorized architecture from the plan
-in ``config.json`` and loads the weights with strict key matching.
+"""Persistence of patched models: the plan in ``config.json`` and reloading with
+:func:`from_pretrained`, which rebuilds the factorized architecture from the plan and loads the weights with
+strict key matching.
 
 Why not ``AutoModel.from_pretrained``: it would build the vanilla architecture and *randomly initialize* every
 weight the checkpoint names differently (the factors ``U``/``V`` instead of ``weight``), with only a logged
-warning. A patched model therefore saves ``attn_implementation`` = a message naming this function in its
-``config.json``; plain transformers refuses to build the model with that message, and this loader removes it.
+warning. A patched model therefore saves ``attn_implementation`` = :data:`LOAD_MARKER`, a message naming this
+function, in its ``config.json``; plain transformers refuses to build the model with that message, and this
+loader removes it.
 """
 from __future__ import annotations
 
@@ -14,9 +16,51 @@ from typing import Dict, Optional
 
 import torch
 import transformers
+from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
-from .patch import _MARKER_ATTR, CONFIG_KEY, LOAD_MARKER, apply_plan
+from .config import FNLConfig
+from .plan import Plan
+
+CONFIG_KEY = "fnl_config"  # key of the plan in model.config / config.json
+# Stored as `attn_implementation` in config.json: plain transformers then refuses to build the model with this
+# message (instead of silently re-initializing the factorized layers it does not know).
+LOAD_MARKER = ("fnl_transformers checkpoint: load it with fnl_transformers.hf.from_pretrained(path), "
+               "or save fnl_transformers.hf.recompose(model) for plain transformers")
+MARKER_ATTR = "attn_implementation"
+
+
+def record_plan(model: nn.Module, plan: Plan) -> None:
+    """Store ``plan`` (as JSON-ready data) and the load marker in ``model.config``; keep the FNLConfig on the
+    model."""
+    setattr(model.config, CONFIG_KEY, plan.to_dict())
+    setattr(model.config, MARKER_ATTR, LOAD_MARKER)
+    model.fnl_config = plan.config
+
+
+def forget_plan(model: nn.Module) -> None:
+    """Remove what :func:`record_plan` stored (a recomposed model is a plain one)."""
+    model.config.__dict__.pop(CONFIG_KEY, None)
+    model.config.__dict__.pop(MARKER_ATTR, None)
+    model.__dict__.pop("fnl_config", None)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(getattr(getattr(model, "config", None), CONFIG_KEY, None), dict)
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The plan a patched ``model`` carries (one clear error for an unpatched one)."""
+    plan = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if not isinstance(plan, dict):
+        raise ValueError("this model is not patched by fnl_transformers (no config.fnl_config); use patch_model")
+    return Plan.from_dict(plan)
+
+
+def get_fnl_config(model: nn.Module) -> FNLConfig:
+    """The ``FNLConfig`` a patched model was patched with."""
+    return plan_of(model).config
+
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -44,7 +88,7 @@ def from_pretrained(path: str, dtype: Optional[torch.dtype] = None, attn_impleme
             "transformers' from_pretrained, then patch it with fnl_transformers.hf.patch_model"
         )
     config.__dict__.pop(CONFIG_KEY)
-    config.__dict__.pop(_MARKER_ATTR, None)
+    config.__dict__.pop(MARKER_ATTR, None)
     if config._attn_implementation == LOAD_MARKER:  # transformers read our marker as the attention choice
         config._attn_implementation = None
     if attn_implementation is not None:
@@ -55,7 +99,9 @@ def from_pretrained(path: str, dtype: Optional[torch.dtype] = None, attn_impleme
         raise ValueError(f"{path}/config.json names no transformers model class in 'architectures' ({names})")
     saved_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else None
     model = cls(config)
-    apply_plan(model, plan)
+    from .apply import apply_plan  # apply imports this module
+
+    apply_plan(model, Plan.from_dict(plan))
     state = load_state_dict(path)
     _load_strict(model, state, path)
     dtype = dtype or saved_dtype
