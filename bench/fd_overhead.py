@@ -27,8 +27,17 @@ import tempfile
 import torch
 
 from .common import main, median_times, paired_ratios, repeats_summary, row
-from .fairseq_common import (ARCH, CRITERION, QUICK_DIMS, Run, make_data, plugin_status, skipped_rows, train_argv,
-                             train_flops)
+from .fairseq_common import (
+    ARCH,
+    CRITERION,
+    QUICK_DIMS,
+    Run,
+    make_data,
+    plugin_status,
+    skipped_rows,
+    train_argv,
+    train_flops,
+)
 
 ITEM, QUESTION = 2, "FD overhead in a fairseq training step"
 REPEATS = 3
@@ -45,7 +54,8 @@ MODELS = {  # name -> (arch, dims)
 VARIANTS = {  # name -> (model flags, FD flags)
     "dense FFN/embeddings, FD on every QK and OV form": ([], ["--fd-qk", "1e-4", "--fd-ov", "1e-4"]),
     "FFN + embeddings at rank scale 0.5, FD on QK, OV, linear, embedding":
-        (["--rank-scale", "0.5"], ["--fd-qk", "1e-4", "--fd-ov", "1e-4", "--fd-linear", "1e-4", "--fd-embedding", "1e-4"]),
+        (["--rank-scale", "0.5"],
+         ["--fd-qk", "1e-4", "--fd-ov", "1e-4", "--fd-linear", "1e-4", "--fd-embedding", "1e-4"]),
 }
 BATCHES = {1500: 0.03, 4000: 0.015}  # target tokens per update -> largest allowed slowdown
 FD_ALL = dict(qk=1e-4, ov=1e-4, linear=1e-4, embedding=1e-4)
@@ -54,6 +64,11 @@ FD_ALL = dict(qk=1e-4, ov=1e-4, linear=1e-4, embedding=1e-4)
 def with_criterion(argv, criterion, flags):
     i = argv.index("--criterion")
     return argv[:i] + ["--criterion", criterion, *flags] + argv[i + 2:]
+
+
+def with_max_tokens(argv, max_tokens: int):
+    i = argv.index("--max-tokens")
+    return argv[:i] + ["--max-tokens", str(max_tokens)] + argv[i + 2:]
 
 
 def pick_sample(run: Run, tokens: int, n: int = 8):
@@ -87,18 +102,18 @@ def overhead_rows(data: str, root: str, quick: bool):
     results = {i: [] for i in range(len(cases))}
     info = {}
     for _ in range(repeats):  # the cases interleaved in time: each repeat of a case at another moment
-        for i, (model_name, variant, tokens, base, fd_flags) in enumerate(cases):
-            argv = base[:base.index("--max-tokens")] + ["--max-tokens", str(int(tokens * 1.35))] + \
-                base[base.index("--max-tokens") + 2:]
+        for i, (_, _, tokens, base_argv, fd_flags) in enumerate(cases):
+            argv = with_max_tokens(base_argv, int(tokens * 1.35))
             runs = {"no FD": Run(argv), "FD": Run(with_criterion(argv, CRITERION, fd_flags))}
             sample = pick_sample(runs["no FD"], tokens)
             if i not in info:
                 info[i] = dict(tokens=int(sample["ntokens"]), step_flops=train_flops(runs["no FD"], sample),
                                fd_flops=fd_flops(runs["FD"].model))
-            ratios, (base_s, fd_s) = paired_ratios(lambda: runs["no FD"].step(sample), lambda: runs["FD"].step(sample),
-                                                   rounds)
+            run_base, run_fd = runs["no FD"], runs["FD"]
+            ratios, (base_s, fd_s) = paired_ratios(lambda r=run_base, s=sample: r.step(s),
+                                                   lambda r=run_fd, s=sample: r.step(s), rounds)
             results[i].append(dict(ratio=statistics.median(ratios), base=base_s, fd=fd_s))
-            del runs, sample
+            del runs, sample, run_base, run_fd
             gc.collect()
     rows = []
     for i, (model_name, variant, tokens, _, _) in enumerate(cases):

@@ -192,12 +192,21 @@ def _covers(view: FactorView, shape: Sequence[int]) -> bool:
 
 @dataclass(frozen=True)
 class _Slot:
-    """One form of a group: its position in the plan's form order and its factors (keys: tensor indices)."""
+    """One form of a group: its position in the plan's form order, its factor views and the indices of the
+    tensors they read (``im``: the inner matrix's, or None)."""
 
     pos: int
     a: FactorView
     b: FactorView
-    m: Optional[int]
+    ia: int
+    ib: int
+    im: Optional[int]
+
+
+def _index(key: Hashable) -> int:
+    if not isinstance(key, int) or isinstance(key, bool):
+        raise ValueError(f"plan keys must be indices into the plan's tensors, got {key!r}")
+    return key
 
 
 @dataclass
@@ -231,33 +240,36 @@ class FDPlan:
         by_sig: "OrderedDict[tuple, List[Tuple[int, FormSpec]]]" = OrderedDict()
         uses: Dict[int, List[bool]] = {}  # tensor index -> one entry per use: does it cover the whole tensor
         for i, spec in enumerate(specs):
-            (sa, da, dev), (sb, db, devb) = metas[spec.a.key], metas[spec.b.key]
+            ia, ib, im = _index(spec.a.key), _index(spec.b.key), None if spec.m is None else _index(spec.m)
+            (sa, da, dev), (sb, db, devb) = metas[ia], metas[ib]
             H, m, k = _factor_shape(spec.a, sa)
             G, n, kb = _factor_shape(spec.b, sb)
             if kb != k or H % G:
                 raise ValueError(f"{spec.kind} form: factors of {H} x {m} x {k} and {G} x {n} x {kb} (heads x dim x "
                                  "head_dim) do not pair")
             dm = None
-            if spec.m is not None:
-                sm, dm, devm = metas[spec.m]
+            if im is not None:
+                sm, dm, devm = metas[im]
                 if tuple(sm) != (k, k) or devm != dev:
                     raise ValueError(f"{spec.kind} form: inner matrix of shape {tuple(sm)}, expected ({k}, {k})")
             if devb != dev:
                 raise ValueError(f"{spec.kind} form: factors on different devices ({dev} and {devb})")
-            sig = (H, m, k, G, n, spec.m is not None, da, db, dm, dev)
+            sig = (H, m, k, G, n, im is not None, da, db, dm, dev)
             by_sig.setdefault(sig, []).append((i, spec))
-            uses.setdefault(spec.a.key, []).append(_covers(spec.a, sa))
-            uses.setdefault(spec.b.key, []).append(_covers(spec.b, sb))
-            if spec.m is not None:
-                uses.setdefault(spec.m, []).append(True)
+            uses.setdefault(ia, []).append(_covers(spec.a, sa))
+            uses.setdefault(ib, []).append(_covers(spec.b, sb))
+            if im is not None:
+                uses.setdefault(im, []).append(True)
         self.groups: List[_Group] = []
         self.kinds: List[str] = []
-        for (H, m, k, G, n, deep, da, db, dm, dev), members in by_sig.items():
+        for (H, m, k, G, n, deep, da, db, dm, _), members in by_sig.items():
             product = use_product(m, n, k)
             stacked = len(members) > 1 and not product and H * m * k + G * n * k <= stack_max
             group = _Group(H, m, G, n, k, deep, product, stacked, compute_dtype_of(da, db, dm), [], len(self.kinds))
             for _, spec in members:
-                group.slots.append(_Slot(len(self.kinds), spec.a, spec.b, spec.m))
+                ia, ib = _index(spec.a.key), _index(spec.b.key)
+                im = None if spec.m is None else _index(spec.m)
+                group.slots.append(_Slot(len(self.kinds), spec.a, spec.b, ia, ib, im))
                 self.kinds.append(spec.kind)
             self.groups.append(group)
         # a tensor read by exactly one view that covers it gets its gradient written, not accumulated
@@ -385,10 +397,24 @@ class _Sink:
         self.pending.clear()
 
 
+def _needs(slot: _Slot, sink: "_Sink") -> Tuple[bool, bool, bool]:
+    return sink.wants(slot.ia), sink.wants(slot.ib), slot.im is not None and sink.wants(slot.im)
+
+
+def _put(slot: _Slot, sink: "_Sink", dA, dB, dM) -> None:
+    """Products not already written in place: into (or onto) the buffers of the slot's tensors; ``dM`` per head."""
+    if dA is not None:
+        sink.put(slot.ia, slot.a, dA)
+    if dB is not None:
+        sink.put(slot.ib, slot.b, dB)
+    if dM is not None and slot.im is not None:
+        sink.put(slot.im, None, dM.sum(0))
+
+
 def _views(slot: _Slot, tensors, dtype):
-    A = cast(slot.a.view(tensors[slot.a.key]), dtype)
-    B = cast(slot.b.view(tensors[slot.b.key]), dtype)
-    M = None if slot.m is None else cast(tensors[slot.m], dtype)
+    A = cast(slot.a.view(tensors[slot.ia]), dtype)
+    B = cast(slot.b.view(tensors[slot.ib]), dtype)
+    M = None if slot.im is None else cast(tensors[slot.im], dtype)
     return A, B, M
 
 
@@ -407,25 +433,21 @@ def _inplace_values(g: _Group, tensors, keep: bool):
 def _inplace_grads(g: _Group, tensors, saved, w: torch.Tensor, sink: _Sink):
     for slot, (Ga, Gb), wf in zip(g.slots, saved, w.unbind()):
         A, B, M = _views(slot, tensors, g.dtype)
-        need = (sink.wants(slot.a.key), sink.wants(slot.b.key), slot.m is not None and sink.wants(slot.m))
-        out = tuple(sink.target(v.key, v, g.dtype) if need[j] else None for j, v in enumerate((slot.a, slot.b)))
+        need = _needs(slot, sink)
+        out = (sink.target(slot.ia, slot.a, g.dtype) if need[0] else None,
+               sink.target(slot.ib, slot.b, g.dtype) if need[1] else None)
         dA, dB, dM = gram_grads(A, B, M, Ga, Gb, wf.expand(g.H), need, out)
-        if dA is not None:
-            sink.put(slot.a.key, slot.a, dA)
-        if dB is not None:
-            sink.put(slot.b.key, slot.b, dB)
-        if dM is not None:
-            sink.put(slot.m, None, dM.sum(0))
+        _put(slot, sink, dA, dB, dM)
 
 
 # stacked: the group's factors copied into one batch, one bmm per quantity for the whole group
 def _stacked_values(g: _Group, tensors, keep: bool):
     F = len(g.slots)
-    A = torch.stack([cast(s.a.view(tensors[s.a.key]), g.dtype) for s in g.slots]).reshape(F * g.H, g.m, g.k)
-    B = torch.stack([cast(s.b.view(tensors[s.b.key]), g.dtype) for s in g.slots]).reshape(F * g.G, g.n, g.k)
+    A = torch.stack([cast(s.a.view(tensors[s.ia]), g.dtype) for s in g.slots]).reshape(F * g.H, g.m, g.k)
+    B = torch.stack([cast(s.b.view(tensors[s.ib]), g.dtype) for s in g.slots]).reshape(F * g.G, g.n, g.k)
     M = None
     if g.deep:
-        M = torch.stack([cast(tensors[s.m], g.dtype) for s in g.slots])  # F x k x k
+        M = torch.stack([cast(tensors[_index(s.im)], g.dtype) for s in g.slots])  # F x k x k
         M = M.unsqueeze(1).expand(F, g.H, g.k, g.k).reshape(F * g.H, g.k, g.k)
     Ga, Gb = gram(A), gram(B)
     vals = gram_sq_norms(Ga, expand_heads(Gb, F * g.H), M).view(F, g.H).sum(1)
@@ -434,17 +456,13 @@ def _stacked_values(g: _Group, tensors, keep: bool):
 
 def _stacked_grads(g: _Group, tensors, saved, w: torch.Tensor, sink: _Sink):
     A, B, M, Ga, Gb = saved
-    F = len(g.slots)
-    need = (any(sink.wants(s.a.key) for s in g.slots), any(sink.wants(s.b.key) for s in g.slots),
-            g.deep and any(sink.wants(s.m) for s in g.slots))
+    needs = [_needs(slot, sink) for slot in g.slots]
+    need = (any(n[0] for n in needs), any(n[1] for n in needs), any(n[2] for n in needs))
     dA, dB, dM = gram_grads(A, B, M, Ga, Gb, w.repeat_interleave(g.H), need)
-    for f, slot in enumerate(g.slots):
-        if dA is not None and sink.wants(slot.a.key):
-            sink.put(slot.a.key, slot.a, dA[f * g.H : (f + 1) * g.H])
-        if dB is not None and sink.wants(slot.b.key):
-            sink.put(slot.b.key, slot.b, dB[f * g.G : (f + 1) * g.G])
-        if dM is not None and sink.wants(slot.m):
-            sink.put(slot.m, None, dM[f * g.H : (f + 1) * g.H].sum(0))
+    for f, (slot, n) in enumerate(zip(g.slots, needs)):
+        heads, groups = slice(f * g.H, (f + 1) * g.H), slice(f * g.G, (f + 1) * g.G)
+        _put(slot, sink, None if dA is None or not n[0] else dA[heads], None if dB is None or not n[1] else dB[groups],
+             None if dM is None or not n[2] else dM[heads])
 
 
 # dense route (overcomplete factors): per form, through the m x n product
@@ -462,14 +480,8 @@ def _product_values(g: _Group, tensors, keep: bool):
 def _product_grads(g: _Group, tensors, saved, w: torch.Tensor, sink: _Sink):
     for slot, (W, AM), wf in zip(g.slots, saved, w.unbind()):
         A, B, M = _views(slot, tensors, g.dtype)
-        need = (sink.wants(slot.a.key), sink.wants(slot.b.key), slot.m is not None and sink.wants(slot.m))
-        dA, dB, dM = product_grads(A, B, M, W, AM, wf.expand(g.H), need)
-        if dA is not None:
-            sink.put(slot.a.key, slot.a, dA)
-        if dB is not None:
-            sink.put(slot.b.key, slot.b, dB)
-        if dM is not None:
-            sink.put(slot.m, None, dM.sum(0))
+        dA, dB, dM = product_grads(A, B, M, W, AM, wf.expand(g.H), _needs(slot, sink))
+        _put(slot, sink, dA, dB, dM)
 
 
 # ------------------------------------------------------------------------------------------ plan caches
@@ -513,7 +525,7 @@ def spec_plan(specs: Sequence[FormSpec], lookup: Callable[[Hashable], torch.Tens
 
 
 def _rekey(spec: FormSpec, ia: int, ib: int, im: Optional[int]) -> FormSpec:
-    keys = {spec.a.key: ia, spec.b.key: ib}
+    keys: Dict[Hashable, Optional[int]] = {spec.a.key: ia, spec.b.key: ib}
     if spec.m is not None:
         keys[spec.m] = im
     if spec.a.key == spec.b.key and ia != ib:  # cannot happen: one key, one tensor

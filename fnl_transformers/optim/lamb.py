@@ -24,7 +24,7 @@ Differences from other LAMBs, on purpose:
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 
@@ -64,7 +64,9 @@ def lamb_update(
     if hyper["scale"] == 1.0:
         hyper["scale"] = None
     fd_ids = fd.param_ids() if fd is not None else set()
-    small, large, factors = [], [], []
+    small: List[int] = []
+    large: List[int] = []
+    factors: List[int] = []
     for i, w in enumerate(params):
         (factors if id(w) in fd_ids else small if w.numel() <= FOREACH_MAX_ELEMENTS else large).append(i)
     tensors = (params, grads, exp_avgs, exp_avg_sqs, steps)
@@ -125,22 +127,23 @@ def _lamb_batch(tensors, rs: Optional[List[torch.Tensor]], weight_decay: float, 
     else:
         c2, e = [1.0] * len(ts), [eps] * len(ts)
     if rs is None:
-        rs = torch._foreach_mul(vs, c2)
+        r_list = list(torch._foreach_mul(vs, c2))
     else:
-        for v, c, r in zip(vs, c2, rs):
+        r_list = rs
+        for v, c, r in zip(vs, c2, r_list):
             torch.mul(v, c, out=r)
-    torch._foreach_sqrt_(rs)
-    torch._foreach_add_(rs, e)
-    for m, r in zip(ms, rs):
+    torch._foreach_sqrt_(r_list)
+    torch._foreach_add_(r_list, e)
+    for m, r in zip(ms, r_list):
         torch.div(m, r, out=r)
     if fd is not None:
-        fd.add_to(dict(zip(map(id, ws), rs)))  # + lambda dFD/dw, added inside the Gram products
+        fd.add_to(dict(zip(map(id, ws), r_list)))  # + lambda dFD/dw, added inside the Gram products
     elif weight_decay != 0:
-        torch._foreach_add_(rs, ws, alpha=weight_decay)  # LAMB: + wd * w
-    _trust_steps(ws, rs, lr, trust_clip)
+        torch._foreach_add_(r_list, ws, alpha=weight_decay)  # LAMB: + wd * w
+    _trust_steps(ws, r_list, lr, trust_clip)
 
 
-def _trust_steps(ws: Sequence[torch.Tensor], rs: Sequence[torch.Tensor], lr: float, trust_clip: Optional[float]):
+def _trust_steps(ws: List[torch.Tensor], rs: List[torch.Tensor], lr: float, trust_clip: Optional[float]) -> None:
     """``w -= lr * q * r`` with the trust ratio ``q = ||w|| / ||r||`` (1 if a norm is 0), ``min(q, trust_clip)``;
     all ratios in one vector operation, no host synchronization."""
     w_norm = torch.stack(torch._foreach_norm(ws))
