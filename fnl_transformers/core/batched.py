@@ -28,7 +28,6 @@ FD (the optimizers) calls :meth:`FDPlan.add_grads`, which accumulates ``w_f dFD/
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -158,16 +157,6 @@ def product_grads(A, B, M, W, AM, w, need=(True, True, True)):
     if M is not None and need[2]:
         dM = A.transpose(1, 2) @ wW @ Bh
     return dA, dB, dM
-
-
-@contextlib.contextmanager
-def full_precision(device: torch.device):
-    """Autocast off: FD is computed in float32 (or float64) whatever the surrounding autocast region says."""
-    if torch.is_autocast_enabled(device.type):
-        with torch.autocast(device.type, enabled=False):
-            yield
-    else:
-        yield
 
 
 # ------------------------------------------------------------------------------------------ plans
@@ -313,13 +302,12 @@ class FDPlan:
         float64) with the tensor's layout; buffers given in ``out`` receive the products in place."""
         sink = _Sink(self, tensors, out, need)
         weights = cast(weights, self.dtype)
-        with full_precision(self.device):
-            if saved is None:
-                _, saved = self._values(tensors, keep=True)
-            for g, s in zip(self.groups, saved):
-                w = cast(weights[g.first : g.first + len(g.slots)], g.dtype)
-                run = _product_grads if g.product else _stacked_grads if g.stacked else _inplace_grads
-                run(g, tensors, s, w, sink)
+        if saved is None:
+            _, saved = self._values(tensors, keep=True)
+        for g, s in zip(self.groups, saved):
+            w = cast(weights[g.first : g.first + len(g.slots)], g.dtype)
+            run = _product_grads if g.product else _stacked_grads if g.stacked else _inplace_grads
+            run(g, tensors, s, w, sink)
         sink.finish()
         return out
 
@@ -335,8 +323,7 @@ class _PlanSqNorms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: FDPlan, *tensors):
-        with full_precision(plan.device):
-            values, saved = plan._values(tensors, keep=any(t.requires_grad for t in tensors))
+        values, saved = plan._values(tensors, keep=any(t.requires_grad for t in tensors))
         ctx.plan, ctx.saved = plan, saved
         ctx.save_for_backward(*tensors)
         return values

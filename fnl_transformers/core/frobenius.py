@@ -24,7 +24,6 @@ from .batched import (
     cast,
     compute_dtype,
     expand_heads,
-    full_precision,
     gram,
     gram_grads,
     gram_sq_norms,
@@ -67,17 +66,16 @@ class _GramSqNorms(torch.autograd.Function):
 def form_sq_norms(f: BoundForm) -> torch.Tensor:
     """Per-head ``||A_h M B_g(h)^T||_F^2`` (float32, differentiable), shape ``(H,)``."""
     A, B, M = _bound(f)
-    with full_precision(A.device):
-        if use_product(A.shape[1], B.shape[1], A.shape[2]):
-            return product_terms(A, B, M)[0].pow(2).sum((1, 2))
-        return _GramSqNorms.apply(A, B, M)
+    if use_product(A.shape[1], B.shape[1], A.shape[2]):
+        return product_terms(A, B, M)[0].pow(2).sum((1, 2))
+    return _GramSqNorms.apply(A, B, M)
 
 
 def form_grads(f: BoundForm) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of ``FD = 1/2 sum_h ||W_h||_F^2`` w.r.t. A, B (and M), in float32, shapes of A, B, M."""
     A, B, M = _bound(f)
     w = torch.ones(A.shape[0], dtype=A.dtype, device=A.device)
-    with torch.no_grad(), full_precision(A.device):
+    with torch.no_grad():
         if use_product(A.shape[1], B.shape[1], A.shape[2]):
             W, AM = product_terms(A, B, M)
             dA, dB, dM = product_grads(A, B, M, W, AM, w)
