@@ -44,6 +44,50 @@ def median_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def paired_ratios(baseline: Callable[[], object], ours: Callable[[], object], rounds: int, warmup: int = 1):
+    """``rounds`` rounds of baseline then ours (after ``warmup`` untimed rounds); returns the per-round ratios
+    ``ours / baseline`` (each from two adjacent measurements, so slow drift of a shared machine cancels) and
+    the median times ``(baseline_s, ours_s)``."""
+    now = clock()[0]
+    tb, to = [], []
+    for r in range(warmup + rounds):
+        times = []
+        for fn in (baseline, ours):
+            gc.collect()
+            t0 = now()
+            fn()
+            times.append(now() - t0)
+        if r >= warmup:
+            tb.append(times[0])
+            to.append(times[1])
+    return [o / b for b, o in zip(tb, to)], (statistics.median(tb), statistics.median(to))
+
+
+def repeats_summary(ratios: List[float], higher_is_better: bool, limit: Optional[float]) -> dict:
+    """Median, spread and worst of independent repeats of one ratio; ``met`` only when the *worst* repeat
+    meets ``limit`` (a lower bound for speed-ups, an upper bound for slowdowns), None without a limit."""
+    worst = min(ratios) if higher_is_better else max(ratios)
+    met = None if limit is None else (worst >= limit if higher_is_better else worst <= limit)
+    return dict(ratio=statistics.median(ratios), repeats=list(ratios), spread=[min(ratios), max(ratios)],
+                worst=worst, met=met)
+
+
+def repeated(make: Callable[[], Dict[str, Callable[[], object]]], repeats: int, rounds: int, warmup: int = 1,
+             teardown: Optional[Callable[[], None]] = None) -> List[Dict[str, float]]:
+    """``repeats`` independent measurements: each builds fresh callables with ``make()`` (new models, new
+    optimizers: new memory), runs ``warmup`` untimed rounds, then :func:`median_times` over ``rounds``
+    alternating rounds. Returns one ``{name: median seconds}`` per repeat."""
+    out = []
+    for _ in range(repeats):
+        fns = make()
+        out.append(median_times(fns, rounds, warmup=warmup))
+        del fns
+        if teardown is not None:
+            teardown()
+        gc.collect()
+    return out
+
+
 def row(case: str, baseline: str, baseline_s: Optional[float], ours: str, ours_s: Optional[float],
         ratio: Optional[float], ratio_def: str, target: str, met: Optional[bool], **extra) -> dict:
     """One measured comparison. ``ratio_def`` says how ``ratio`` is formed (e.g. "baseline / ours")."""

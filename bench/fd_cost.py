@@ -65,11 +65,14 @@ def measure(model: nn.Module, kind: str, repeats: int):
 
     specs = [(spec, module_lookup(mod)) for _, mod, spec, _ in iter_forms(model)]
 
+    params_of = {}
+    for spec, get in specs:  # the model's forms keyed by (module, path), as an optimizer group keys them by index
+        for key in spec.keys():
+            params_of[(id(get), key)] = get(key)
+    keyed = [spec.with_keys(lambda key, get=get: (id(get), key)) for spec, get in specs]
+
     def decoupled():
-        out = {}
-        for spec, get in specs:
-            accumulate_fd_grads([spec], get, {k: 1.0 for k in ("linear", "qk", "ov")}, out)
-        return out
+        return accumulate_fd_grads(keyed, params_of.__getitem__, {k: 1.0 for k in ("linear", "qk", "ov")})
 
     # same numbers first: penalty and gradients of both routes agree
     ours()

@@ -379,3 +379,52 @@ def test_bad_groups():
     with pytest.raises(ValueError, match="lr must be in"):
         opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "lr": -1.0})
     assert len(opt.param_groups) == n  # rejected groups are not kept
+
+
+# ---------------------------------------------------------------- batched update paths
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_lamb_large_tensor_path_equals_foreach_path(monkeypatch, max_grad_norm):
+    """Tensors above FOREACH_MAX_ELEMENTS are updated one at a time in a reused workspace, the others together
+    with torch._foreach_*; both run the same operations, so results are identical whatever the split."""
+    from fnl_transformers.optim import lamb as lamb_module
+
+    def run(limit):
+        monkeypatch.setattr(lamb_module, "FOREACH_MAX_ELEMENTS", limit)
+        net = make_net()
+        opt = FLAMBe(param_groups(net, fd_ov=1e-2, fd_linear=1e-3, weight_decay=0.01), lr=1e-2,
+                     max_grad_norm=max_grad_norm)
+        ptrs = []
+        for step in range(8):
+            train_step(net, opt, step)
+            ptrs.append(sorted(t.data_ptr() for t in opt._workspace().values()))
+        return net, ptrs
+
+    together, _ = run(1 << 30)
+    alone, ptrs = run(0)
+    assert ptrs[0] and all(p == ptrs[0] for p in ptrs)  # the workspace is allocated once and reused
+    for (name, p), q in zip(together.named_parameters(), alone.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_lamb_matches_torch_optimizer_on_large_tensors():
+    """The workspace path (tensors above FOREACH_MAX_ELEMENTS) against torch-optimizer's Lamb."""
+    torch_optimizer = pytest.importorskip("torch_optimizer")
+    from fnl_transformers.optim.lamb import FOREACH_MAX_ELEMENTS
+
+    torch.manual_seed(0)
+    shapes = [(FOREACH_MAX_ELEMENTS + 7,), (300, 300), (5,)]
+    ours = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    ref = [nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05)
+    opt = Lamb(ours, bias_correction=False, **kw)
+    ref_opt = torch_optimizer.Lamb(ref, clamp_value=1e4, debias=False, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(ours, ref):
+        assert_rel_close(a.detach(), b.detach(), 1e-6, str(tuple(a.shape)))

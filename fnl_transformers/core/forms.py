@@ -104,9 +104,10 @@ def module_lookup(module: nn.Module) -> Lookup:
 
 def module_forms(module: nn.Module) -> List[FormSpec]:
     """Form specs declared by ``module`` itself (factorized layers) or registered on it (attention)."""
-    own = getattr(module, "fnl_forms", None)
+    d, cls = module.__dict__, type(module)  # looked up without nn.Module.__getattr__ (slow on a miss)
+    own = getattr(module, "fnl_forms", None) if "fnl_forms" in d or hasattr(cls, "fnl_forms") else None
     specs = list(own()) if callable(own) else []
-    return specs + list(getattr(module, ATTR, ()))
+    return specs + list(d[ATTR] if ATTR in d else getattr(cls, ATTR, ()))
 
 
 def iter_forms(model: nn.Module, kinds=KINDS) -> Iterator[Tuple[str, nn.Module, FormSpec, BoundForm]]:

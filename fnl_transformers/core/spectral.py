@@ -91,6 +91,19 @@ def tail_energy(weight: torch.Tensor, rank: int) -> float:
     return float(s[rank:].pow(2).sum().sqrt())
 
 
+def qr_core(A: torch.Tensor, B: torch.Tensor, with_q: bool = True):
+    """``(C, Qa, Qb)`` with ``A_h B_h^T = Qa_h C_h Qb_h^T`` for batched factors ``A: H x m x k``, ``B: H x n x k``:
+    thin QRs ``A_h = Qa Ra``, ``B_h = Qb Rb`` and the small core ``C_h = Ra Rb^T`` (at most k x k), which has the
+    singular values of the m x n product at cost O(H (m + n) k^2). Computed in float32 (float64 stays float64);
+    ``with_q=False`` skips the Q factors (``Qa = Qb = None``)."""
+    dt = _svd_dtype(A.dtype)
+    mode = "reduced" if with_q else "r"
+    Qa, Ra = torch.linalg.qr(A.to(dt), mode=mode)
+    Qb, Rb = torch.linalg.qr(B.to(dt), mode=mode)
+    core = Ra @ Rb.transpose(-1, -2)
+    return (core, Qa, Qb) if with_q else (core, None, None)
+
+
 def head_spectral_init(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -103,7 +116,8 @@ def head_spectral_init(
 
     Thin QR ``A_h = Qa Ra``, ``B_h = Qb Rb``; SVD of the k x k core ``Ra Rb^T = Uc S Vc^T``; then
     ``A'_h = Qa Uc_r sqrt(S_r)``, ``B'_h = Qb Vc_r sqrt(S_r)`` so ``A'_h B'_h^T`` is the best rank-r
-    approximation of ``A_h B_h^T`` (paper Sec. 2.3, Eq. (1): SI of each head's QK and OV form). Cost O(H (m + n) k^2).
+    approximation of ``A_h B_h^T`` (paper Sec. 2.3, Eq. (1): SI of each head's QK and OV form). Cost
+    O(H (m + n) k^2).
     ``rank`` may not exceed ``k`` (the current per-head dimension): heads are only ever shrunk.
     """
     if A.dim() != 3 or B.dim() != 3:
@@ -116,10 +130,8 @@ def head_spectral_init(
     if rank > min(m, n):
         raise ValueError(f"rank must be <= min(dim_a, dim_b) = {min(m, n)}, got {rank}")
     check_shrink("reduced head dim (rank)", rank, k)  # heads only shrink
-    dt = _svd_dtype(A.dtype)
-    Qa, Ra = torch.linalg.qr(A.detach().to(dt))  # A_h = Qa Ra, Qa: m x min(m,k)
-    Qb, Rb = torch.linalg.qr(B.detach().to(dt))
-    Uc, s, Vch = torch.linalg.svd(Ra @ Rb.transpose(1, 2))  # core of A_h B_h^T = Qa (Ra Rb^T) Qb^T
+    core, Qa, Qb = qr_core(A.detach(), B.detach())
+    Uc, s, Vch = torch.linalg.svd(core)  # A_h B_h^T = Qa (Ra Rb^T) Qb^T
     root = s[:, :rank].sqrt().unsqueeze(1)
     A2 = Qa @ (Uc[:, :, :rank] * root)  # A' = Qa Uc_r sqrt(S_r)
     B2 = Qb @ (Vch[:, :rank].transpose(1, 2) * root)  # B' = Qb Vc_r sqrt(S_r)

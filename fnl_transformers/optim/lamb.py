@@ -31,6 +31,10 @@ import torch
 from ._fd import GroupForms, check_number, group_forms
 from .base import FDOptimizer
 
+# Tensors up to this many elements are updated together with torch._foreach_* ops (one call per operation for
+# all of them); larger ones one at a time, their update direction in a reusable workspace (no allocation).
+FOREACH_MAX_ELEMENTS = 1 << 16
+
 
 def lamb_update(
     params: List[torch.Tensor],
@@ -48,39 +52,106 @@ def lamb_update(
     bias_correction: bool,
     trust_clip: Optional[float],
     grad_scale: Optional[torch.Tensor] = None,
+    workspace: Optional[Dict] = None,
 ) -> None:
     """One LAMB/FLAMBe step on lists of tensors (in place). For the factors of ``fd``'s forms the decay term is
-    ``lambda_kind * dFD/dw`` (from the weights before the step) instead of ``weight_decay * w``."""
+    ``lambda_kind * dFD/dw`` (from the weights before the step) instead of ``weight_decay * w``.
+
+    ``workspace``: a dict the caller keeps between steps; large tensors' update directions are computed in a
+    buffer kept there instead of fresh memory each step (which costs page faults on every step)."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, bias_correction=bias_correction, trust_clip=trust_clip,
+                 scale=None if grad_scale is None else float(grad_scale))
+    if hyper["scale"] == 1.0:
+        hyper["scale"] = None
     fd_ids = fd.param_ids() if fd is not None else set()
-    pending: Dict[int, torch.Tensor] = {}  # factors: r waits for its FD term
-    for w, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        if grad_scale is not None:
-            g = g / grad_scale  # global gradient-norm pre-normalization
-        m.mul_(beta1).add_(g, alpha=1 - beta1)  # Adam moments (LAMB Alg. 2)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if bias_correction else (1.0, 1.0)
-        r = (m / bc1).div_((v / bc2).sqrt_().add_(eps))  # m_hat / (sqrt(v_hat) + eps)
-        if id(w) in fd_ids:
-            pending[id(w)] = r
-            continue
-        if weight_decay != 0:
-            r.add_(w, alpha=weight_decay)  # LAMB: + wd * w
-        _trust_step(w, r, lr, trust_clip)
-    if pending and fd is not None:
-        fd.add_to(pending)  # FLAMBe: r += lambda dFD/dw (paper Sec. 6), where LAMB puts weight decay
-        for w in params:
-            if id(w) in pending:
-                _trust_step(w, pending[id(w)], lr, trust_clip)
+    small: List[int] = []
+    large: List[int] = []
+    factors: List[int] = []
+    for i, w in enumerate(params):
+        (factors if id(w) in fd_ids else small if w.numel() <= FOREACH_MAX_ELEMENTS else large).append(i)
+    tensors = (params, grads, exp_avgs, exp_avg_sqs, steps)
+    if small:  # together: one foreach call per operation, directions in fresh (small) tensors
+        _lamb_batch([[t[i] for i in small] for t in tensors], None, weight_decay, None, **hyper)
+    for i, r in zip(large, _buffers(workspace, "large", [params[i] for i in large], one_at_a_time=True)):
+        _lamb_batch([[t[i]] for t in tensors], [r], weight_decay, None, **hyper)  # one at a time, in the workspace
+    if factors:  # FLAMBe: r += lambda dFD/dw (paper Sec. 6, Table 4) where LAMB puts weight decay
+        rs = _buffers(workspace, "factors", [params[i] for i in factors])
+        _lamb_batch([[t[i] for i in factors] for t in tensors], rs, 0.0, fd, **hyper)
 
 
-def _trust_step(w: torch.Tensor, r: torch.Tensor, lr: float, trust_clip: Optional[float]) -> None:
-    """``w -= lr * q * r`` with the trust ratio ``q = ||w|| / ||r||`` (1 if a norm is 0), ``min(q, trust_clip)``."""
-    w_norm = torch.linalg.vector_norm(w)
-    r_norm = torch.linalg.vector_norm(r)
+def _buffers(workspace: Optional[Dict], name: str, like: List[torch.Tensor], one_at_a_time: bool = False):
+    """Contiguous buffers shaped like ``like``, views of one flat tensor kept in ``workspace`` between steps (grown
+    as needed; fresh memory every step costs page faults). ``one_at_a_time``: the buffers all share the memory
+    of the largest (each is used before the next one)."""
+    if not like:
+        return []
+    if any(w.dtype != like[0].dtype or w.device != like[0].device for w in like):  # mixed: plain tensors
+        return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in like]
+    sizes = [w.numel() for w in like]
+    total = max(sizes) if one_at_a_time else sum(sizes)
+    key = (name, like[0].dtype, like[0].device)
+    flat = None if workspace is None else workspace.get(key)
+    if flat is None or flat.numel() < total:
+        flat = torch.empty(total, dtype=like[0].dtype, device=like[0].device)
+        if workspace is not None:
+            workspace[key] = flat
+    out, offset = [], 0
+    for w, n in zip(like, sizes):
+        out.append(flat[offset : offset + n].view(w.shape))
+        offset += 0 if one_at_a_time else n
+    return out
+
+
+def _lamb_batch(tensors, rs: Optional[List[torch.Tensor]], weight_decay: float, fd: Optional[GroupForms], *, lr,
+                beta1, beta2, eps, bias_correction, trust_clip, scale) -> None:
+    """LAMB on a list of tensors, the update directions in ``rs`` (or fresh tensors when None). Every element
+    goes through the same operations whether the list holds one tensor or many (``torch._foreach_*``), so a
+    tensor's result does not depend on its batch."""
+    ws, gs, ms, vs, ts = tensors
+    if scale is not None:  # global pre-normalization g / scale, held in r until the moments are updated
+        if rs is None:
+            gs = torch._foreach_div(gs, scale)
+        else:
+            for g, r in zip(gs, rs):
+                torch.div(g, scale, out=r)
+            gs = rs
+    torch._foreach_lerp_(ms, gs, 1 - beta1)  # m = beta1 m + (1 - beta1) g
+    torch._foreach_mul_(vs, beta2)  # v = beta2 v + (1 - beta2) g^2
+    torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+    # r = m_hat / (sqrt(v_hat) + eps) = m / (sqrt(c^2 v) + e) with c = (1 - beta1^t) / sqrt(1 - beta2^t) and
+    # e = (1 - beta1^t) eps (c = 1, e = eps without bias correction): four passes, no temporaries
+    if bias_correction:
+        bc1 = [1 - beta1**t for t in ts]
+        c2 = [b * b / (1 - beta2**t) for b, t in zip(bc1, ts)]
+        e = [b * eps for b in bc1]
+    else:
+        c2, e = [1.0] * len(ts), [eps] * len(ts)
+    if rs is None:
+        r_list = list(torch._foreach_mul(vs, c2))
+    else:
+        r_list = rs
+        for v, c, r in zip(vs, c2, r_list):
+            torch.mul(v, c, out=r)
+    torch._foreach_sqrt_(r_list)
+    torch._foreach_add_(r_list, e)
+    for m, r in zip(ms, r_list):
+        torch.div(m, r, out=r)
+    if fd is not None:
+        fd.add_to(dict(zip(map(id, ws), r_list)))  # + lambda dFD/dw, added inside the Gram products
+    elif weight_decay != 0:
+        torch._foreach_add_(r_list, ws, alpha=weight_decay)  # LAMB: + wd * w
+    _trust_steps(ws, r_list, lr, trust_clip)
+
+
+def _trust_steps(ws: List[torch.Tensor], rs: List[torch.Tensor], lr: float, trust_clip: Optional[float]) -> None:
+    """``w -= lr * q * r`` with the trust ratio ``q = ||w|| / ||r||`` (1 if a norm is 0), ``min(q, trust_clip)``;
+    all ratios in one vector operation, no host synchronization."""
+    w_norm = torch.stack(torch._foreach_norm(ws))
+    r_norm = torch.stack(torch._foreach_norm(rs))
     trust = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))
     if trust_clip is not None:
         trust = trust.clamp(max=trust_clip)
-    w.add_(r.mul_(trust), alpha=-lr)
+    torch._foreach_addcmul_(ws, rs, list(trust.unbind()), value=-lr)
 
 
 class Lamb(FDOptimizer):
@@ -97,6 +168,10 @@ class Lamb(FDOptimizer):
         trust_clip: upper bound on the trust ratio, or ``None`` (default) for none.
         max_grad_norm: global gradient-norm pre-normalization threshold (NVIDIA uses ``1.0``), or ``None``
             (default) to use gradients as they are.
+
+    Memory: besides the two moments per parameter, a scratch buffer the size of the largest parameter (update
+    directions of large tensors, reused every step; FLAMBe adds one for its FD factors), not saved in the
+    ``state_dict``.
     """
 
     supports_fd = False
@@ -127,8 +202,15 @@ class Lamb(FDOptimizer):
         if not grads:
             return None
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32  # >= float32
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=dtype) for g in grads]))
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)))
         return torch.clamp(total / self.max_grad_norm, min=1.0)
+
+    def _workspace(self) -> Dict:
+        """Scratch memory reused across steps (not part of the optimizer's state or its ``state_dict``)."""
+        ws = self.__dict__.get("_lamb_workspace")
+        if ws is None:
+            ws = self.__dict__["_lamb_workspace"] = {}
+        return ws
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -144,7 +226,7 @@ class Lamb(FDOptimizer):
             lamb_update(params, grads, exp_avgs, exp_avg_sqs, steps, fd, lr=group["lr"], beta1=beta1, beta2=beta2,
                         eps=group["eps"], weight_decay=group["weight_decay"],
                         bias_correction=group["bias_correction"], trust_clip=group["trust_clip"],
-                        grad_scale=grad_scale)
+                        grad_scale=grad_scale, workspace=self._workspace())
         return loss
 
 
