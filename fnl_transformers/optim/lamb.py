@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ._fd import GroupForms, check_number, group_forms
-from .base import FDOptimizer
+from .base import FDOptimizer, working_copy, write_back
 
 
 def lamb_update(
@@ -54,6 +54,7 @@ def lamb_update(
     fd_ids = fd.param_ids() if fd is not None else set()
     pending: Dict[int, torch.Tensor] = {}  # factors: r waits for its FD term
     for w, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        g = g.to(m.dtype)  # float32 for half-precision parameters (see optim.base)
         if grad_scale is not None:
             g = g / grad_scale  # global gradient-norm pre-normalization
         m.mul_(beta1).add_(g, alpha=1 - beta1)  # Adam moments (LAMB Alg. 2)
@@ -63,14 +64,18 @@ def lamb_update(
         if id(w) in fd_ids:
             pending[id(w)] = r
             continue
+        w32 = working_copy(w)
         if weight_decay != 0:
-            r.add_(w, alpha=weight_decay)  # LAMB: + wd * w
-        _trust_step(w, r, lr, trust_clip)
+            r.add_(w32, alpha=weight_decay)  # LAMB: + wd * w
+        _trust_step(w32, r, lr, trust_clip)
+        write_back(w, w32)
     if pending and fd is not None:
         fd.add_to(pending)  # FLAMBe: r += lambda dFD/dw (paper Sec. 6), where LAMB puts weight decay
         for w in params:
             if id(w) in pending:
-                _trust_step(w, pending[id(w)], lr, trust_clip)
+                w32 = working_copy(w)
+                _trust_step(w32, pending[id(w)], lr, trust_clip)
+                write_back(w, w32)
 
 
 def _trust_step(w: torch.Tensor, r: torch.Tensor, lr: float, trust_clip: Optional[float]) -> None:
