@@ -67,3 +67,30 @@ def test_an_overflowing_update_is_skipped_with_its_fd(data_bin, monkeypatch, mod
 @pytest.mark.parametrize("setup", list(fp.AFTER_50))
 def test_50_bf16_updates_stay_close_to_float32(data_bin, setup):
     fp.check_50_updates(data_bin, setup)
+
+
+def _cfg(data_bin, *flags, optimizer="fnl_adam"):
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    argv = fh.tiny_train_args(data_bin, "unused", "--optimizer", optimizer, *flags)
+    return convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), input_args=argv))
+
+
+def test_only_the_plugins_optimizers_get_per_parameter_copies_and_bf16_leaves_a_real_tpu_alone(data_bin,
+                                                                                              monkeypatch):
+    from fnl_transformers.fairseq_plugin import precision
+
+    cfg = _cfg(data_bin, "--fp16")
+    assert precision.per_parameter_copies(cfg) and cfg.common.fp16_no_flatten_grads
+    stock = _cfg(data_bin, "--fp16", optimizer="adam")
+    assert not precision.per_parameter_copies(stock) and not stock.common.fp16_no_flatten_grads  # fairseq's choice
+
+    bf16 = _cfg(data_bin, "--bf16")
+    assert bf16.common.tpu and bf16.distributed_training.tpu and bf16.model.tpu  # fairseq's --bf16 implies --tpu
+    monkeypatch.setattr(precision, "_xla_available", lambda: True)
+    assert not precision.resolve_bf16(bf16) and bf16.common.tpu  # torch_xla installed: the TPU run is left alone
+    monkeypatch.setattr(precision, "_xla_available", lambda: False)
+    assert precision.resolve_bf16(bf16)
+    assert not (bf16.common.tpu or bf16.distributed_training.tpu or bf16.model.tpu or bf16.optimizer.tpu)
+    assert bf16.common.bf16
