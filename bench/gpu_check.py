@@ -61,6 +61,9 @@ SMOKE_MODEL_FLAGS = ("--encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ff
                      "--decoder-attention-heads 4 --encoder-normalize-before --decoder-normalize-before")
 FD_FLAGS = ["--fd-qk", "1e-4", "--fd-ov", "1e-4"]
 FP16_FLAGS = ["--fp16", "--fp16-no-flatten-grads"]
+# training variants VARIANT[:PRECISION]: the fairseq-train flags of each precision (bf16: the plugin trains it on the
+# GPU where torch_xla is missing, see fnl_transformers.fairseq_plugin.precision)
+PRECISION_FLAGS = {"fp32": [], "fp16": FP16_FLAGS, "bf16": ["--bf16"], "amp": ["--amp"]}
 RECIPE_MAX_UPDATE = 100_000  # recipes/iwslt14/train.sh, the paper's setting
 DEFAULT_VARIANTS = "baseline,fd-qkov,fd-qkov:fp16"
 # on a CPU fairseq's fp16 overflow handling fails (it builds a CUDA tensor), so the smoke run trains in float32
@@ -345,7 +348,7 @@ def train_variant(spec: str, data: str, work: str, arch: str, model_flags: List[
                   log_interval: int, stop_s: float, smoke: bool, log_dir: Optional[str] = None) -> dict:
     variant, _, prec = spec.partition(":")
     prec = prec or "fp32"
-    extra = FP16_FLAGS if prec == "fp16" else []
+    extra = PRECISION_FLAGS[prec]
     save_dir = os.path.join(work, "train", spec.replace(":", "-"))
     argv = recipe_command(variant, data, save_dir, arch, model_flags, max_tokens, updates, log_interval, extra)
     # train.sh adds --cpu where it finds no GPU device node; the check decides the device itself
@@ -413,8 +416,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model-flags", default=None, help="model flags (default: the paper's IWSLT shape)")
     ap.add_argument("--max-tokens", type=int, default=None, help="target tokens per batch (default 4000)")
     ap.add_argument("--updates", type=int, default=None, help="training updates per variant (default 2000)")
-    ap.add_argument("--variants", default=None, help="recipe variants to train, VARIANT[:fp16], comma-separated "
-                                                     f"(default {DEFAULT_VARIANTS}; smoke: {SMOKE_VARIANTS})")
+    ap.add_argument("--variants", default=None, help="recipe variants to train, VARIANT[:fp16|bf16|amp], "
+                                                     f"comma-separated (default {DEFAULT_VARIANTS}; smoke: "
+                                                     f"{SMOKE_VARIANTS})")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per timing case (default 20)")
     ap.add_argument("--budget-s", type=float, default=420,
                     help="seconds from the start after which training stops (default 420: under 8 minutes in all)")
@@ -445,6 +449,9 @@ def main(argv=None) -> int:
     if args.log_dir:
         os.makedirs(args.log_dir, exist_ok=True)
     variants = args.variants or (SMOKE_VARIANTS if smoke else DEFAULT_VARIANTS)
+    unknown = sorted({s.partition(":")[2] for s in variants.split(",") if s} - set(PRECISION_FLAGS) - {""})
+    if unknown:
+        ap.error(f"--variants: unknown precision(s) {unknown}; use VARIANT, VARIANT:fp16, VARIANT:bf16 or VARIANT:amp")
     os.environ["PYTHONWARNINGS"] = "ignore"  # fairseq/hydra deprecation chatter; the logs keep what matters
     warnings.simplefilter("ignore")
 

@@ -466,9 +466,6 @@ def test_plugin_optimizers_on_a_stock_model_decay_everything(data_bin):
     (["--ranks", "*.fc9=3"], r"--ranks: pattern\(s\) \['\*\.fc9'\] match no layer"),
     (["--ranks", "fc1"], r"--ranks must be PATTERN=RANK pairs"),
     (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "-1"], r"--fd-qk must be a finite number >= 0"),
-    (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "0.01", "--optimizer", "fnl_adam",
-      "--weight-decay", "0.01", "--fp16"], r"--fp16/--bf16 copies all parameters into one flat buffer.*"
-                                           r"--fp16-no-flatten-grads"),
 ])
 def test_bad_options_give_one_clear_error(data_bin, flags, message):
     with pytest.raises(ValueError, match=message):

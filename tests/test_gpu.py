@@ -15,8 +15,14 @@ Tolerances (relative Frobenius errors against float64 on the CPU, from the half-
   half-precision ``.grad`` within ``eps`` (one rounding).
 * FNLTrainer with bf16 / fp16 on the device against float32 on the same device after ``N_STEPS`` updates:
   the CPU tolerances of ``precision_helpers.AFTER_N``.
-* fairseq: a few updates of a tiny fnl model in float32 and ``--fp16 --fp16-no-flatten-grads`` (coupled FD),
-  then ``fnl recompose`` of the device-trained checkpoint on the CPU and stock ``fairseq-generate`` on it.
+* fairseq: a few updates of a tiny fnl model in float32, ``--fp16`` (coupled FD; fairseq's ``adam``, and
+  ``fnl_adam`` with weight decay) and ``--bf16`` (``flambe``, decoupled FD), then ``fnl recompose`` of the
+  device-trained checkpoint on the CPU and stock ``fairseq-generate`` on it.
+* fairseq mixed precision on CUDA: the checks of ``fairseq_precision_helpers`` (tolerances there) for every
+  precision (``--fp16``, ``--bf16``, ``--memory-efficient-fp16/-bf16``, ``--amp``) x {``fnl_adam`` with weight
+  decay, ``flambe``}: groups, first-update FD value / gradient / scaling against float32 on the device, an
+  overflowing update skipped with its FD, 50 ``--bf16`` updates against float32 (tolerances measured on the CPU),
+  and FD in float32 under CUDA autocast. Their CPU cases are ``test_fairseq_mixed_precision.py``.
 """
 from __future__ import annotations
 
@@ -241,8 +247,10 @@ FAIRSEQ_FD = ["--rank-scale", "0.5", "--spectral-init", "--criterion", "fd_label
               "--fd-linear", "1e-2", "--fd-qk", "1e-2", "--fd-ov", "1e-2"]
 FAIRSEQ_PRECISIONS = {
     "fp32": [],
-    "fp16": ["--fp16", "--fp16-no-flatten-grads"],  # fairseq's adam, no weight decay
-    "fp16-fnl_adam-wd": ["--fp16", "--fp16-no-flatten-grads", "--optimizer", "fnl_adam", "--weight-decay", "0.01"],
+    # fairseq's adam, no weight decay: fairseq's flat fp32 buffer needs CUDA, so on the CPU per-parameter copies
+    "fp16": ["--fp16", "--fp16-no-flatten-grads"],
+    "fp16-fnl_adam-wd": ["--fp16", "--optimizer", "fnl_adam", "--weight-decay", "0.01"],  # per-parameter copies
+    "bf16-flambe": ["--bf16", "--optimizer", "flambe", "--weight-decay", "0.01", "--fd-mode", "decoupled"],
 }
 
 
@@ -261,19 +269,16 @@ def test_fairseq_training_then_recompose_on_cpu(tmp_path, device, precision):
     argv = tiny_train_args(data, save, *FAIRSEQ_FD, *FAIRSEQ_PRECISIONS[precision], updates=4)
     if device == "cuda":
         argv.remove("--cpu")
-    try:
-        run = run_fairseq_train(argv, in_process=False)
-    except RuntimeError as e:
-        refused = [line for line in str(e).splitlines() if line.startswith("ValueError") and "--fp16" in line]
-        if precision == "fp16-fnl_adam-wd" and refused:
-            pytest.skip(f"pending fairseq mixed-precision support for FD-aware optimizers: {refused[-1]}")
-        raise
+        if precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+            pytest.skip("this GPU has no bfloat16")
+    run = run_fairseq_train(argv, in_process=False)
     train = run.train
     assert len(train) == 4
     for rec in train:
         assert float(rec["loss"]) == float(rec["loss"]) and float(rec["loss"]) < 100  # finite
-        assert float(rec["fd_qk"]) > 0 and float(rec["fd_linear"]) > 0
-        if precision != "fp32":
+        if "--fd-mode" not in FAIRSEQ_PRECISIONS[precision]:  # coupled FD is logged
+            assert float(rec["fd_qk"]) > 0 and float(rec["fd_linear"]) > 0
+        if precision.startswith("fp16"):
             assert "loss_scale" in rec
     ckpt = os.path.join(save, "checkpoint_last.pt")
 
@@ -295,3 +300,50 @@ def test_fairseq_training_then_recompose_on_cpu(tmp_path, device, precision):
     for src in ref:
         assert got[src][0] == ref[src][0], src
         assert abs(got[src][1] - ref[src][1]) <= 1e-3  # a float16 checkpoint is multiplied out in float32
+
+
+# ---------------------------------------------------------------- fairseq mixed precision (checks and tolerances:
+# fairseq_precision_helpers; the CPU cases are test_fairseq_mixed_precision.py)
+
+@pytest.fixture(scope="module")
+def fairseq_data(tmp_path_factory):
+    pytest.importorskip("fairseq")
+    from fairseq_helpers import make_tiny_data
+
+    return make_tiny_data(tmp_path_factory.mktemp("fairseq_mp_gpu"))
+
+
+def _fairseq_precision(mode=None):
+    import fairseq_precision_helpers as fp
+
+    if mode is not None and "bf16" in mode and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16")
+    return fp
+
+
+FAIRSEQ_MATRIX = [(m, s) for m in ("fp16", "bf16", "memory-efficient-fp16", "memory-efficient-bf16", "amp")
+                  for s in ("fnl_adam", "flambe")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,setup", FAIRSEQ_MATRIX)
+def test_fairseq_first_update_in_every_precision_on_cuda(fairseq_data, mode, setup):
+    _fairseq_precision(mode).check_first_update(fairseq_data, mode, setup, device="cuda")
+
+
+@pytest.mark.gpu
+def test_fairseq_fd_is_float32_under_cuda_autocast(fairseq_data):
+    _fairseq_precision().check_fd_is_float32_under_autocast(fairseq_data, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fp16", "memory-efficient-fp16", "amp"])
+@pytest.mark.parametrize("setup", ["fnl_adam", "flambe"])
+def test_fairseq_overflowing_update_is_skipped_on_cuda(fairseq_data, monkeypatch, mode, setup):
+    _fairseq_precision(mode).check_overflow_skipped(fairseq_data, mode, setup, monkeypatch, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setup", ["fnl_adam", "flambe"])
+def test_fairseq_50_bf16_updates_on_cuda(fairseq_data, setup):
+    _fairseq_precision("bf16").check_50_updates(fairseq_data, setup, device="cuda")

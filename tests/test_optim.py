@@ -1,4 +1,5 @@
 """Optimizers: Lamb vs torch-optimizer and a transcription of NVIDIA's rule, FLAMBe/AdamWFD vs hand formulas."""
+import copy
 import io
 import math
 
@@ -309,6 +310,49 @@ def test_save_reload_mid_run_gives_identical_trajectory(cls):
         train_step(resumed, opt2, step)
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name  # bitwise: the same operations in the same order, state restored exactly
+
+
+# ---------------------------------------------------------------- half-precision parameters
+
+HALF_EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+@pytest.mark.parametrize("dtype", list(HALF_EPS))
+@pytest.mark.parametrize("cls", [Lamb, FLAMBe, AdamWFD])
+def test_half_precision_parameters_are_updated_in_float32_and_rounded_once(cls, dtype):
+    """fairseq's --memory-efficient-fp16/-bf16 hands the optimizer half-precision parameters: the moments are
+    float32 and each step equals the float32 step of the same values, rounded once into the parameter (within half
+    a unit in the last place of the dtype)."""
+    fd = {} if cls is Lamb else dict(fd_embedding=1e-2, fd_qk=1e-2, fd_ov=2e-2, fd_linear=1e-3)
+    half = make_net().to(dtype)
+    opt = cls(param_groups(half, weight_decay=0.01, **fd), lr=1e-2)
+    assert opt.supports_memory_efficient_fp16
+    start = {n: p.detach().clone() for n, p in half.named_parameters()}
+    for step in range(3):
+        master = make_net()
+        master.load_state_dict({k: v.float() for k, v in half.state_dict().items()})  # the same values in float32
+        ref = cls(param_groups(master, weight_decay=0.01, **fd), lr=1e-2)
+        ref.load_state_dict(copy.deepcopy(opt.state_dict()))  # the same moments (float32, as the parameters)
+        ids, y = batch(step)
+        opt.zero_grad()
+        F.mse_loss(half(ids).float(), y).backward()
+        for p, q in zip(half.parameters(), master.parameters()):
+            q.grad = p.grad.float()  # the same gradient values
+        opt.step()
+        ref.step()
+        for (name, p), q in zip(half.named_parameters(), master.parameters()):
+            assert p.dtype == dtype and opt.state[p]["exp_avg"].dtype == torch.float32, name
+            tol = HALF_EPS[dtype] / 2 * q.detach().abs() + 1e-7  # one rounding (1e-7: fp16 subnormals)
+            assert bool(((p.detach().float() - q.detach()).abs() <= tol).all()), name
+
+    assert all(not torch.equal(p, start[n]) for n, p in half.named_parameters())  # every parameter moved
+
+    # a reloaded state (torch casts it to the parameters' dtype) is float32 again at the next step
+    again = cls(param_groups(half, weight_decay=0.01, **fd), lr=1e-2)
+    again.load_state_dict(opt.state_dict())
+    assert next(iter(again.state.values()))["exp_avg"].dtype == dtype
+    train_step(half, again, 3)
+    assert {s["exp_avg"].dtype for s in again.state.values()} == {torch.float32}
 
 
 # ---------------------------------------------------------------- groups and bad input

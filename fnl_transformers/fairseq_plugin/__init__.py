@@ -8,7 +8,9 @@ Importing this package (which imports fairseq) registers, once per process:
 * the criterion ``fd_label_smoothed_cross_entropy`` (:mod:`.criterion`);
 * the optimizers ``fnl_adam``, ``flambe``, ``fnl_lamb`` (:mod:`.optim`);
 * the safe-loading allow-list for fairseq checkpoints under torch >= 2.6 (:mod:`.safe_loading`);
-* ``torchrun`` launch (``env://``) of ``fairseq-train`` on CPU and GPU (:mod:`.distributed`).
+* ``torchrun`` launch (``env://``) of ``fairseq-train`` on CPU and GPU (:mod:`.distributed`);
+* mixed precision (``--fp16``, ``--bf16``, ``--memory-efficient-fp16/-bf16``, ``--amp``) that keeps the plugin
+  optimizers' per-parameter groups (:mod:`.precision`).
 
 Registration is idempotent and independent of import order: :func:`register` skips names already in fairseq's
 registries, so a second import under another name (``--user-dir`` imports its folder as a top-level module),
@@ -18,7 +20,7 @@ duplicate". ``fnl userdir`` prints ``user_dir/fnl_fairseq_plugin``, a shim packa
 """
 from __future__ import annotations
 
-from . import distributed, safe_loading
+from . import distributed, precision, safe_loading
 from .criterion import FDLabelSmoothedCrossEntropyConfig, FDLabelSmoothedCrossEntropyCriterion
 from .model import ARCHITECTURES, FnlTransformerModel, fnl_specs
 from .optim import OPTIMIZERS
@@ -48,6 +50,7 @@ def register() -> None:
 
 safe_loading.install()
 distributed.install()
+precision.install()
 register()
 
 __all__ = ["FDLabelSmoothedCrossEntropyCriterion", "FnlTransformerModel", "fnl_specs", "register"]

@@ -14,6 +14,11 @@ fairseq sums ``loss_b`` over the micro-batches ``b`` of all workers and divides 
 sample size ``S = sum_b s_b``; each micro-batch adds ``P * s_b``, so the update sees
 ``sum_b P s_b / S = P`` (and the same for its gradient). Validation (``model.training`` false) skips it.
 
+Mixed precision (``--fp16``, ``--bf16``, ``--memory-efficient-fp16/-bf16``, ``--amp``): the penalty is computed in
+float32 from the (possibly half-precision) factors, with autocast off, and added to the loss this criterion returns,
+before fairseq's loss scaler multiplies it: it is scaled, unscaled and skipped on overflow exactly as the cross
+entropy. The logged ``fd_<kind>`` values are never scaled (:mod:`fnl_transformers.fairseq_plugin.precision`).
+
 Logged per update: ``loss``/``nll_loss`` as fairseq's criterion (cross entropy only, comparable with runs
 without FD), ``fd_<kind>``: the penalty of each active kind (nats, the same normalization as the per-token loss),
 and with ``--form-diagnostics-interval N`` every N updates, per kind (means over forms; heads count separately):
@@ -70,19 +75,23 @@ class FDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
         if not model.training:
             return loss, sample_size, logging_output  # FD is a training regularizer: not in validation
-        if fd.coupled:
-            parts = frobenius_penalty_by_kind(model, **fd.coefficients())
-            # counts once per update: sum_b P s_b / sum_b s_b = P (module docstring)
-            loss = loss + torch.stack(list(parts.values())).sum().to(loss.dtype) * sample_size
-            for kind, value in parts.items():
-                logging_output[f"fd_{kind}"] = value.detach() * sample_size
-        if self.diag_interval:
-            n = getattr(model, "fnl_num_updates", None)
-            if n is not None and n % self.diag_interval == 0 and n != self._diag_update:
-                self._diag_update = n  # once per update (first micro-batch)
-                for key, value in form_diagnostics(model, lr=_current_lr()).items():
-                    logging_output[f"form/{key}"] = value
-                logging_output["form_count"] = 1
+        # FD in float32 from the factors, whatever their dtype, also under --amp (fairseq runs the criterion in
+        # autocast): the penalty and its gradient never see half-precision matmuls
+        with torch.autocast(loss.device.type, enabled=False):
+            if fd.coupled:
+                parts = frobenius_penalty_by_kind(model, **fd.coefficients())
+                # counts once per update: sum_b P s_b / sum_b s_b = P (module docstring); added to the loss before
+                # any loss scaling, so fairseq scales and unscales it exactly as the cross entropy
+                loss = loss + torch.stack(list(parts.values())).sum().to(loss.dtype) * sample_size
+                for kind, value in parts.items():
+                    logging_output[f"fd_{kind}"] = value.detach() * sample_size
+            if self.diag_interval:
+                n = getattr(model, "fnl_num_updates", None)
+                if n is not None and n % self.diag_interval == 0 and n != self._diag_update:
+                    self._diag_update = n  # once per update (first micro-batch)
+                    for key, value in form_diagnostics(model, lr=_current_lr()).items():
+                        logging_output[f"form/{key}"] = value
+                    logging_output["form_count"] = 1
         return loss, sample_size, logging_output
 
     @classmethod

@@ -23,8 +23,9 @@ The model holds the one FD spec (``model.fnl_fd``, :class:`~fnl_transformers.cor
 ``fd_label_smoothed_cross_entropy`` reads it (coupled FD), and the build sets each parameter's decay (the core
 :class:`~fnl_transformers.core.DecayPolicy`) in ``p.optim_overrides["fnl"]`` (with its form memberships for
 decoupled FD), which the plugin's optimizers (``fnl_adam``, ``flambe``, ``fnl_lamb``) read from whatever parameter
-list fairseq hands them (fairseq copies ``optim_overrides`` onto fp32 master copies with
-``--fp16-no-flatten-grads``). The build refuses inconsistent combinations once, each with one line naming the fix.
+list fairseq hands them (fairseq copies ``optim_overrides`` onto per-parameter fp32 master copies; mixed precision:
+:mod:`fnl_transformers.fairseq_plugin.precision`). The build refuses inconsistent combinations once, each with one
+line naming the fix.
 
 Parameter names (fairseq's, plus the factors; ``*`` is ``encoder`` or ``decoder``, ``i`` the layer):
 
@@ -310,15 +311,6 @@ def _check_training_setup(model: FnlTransformerModel, args) -> None:
         raise ValueError(
             f"{why}, but --optimizer {optimizer} applies --weight-decay {wd:g} to every parameter. Use --optimizer "
             "fnl_adam (fairseq's adam with the decay policy's groups), flambe or fnl_lamb, or set --weight-decay 0"
-        )
-    flat = (getattr(args, "fp16", False) or getattr(args, "bf16", False)) and not (
-        getattr(args, "memory_efficient_fp16", False) or getattr(args, "memory_efficient_bf16", False)
-        or getattr(args, "fp16_no_flatten_grads", False))
-    if optimizer in FD_AWARE_OPTIMIZERS and flat and ((wd > 0 and kept_out) or fd.decoupled):
-        raise ValueError(
-            "--fp16/--bf16 copies all parameters into one flat buffer, so the optimizer cannot give each parameter "
-            "its decay (FD / weight decay / none); add --fp16-no-flatten-grads (per-parameter fp32 copies) or use "
-            "--memory-efficient-fp16 (or --memory-efficient-bf16)"
         )
 
 

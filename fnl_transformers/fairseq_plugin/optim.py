@@ -3,9 +3,10 @@
 fairseq hands an optimizer one flat parameter list, and its stock optimizers (``adam``, ``sgd``, ...) decay all of
 it. An ``fnl_transformer`` model records, at build time, each parameter's decay under the one decay policy
 (:class:`fnl_transformers.core.DecayPolicy`: FD, weight decay or none) in ``p.optim_overrides["fnl"]``, with its
-form memberships for decoupled FD; fairseq copies ``optim_overrides`` onto its fp32 master copies
-(``--fp16-no-flatten-grads``), so these optimizers rebuild the groups from whatever list they receive, with no
-reference to the model:
+form memberships for decoupled FD; these optimizers rebuild the groups from whatever list they receive, with no
+reference to the model: the model's parameters, fairseq's per-parameter float32 master copies (which carry
+``optim_overrides``; ``--fp16`` and ``--bf16`` make them per parameter for these optimizers) or the half-precision
+parameters themselves (``--memory-efficient-fp16/-bf16``) (:mod:`fnl_transformers.fairseq_plugin.precision`):
 
 * ``--optimizer fnl_adam``: fairseq's ``adam`` (same options, same update; ``FusedAdam`` on GPU) with parameter
   groups: ``--weight-decay`` for the parameters the policy decays, 0 for the others (FD factors, biases and norms
@@ -18,8 +19,8 @@ reference to the model:
 * ``--no-decay-bias-norm`` (all three): no weight decay on biases and normalization layers (BERT practice;
   fairseq's default decays them). The model reads it when it is built.
 
-Inconsistent combinations (a stock optimizer with ``--weight-decay`` and FD, decoupled FD without ``flambe``, a
-flat fp16 buffer) are refused when the model is built (:mod:`fnl_transformers.fairseq_plugin.model`). Parameters
+Inconsistent combinations (a stock optimizer with ``--weight-decay`` and FD, decoupled FD without ``flambe``) are
+refused when the model is built (:mod:`fnl_transformers.fairseq_plugin.model`). Parameters
 without the record (another model's, or the criterion's) get ``--weight-decay``, exactly as fairseq's own
 optimizers do.
 """
@@ -49,8 +50,8 @@ def fnl_param_groups(params, weight_decay: float, no_decay_bias_norm: bool = Fal
     if all(r is None for r in records):
         if no_decay_bias_norm:
             raise ValueError(
-                "--no-decay-bias-norm needs parameters of a model built with --arch fnl_transformer* (and not "
-                "copied into a flat fp16 buffer: add --fp16-no-flatten-grads or use --memory-efficient-fp16)"
+                "--no-decay-bias-norm needs parameters of a model built with --arch fnl_transformer*, which record "
+                "each parameter's decay; a stock model's parameters all get --weight-decay"
             )
         return [{"params": params, "weight_decay": weight_decay}]
     fd_params, memberships, coeffs, decay, none = [], [], {}, [], []

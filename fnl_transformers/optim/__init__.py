@@ -25,6 +25,10 @@ Typical use, the paper's BERT setting (FD on the attention OV forms, regular dec
     opt = FLAMBe(param_groups(model, fd_ov=1e-2, weight_decay=0.01), lr=1e-3)
 
 A group's FD coefficients may be changed during training (``group["fd"]["ov"] = ...``), like its ``lr``.
+
+Half-precision parameters (float16 / bfloat16, as fairseq's ``--memory-efficient-fp16`` hands them) are updated in
+float32: float32 moments, the update and decoupled FD computed in float32, the result rounded into the parameter
+once (``supports_memory_efficient_fp16``).
 """
 from ..core import default_no_decay
 from .adamw import AdamWFD, adamw_update

@@ -16,7 +16,7 @@ from typing import Dict, List
 import torch
 
 from ._fd import fd_terms
-from .base import FDOptimizer
+from .base import FDOptimizer, working_copy, write_back
 
 
 def adamw_update(
@@ -36,15 +36,17 @@ def adamw_update(
     """One AdamW step on lists of tensors (in place). ``fd[id(w)]`` replaces ``weight_decay * w``."""
     for w, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         d = fd.get(id(w))
+        w32, g = working_copy(w), g.to(m.dtype)  # float32 for half-precision parameters (see optim.base)
         if d is not None:
-            w.add_(d, alpha=-lr)  # decoupled FD: w -= lr * lambda dFD/dw (paper Definition 3.2)
+            w32.add_(d, alpha=-lr)  # decoupled FD: w -= lr * lambda dFD/dw (paper Definition 3.2)
         elif weight_decay != 0:
-            w.mul_(1 - lr * weight_decay)  # decoupled weight decay: w -= lr * wd * w
+            w32.mul_(1 - lr * weight_decay)  # decoupled weight decay: w -= lr * wd * w
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         step_size = lr / (1 - beta1**t)
         denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-        w.addcdiv_(m, denom, value=-step_size)
+        w32.addcdiv_(m, denom, value=-step_size)
+        write_back(w, w32)
 
 
 class AdamWFD(FDOptimizer):

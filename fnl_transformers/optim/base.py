@@ -1,10 +1,33 @@
-"""Base class: a plain ``torch.optim.Optimizer`` whose groups are validated and may carry FD forms."""
+"""Base class: a plain ``torch.optim.Optimizer`` whose groups are validated and may carry FD forms.
+
+Half-precision parameters (float16 / bfloat16, e.g. fairseq's ``--memory-efficient-fp16``) are updated in float32:
+the moments are float32, the update (and decoupled FD, float32 from the half factors by the core's rule) is
+computed on a float32 working copy of the parameter, and the result is rounded into the parameter once.
+"""
 from __future__ import annotations
 
 import torch
 from torch.optim import Optimizer
 
 from ._fd import check_common, check_fd_group, check_unique, fd_active
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """dtype of a parameter's moments and of its working copy: float32 for half precision, else its own."""
+    return torch.float32 if p.dtype in HALF_DTYPES else p.dtype
+
+
+def working_copy(w: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of a half-precision parameter to update (the parameter itself otherwise)."""
+    return w.to(state_dtype(w))
+
+
+def write_back(w: torch.Tensor, w32: torch.Tensor) -> None:
+    """Round an updated working copy into its parameter (nothing to do when it is the parameter)."""
+    if w32 is not w:
+        w.copy_(w32)
 
 
 class FDOptimizer(Optimizer):
@@ -14,6 +37,7 @@ class FDOptimizer(Optimizer):
     """
 
     supports_fd = True
+    supports_memory_efficient_fp16 = True  # half-precision parameters: float32 state and update (module docstring)
 
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
@@ -50,10 +74,14 @@ class FDOptimizer(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             state = self.state[p]
+            dtype = state_dtype(p)
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # first moment m
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # second moment v
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)  # moment m
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)  # v
+            for key in ("exp_avg", "exp_avg_sq"):
+                if state[key].dtype != dtype:  # torch's load_state_dict casts state to the parameter's dtype
+                    state[key] = state[key].to(dtype)
             state["step"] += 1
             params.append(p)
             grads.append(p.grad)

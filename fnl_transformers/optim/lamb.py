@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ._fd import GroupForms, check_number, group_forms
-from .base import FDOptimizer
+from .base import FDOptimizer, working_copy, write_back
 
 # Tensors up to this many elements are updated together with torch._foreach_* ops (one call per operation for
 # all of them); larger ones one at a time, their update direction in a reusable workspace (no allocation).
@@ -64,19 +64,22 @@ def lamb_update(
     if hyper["scale"] == 1.0:
         hyper["scale"] = None
     fd_ids = fd.param_ids() if fd is not None else set()
+    work = [working_copy(w) for w in params]  # float32 copies of half-precision parameters (see optim.base)
     small: List[int] = []
     large: List[int] = []
     factors: List[int] = []
     for i, w in enumerate(params):
         (factors if id(w) in fd_ids else small if w.numel() <= FOREACH_MAX_ELEMENTS else large).append(i)
-    tensors = (params, grads, exp_avgs, exp_avg_sqs, steps)
+    tensors = (work, grads, exp_avgs, exp_avg_sqs, steps, [id(w) for w in params])
     if small:  # together: one foreach call per operation, directions in fresh (small) tensors
         _lamb_batch([[t[i] for i in small] for t in tensors], None, weight_decay, None, **hyper)
-    for i, r in zip(large, _buffers(workspace, "large", [params[i] for i in large], one_at_a_time=True)):
+    for i, r in zip(large, _buffers(workspace, "large", [work[i] for i in large], one_at_a_time=True)):
         _lamb_batch([[t[i]] for t in tensors], [r], weight_decay, None, **hyper)  # one at a time, in the workspace
     if factors:  # FLAMBe: r += lambda dFD/dw (paper Sec. 6, Table 4) where LAMB puts weight decay
-        rs = _buffers(workspace, "factors", [params[i] for i in factors])
+        rs = _buffers(workspace, "factors", [work[i] for i in factors])
         _lamb_batch([[t[i] for i in factors] for t in tensors], rs, 0.0, fd, **hyper)
+    for w, w32 in zip(params, work):
+        write_back(w, w32)
 
 
 def _buffers(workspace: Optional[Dict], name: str, like: List[torch.Tensor], one_at_a_time: bool = False):
@@ -107,7 +110,8 @@ def _lamb_batch(tensors, rs: Optional[List[torch.Tensor]], weight_decay: float, 
     """LAMB on a list of tensors, the update directions in ``rs`` (or fresh tensors when None). Every element
     goes through the same operations whether the list holds one tensor or many (``torch._foreach_*``), so a
     tensor's result does not depend on its batch."""
-    ws, gs, ms, vs, ts = tensors
+    ws, gs, ms, vs, ts, ids = tensors
+    gs = [g.to(m.dtype) for g, m in zip(gs, ms)]  # float32 gradients for half-precision parameters
     if scale is not None:  # global pre-normalization g / scale, held in r until the moments are updated
         if rs is None:
             gs = torch._foreach_div(gs, scale)
@@ -137,7 +141,7 @@ def _lamb_batch(tensors, rs: Optional[List[torch.Tensor]], weight_decay: float, 
     for m, r in zip(ms, r_list):
         torch.div(m, r, out=r)
     if fd is not None:
-        fd.add_to(dict(zip(map(id, ws), r_list)))  # + lambda dFD/dw, added inside the Gram products
+        fd.add_to(dict(zip(ids, r_list)))  # + lambda dFD/dw, added inside the Gram products
     elif weight_decay != 0:
         torch._foreach_add_(r_list, ws, alpha=weight_decay)  # LAMB: + wd * w
     _trust_steps(ws, r_list, lr, trust_clip)
