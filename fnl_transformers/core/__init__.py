@@ -37,7 +37,9 @@ from .rank import (
     resolve_rank,
 )
 from .settings import (
+    FACTOR_INITS,
     FD_MODES,
+    HEAD_RULES,
     PARTS,
     FDSpec,
     SettingsError,
@@ -50,8 +52,10 @@ from .settings import (
 from .spectral import head_spectral_init, spectral_init, tail_energy
 
 __all__ = [
+    "FACTOR_INITS",
     "FD",
     "FD_MODES",
+    "HEAD_RULES",
     "INIT_METHODS",
     "KINDS",
     "NO_DECAY",
