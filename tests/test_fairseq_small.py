@@ -10,6 +10,7 @@ one rank scale with the official rules.
   singular energy of the dense layer (Eckart-Young; float32 SVD, 1e-4 relative), the fresh reduced heads are
   re-balanced (``A_h^T A_h = B_h^T B_h``, 1e-4 relative) and scored by ``1/sqrt(reduced head dim)``, and the
   parameter count equals the compressed formula.
+* ``recipes/iwslt14/train.sh baseline --dry-run`` names this model and its command builds it.
 * Without SI, ``--factor-init dense`` draws each factor from the dense layer's own initialization (linear
   factors in [-0.1, 0.1], embedding factors with std 0.1 within 10%: 5 standard errors of the smallest factor).
 """
@@ -147,3 +148,21 @@ def test_without_si_each_factor_is_drawn_from_the_dense_init(data_bin):
             for f in (U, V):
                 assert float(f.abs().max()) <= 0.1 and float(f.abs().max()) > 0.095, name
                 assert abs(float(f.std()) - 0.1 / 3 ** 0.5) < 0.005, name
+
+
+def test_the_recipe_trains_the_paper_model_by_default(data_bin):
+    """``recipes/iwslt14/train.sh baseline --dry-run`` names the paper's model, and its command builds exactly it."""
+    import shlex
+
+    from recipes_helpers import RECIPES, run_script
+
+    r = run_script(f"{RECIPES}/iwslt14/train.sh", "baseline", "--data", data_bin, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "# fnl_transformer_small: the paper's model (the official transformer_small): 2+2 pre-norm layers, d 256, " \
+           "FFN 1024, 4 heads of 64" in r.stderr
+    argv = shlex.split(r.stdout)[1:]
+    model, task, args = build_model(argv)
+    assert (args.arch, args.optimizer, args.lr, args.dropout, args.clip_norm) == \
+        ("fnl_transformer_small", "nag", [0.25], 0.2, 0.1)
+    v_src, v_tgt = len(task.source_dictionary), len(task.target_dictionary)
+    assert sum(p.numel() for p in model.parameters()) == dense_params(v_src, v_tgt)

@@ -5,6 +5,8 @@
 and writes ``DIR/summary.md`` (one table per metric: score, parameters, regularizer, coefficient, rank scale,
 updates, path) and ``DIR/summary.png`` (per metric: score against parameter count, and score against the
 regularization coefficient, one marker per variant; coefficient 0 sits on the linear part of a symlog axis).
+Runs of the Figure 4 sweep (folders with ``grid.json``) get both panels of the paper's Figure 4 instead
+(:mod:`fnl_transformers.recipes.figure4`: ``DIR/fig4_top.png``, ``DIR/fig4_bottom.png``, ``DIR/fig4.md``).
 """
 from __future__ import annotations
 
@@ -121,16 +123,41 @@ def plot(rows: List[dict], path: str) -> None:
     os.replace(tmp, path)
 
 
-def summarize(paths: List[str], out_dir: str) -> Dict[str, str]:
+def summarize(paths: List[str], out_dir: str) -> Dict[str, object]:
+    """Write the tables and plots; returns ``{"table", "plot", "plots", "markdown"}`` (``plot``: ``summary.png``,
+    ``None`` when every result belongs to the Figure 4 grid)."""
     rows = load(find_results(paths))
+    grid_rows, rows = figure4_rows(rows)
     os.makedirs(out_dir, exist_ok=True)
     md_path, png_path = os.path.join(out_dir, "summary.md"), os.path.join(out_dir, "summary.png")
-    text = markdown(rows)
+    sections, plots = [], []
+    if rows:
+        sections.append(markdown(rows))
+        plot(rows, png_path)
+        plots.append(png_path)
+    if grid_rows:
+        fig = figure4_write(grid_rows, out_dir)
+        sections.append(fig["markdown"])
+        plots += fig["plots"]
+    text = "\n".join(sections)
     with open(md_path + ".tmp", "w") as f:
         f.write(text)
     os.replace(md_path + ".tmp", md_path)
-    plot(rows, png_path)
-    return {"table": md_path, "plot": png_path, "markdown": text}
+    return {"table": md_path, "plot": png_path if rows else None, "plots": plots, "markdown": text}
+
+
+def figure4_rows(rows: List[dict]):
+    """``(Figure 4 grid rows, the others)`` (:func:`fnl_transformers.recipes.figure4.split_rows`)."""
+    from . import figure4
+
+    return figure4.split_rows(rows)
+
+
+def figure4_write(rows: List[dict], out_dir: str) -> dict:
+    """Both panels of Figure 4 in ``out_dir`` (:func:`fnl_transformers.recipes.figure4.write`)."""
+    from . import figure4
+
+    return figure4.write(rows, out_dir)
 
 
 def main(argv=None) -> int:
@@ -144,7 +171,9 @@ def main(argv=None) -> int:
         print(f"{os.environ.get('FNL_PROG', 'summary')}: error: {exc}", file=sys.stderr)
         return 2
     print(out["markdown"])
-    print(f"table: {out['table']}\nplot:  {out['plot']}")
+    print(f"table: {out['table']}")
+    for path in out["plots"]:
+        print(f"plot:  {path}")
     return 0
 
 
