@@ -1,7 +1,8 @@
 """Frobenius decay (FD): ``lambda / 2 * ||W||_F^2`` on the *product* ``W = A [M] B^T`` of each form.
 
-Paper: Khodak et al., ICLR 2021, Sec. 3.2, Eq. (3) (FD) versus weight decay on the factors, whose minimum over
-balanced factorizations is the nuclear norm, ``min (||A||_F^2 + ||B||_F^2) / 2 = ||A B^T||_*`` (Sec. 3.2).
+Paper: Khodak et al., ICLR 2021, Definition 3.2 (FD) versus weight decay on the factors, whose minimum over
+balanced factorizations is the nuclear norm, ``min (||A||_F^2 + ||B||_F^2) / 2 = ||A B^T||_*`` (the contrast the
+paper draws next to Definition 3.2).
 
 Everything is computed from small Gram matrices in float32, never the m x n product, unless the product is
 the cheaper route (overcomplete factors, ``k > m n / (m + n)``):
@@ -67,7 +68,7 @@ def _times_sym(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 class _GramSqNorms(torch.autograd.Function):
     """Per-head ``||A M B^T||_F^2 = <A^T A, M B^T B M^T>`` with a closed-form backward: one matmul per factor
     (``d/dA = 2 A (M B^T B M^T)``, ``d/dB = 2 B (M^T A^T A M)``, ``d/dM = 2 A^T A M B^T B``) instead of the two
-    that autograd spends on each Gram (paper Eq. (3), computed without the m x n product)."""
+    that autograd spends on each Gram (paper Definition 3.2, computed without the m x n product)."""
 
     @staticmethod
     def forward(ctx, A, B, M):
@@ -130,7 +131,7 @@ def frobenius_penalty_by_kind(model: nn.Module, linear=0.0, embedding=0.0, qk=0.
     active = tuple(k for k in KINDS if coeffs[k] > 0)
     out: Dict[str, torch.Tensor] = {}
     for _, _, spec, bound in iter_forms(model, active):
-        value = form_sq_norms(bound).sum() * (coeffs[spec.kind] / 2)  # lambda/2 ||W||_F^2, Eq. (3)
+        value = form_sq_norms(bound).sum() * (coeffs[spec.kind] / 2)  # lambda/2 ||W||_F^2, Definition 3.2
         out[spec.kind] = out[spec.kind] + value if spec.kind in out else value
     return out
 
