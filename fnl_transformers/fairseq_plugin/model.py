@@ -2,20 +2,25 @@
 
 Paper: Khodak, Tenenholtz, Mackey, Fusi, ICLR 2021: Sec. 2 (factorized layers, rank scale), Definition 3.1
 (spectral initialization), Definition 3.2 (Frobenius decay), Sec. 2.3, Eq. (1) (attention QK / OV forms, reduced
-head dimension), Sec. 5 (overcomplete "deep" factors).
+head dimension), Sec. 5 (overcomplete "deep" factors), Sec. 6 and Figure 4 (the IWSLT-14 Transformer).
 
-How the model is built: exactly as fairseq's ``transformer`` (same modules, same random numbers), then
-transformed in place: attention heads shrink (per-head SI or fresh projections, core
-:func:`~fnl_transformers.core.shrink_heads`), and FFN ``fc1``/``fc2`` and the token embeddings become
-:class:`~fnl_transformers.core.FactorizedLinear` / :class:`~fnl_transformers.core.FactorizedEmbedding` at the
-ranks of core :func:`~fnl_transformers.core.plan_ranks` (SI factorizes the dense initialization). With every
-option off the model IS fairseq's ``transformer`` (same parameters, names, outputs and training trajectory).
+How the model is built: exactly as fairseq's ``transformer`` (same modules, same random numbers), then the dense
+model's options of :mod:`.dense` (``--no-projection-bias`` drops the attention / FFN biases, ``--dense-init paper``
+re-initializes it as the official ``transformer_small``), then transformed in place: attention heads shrink
+(per-head SI, fresh projections, or fresh projections re-balanced: core :func:`~fnl_transformers.core.shrink_heads`),
+and FFN ``fc1``/``fc2``, the token embeddings, learned positional embeddings (part ``position``) and an untied output
+projection become :class:`~fnl_transformers.core.FactorizedLinear` / :class:`~fnl_transformers.core.FactorizedEmbedding`
+(:class:`.dense.FactorizedPositionalEmbedding`) at the ranks of core :func:`~fnl_transformers.core.plan_ranks` (SI
+factorizes the dense initialization; ``--factor-init dense`` draws each factor from it). With every option off
+the model IS fairseq's ``transformer`` (same parameters, names, outputs and training trajectory).
+``fnl_transformer_small`` is the paper's IWSLT-14 model (the official ``transformer_small``).
 
 Options: one model flag per core setting (:func:`fnl_transformers.core.flat_settings`; ``--`` + the setting's name
 with dashes, the names of ``FNLConfig``), converted to the core specs by :func:`fnl_specs`, which validate and
 default them (one clear error per bad option, spelled as the flag): ``--rank-scale --factorize --ranks
 --target-param-ratio --head-dim --head-dim-qk --head-dim-ov --spectral-init/--no-spectral-init
---spectral-init-qk/--no-spectral-init-qk --spectral-init-ov/--no-spectral-init-ov --deep --fd-linear
+--spectral-init-qk/--no-spectral-init-qk --spectral-init-ov/--no-spectral-init-ov --factor-init --reduced-heads
+--deep --fd-linear
 --fd-embedding --fd-qk --fd-ov --fd-mode --weight-decay-factors/--no-weight-decay-factors``. ``ARCHITECTURE.md``
 has the table.
 
@@ -31,16 +36,19 @@ Parameter names (fairseq's, plus the factors; ``*`` is ``encoder`` or ``decoder`
 * ``*.layers.i.fc1.U`` (ffn x r), ``.V`` (d x r), ``.M`` (r x r, ``--deep`` only), ``.bias`` (ffn);
   ``*.layers.i.fc2.U`` (d x r), ``.V`` (ffn x r), ``.M``, ``.bias`` (d). Dense weight: ``U M V^T``
   (``FactorizedLinear.product()``); the rank of a layer is ``U.shape[1]``.
-* ``*.embed_tokens.U`` (vocab x r), ``.V`` (d x r), ``.M``; dense table ``U M V^T``, padding row of ``U`` zero.
+* ``*.embed_tokens.U`` (vocab x r), ``.V`` (d x r), ``.M``; dense table ``U M V^T``, padding row of ``U`` zero;
+  ``*.embed_positions.U`` (positions + padding offset x r), ``.V``, ``.M`` likewise (part ``position``).
   With ``--share-all-embeddings`` both keys hold the same tensors (as fairseq's dense ``embed_tokens.weight``).
   Tied output projection (``--share-decoder-input-output-embed`` / ``--share-all-embeddings``): logits
   ``((x V) M^T) U^T`` of ``decoder.embed_tokens``, no ``decoder.output_projection.*`` parameter. Untied:
   ``decoder.output_projection.U`` (vocab x r), ``.V`` (d x r), ``.M`` (FD kind ``embedding``, no bias).
 * Attention (``*.layers.i.self_attn`` and ``decoder.layers.i.encoder_attn``): ``q_proj.weight``,
   ``k_proj.weight`` ``(heads * head_dim_qk) x d_in``, ``v_proj.weight`` ``(heads * head_dim_ov) x d_in``,
-  ``out_proj.weight`` ``d x (heads * head_dim_ov)``, biases of matching size. Scores are scaled by the
-  ORIGINAL ``1/sqrt(embed_dim / heads)``, so zero-padding the per-head rows / columns back to
-  ``embed_dim / heads`` gives the dense ``transformer`` computing the same function.
+  ``out_proj.weight`` ``d x (heads * head_dim_ov)``, biases of matching size (none with
+  ``--no-projection-bias``). Scores are scaled by the ORIGINAL ``1/sqrt(embed_dim / heads)`` (``--reduced-heads
+  truncate``, the default) or by ``1/sqrt(head_dim_qk)`` (``fresh``); zero-padding the per-head rows / columns
+  back to ``embed_dim / heads``, with the scaling ratio folded into the query, gives the dense ``transformer``
+  computing the same function.
 
 The options are recorded in the model args (``cfg["model"]`` of a checkpoint, ``factorize`` normalized) with
 fairseq's own ``encoder_embed_dim``, ``..._ffn_embed_dim``, ``..._attention_heads`` and ``share_*`` flags: the
