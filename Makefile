@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fnl-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean gpu-carry gpu-check gpu-check-smoke
 
 install: $(STAMP)
 
@@ -34,6 +34,23 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
+
+# GPU check (README, "Training on GPUs / mixed precision"). gpu-carry: here, with network access, fills .gpu-carry/
+# with what a GPU machine without fairseq or network needs. gpu-check: there, with the machine's own python3 and
+# torch (no venv), installs from .gpu-carry/ into a scratch folder, runs the GPU tests, timings and training,
+# writes bench/results-gpu.json. gpu-check-smoke: the same pipeline on this CPU, tiny sizes.
+GPU_PYTHON ?= python3
+GPU_ARCH   ?= fnl_transformer_tiny
+GPU_CHECK_ARGS ?=
+
+gpu-carry: $(STAMP)
+	$(BIN)/python -m bench.gpu_carry --dest .gpu-carry
+
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check --arch $(GPU_ARCH) $(GPU_CHECK_ARGS)
+
+gpu-check-smoke: $(STAMP)
+	$(BIN)/python -m bench.gpu_check --cpu-smoke $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

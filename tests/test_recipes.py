@@ -538,7 +538,7 @@ def test_figure4_panels_choose_the_coefficient_on_valid(tmp_path):
         _grid_result(str(tmp_path), run, "test", test)
     out = summary.summarize([str(tmp_path)], str(tmp_path / "sum"))
     text = out["markdown"]
-    assert out["plot"] is None and {os.path.basename(p) for p in out["plots"]} == {"fig4_top.png", "fig4_bottom.png"}
+    assert {os.path.basename(p) for p in out["plots"]} == {"fig4_top.png", "fig4_bottom.png"}  # no summary.png
     for p in out["plots"]:
         assert is_png(p)
     # every grid point: top 1 baseline + 3 lines x 2 coefficients; bottom 4 lines x 3 coefficients

@@ -1,8 +1,9 @@
 """End-to-end smoke runs of every recipe (slow): the IWSLT-14 demo pipeline (prepare --smoke, train, evaluate,
 table + plot), every other train.sh variant for a few updates, the Figure 4 sweep's mini grid (both panels, the
-table with every grid point, resuming), prepare.sh --raw-dir on a small corpus, BERT MLM
-pretraining (Lamb full / FLAMBe half) and SQuAD fine-tuning of the real MiniLM. Scores are recomputed here from
-the written hypotheses / predictions with sacrebleu and the SQuAD metric and must equal the results JSONs."""
+table with every grid point, resuming), prepare.sh --raw-dir on a small corpus, BERT pretraining (Lamb full /
+FLAMBe half, 300 updates; the other BERT runs are in test_recipes_bert.py) and SQuAD fine-tuning of the real
+MiniLM. Scores are recomputed here from the written hypotheses / predictions with sacrebleu and the SQuAD metric
+and must equal the results JSONs."""
 from __future__ import annotations
 
 import glob
@@ -153,11 +154,14 @@ def test_bert_pretrain_smoke(pretrained):
     lamb, flambe = runs[("lamb", "full")], runs[("flambe", "half")]
     for res in (lamb, flambe):
         assert res["metric"] == "mlm_loss" and res["updates"] == 300 and res["masked_tokens"] > 300
+        assert res["objective"] == "mlm-nsp" and res["phase"] == 1 and res["eval_pairs"] > 100
         assert res["mlm_loss"] < res["unigram_baseline_loss"] - 0.2  # learned context beyond token frequencies
     assert (lamb["head_dim"], flambe["head_dim"]) == (32, 16)
     assert flambe["params"] < lamb["params"]
     assert (lamb["regularizer"], lamb["fd_ov"], flambe["regularizer"], flambe["fd_ov"]) == \
-        ("weight_decay", 0.0, "fd_ov+weight_decay", 0.01)
+        ("weight_decay", 0.0, "decoupled_fd_ov+weight_decay", 0.01)
+    curve = load_json(lamb["loss_curve"])["eval"]
+    assert curve[0]["update"] == 0 and curve[-1]["update"] == 300 and curve[-1]["mlm_loss"] < curve[0]["mlm_loss"] - 1
     from fnl_transformers.hf import from_pretrained
 
     model = from_pretrained(flambe["model_dir"])  # strict load of the patched (half-head) model
@@ -187,8 +191,13 @@ def test_squad_smoke_minilm_and_pretrained(pretrained, tmp_path):
     from fnl_transformers.recipes.summary import summarize
 
     s = summarize([str(tmp_path), str(root)], str(tmp_path / "summary"))
-    assert "### SQuAD v1.1 F1" in s["markdown"] and "### MLM eval loss" in s["markdown"]
-    assert is_png(s["plot"])
+    # MiniLM's SQuAD runs in the table by metric; the pretrained runs and the SQuAD of one in the Table 4 layout
+    assert "### SQuAD v1.1 F1" in s["markdown"] and "| minilm |" in s["markdown"]
+    f = results["from-pretrain"]
+    assert re.search(rf"^\| FLAMBe \| half \(16\) \| mlm-nsp \| 1 \| .* \| {f['exact_match']:.2f} \| {f['f1']:.2f} \|$",
+                     s["markdown"], re.M)
+    assert "| from-pretrain |" not in s["markdown"]
+    assert all(is_png(p) for p in s["plots"]) and len(s["plots"]) == 2
 
 
 def test_eval_refuses_a_checkpoint_of_another_configuration(demo, tmp_path):

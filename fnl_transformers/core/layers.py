@@ -35,10 +35,11 @@ def init_random(weight: torch.Tensor, rank: int, generator=None) -> Tuple[torch.
     as a layer ``n -> r`` (bound ``1/sqrt(n)``), ``U`` as a layer ``r -> m`` (bound ``1/sqrt(r)``). The
     paper's "regular" initialization of factorized layers, the baseline SI improves on."""
     m, n = weight.shape
-    kw: Dict[str, Any] = dict(dtype=weight.dtype, device=weight.device)
+    # drawn on the generator's device (a CPU generator also seeds CUDA factors), then moved to the weight's
+    kw: Dict[str, Any] = dict(dtype=weight.dtype, device=generator.device if generator is not None else weight.device)
     U = (torch.rand(m, rank, generator=generator, **kw) * 2 - 1) / math.sqrt(rank)
     V = (torch.rand(n, rank, generator=generator, **kw) * 2 - 1) / math.sqrt(n)
-    return U, V
+    return U.to(weight.device), V.to(weight.device)
 
 
 # fill(tensor) -> tensor: draws every entry of ``tensor`` in place from a layer's initialization distribution

@@ -45,7 +45,9 @@ def _revive_dead_pairs(U, V, s, tol, pad_std, generator):
         pad_std = float(live.pow(2).mean().sqrt()) if live.numel() else 1.0 / math.sqrt(V.shape[-2])
         if pad_std == 0.0:
             pad_std = 1.0 / math.sqrt(V.shape[-2])
-    noise = torch.randn(V.shape, generator=generator, dtype=V.dtype, device=V.device) * pad_std
+    # drawn on the generator's device (a CPU generator also seeds CUDA factors: the same draws on every device)
+    where = generator.device if generator is not None else V.device
+    noise = torch.randn(V.shape, generator=generator, dtype=V.dtype, device=where).to(V.device) * pad_std
     mask = dead.unsqueeze(-2)
     U = U.masked_fill(mask, 0.0)
     V = torch.where(mask.expand_as(V), noise, V)

@@ -7,7 +7,8 @@ Importing this package (which imports fairseq) registers, once per process:
   ``fnl_transformer_wmt_en_de``, ``fnl_transformer_tiny`` (:mod:`.model`, reduced heads in :mod:`.attention`);
 * the criterion ``fd_label_smoothed_cross_entropy`` (:mod:`.criterion`);
 * the optimizers ``fnl_adam``, ``flambe``, ``fnl_lamb`` (:mod:`.optim`);
-* the safe-loading allow-list for fairseq checkpoints under torch >= 2.6 (:mod:`.safe_loading`).
+* the safe-loading allow-list for fairseq checkpoints under torch >= 2.6 (:mod:`.safe_loading`);
+* ``torchrun`` launch (``env://``) of ``fairseq-train`` on CPU and GPU (:mod:`.distributed`).
 
 Registration is idempotent and independent of import order: :func:`register` skips names already in fairseq's
 registries, so a second import under another name (``--user-dir`` imports its folder as a top-level module),
@@ -17,7 +18,7 @@ duplicate". ``fnl userdir`` prints ``user_dir/fnl_fairseq_plugin``, a shim packa
 """
 from __future__ import annotations
 
-from . import safe_loading
+from . import distributed, safe_loading
 from .criterion import FDLabelSmoothedCrossEntropyConfig, FDLabelSmoothedCrossEntropyCriterion
 from .model import ARCHITECTURES, FnlTransformerModel, fnl_specs
 from .optim import OPTIMIZERS
@@ -46,6 +47,7 @@ def register() -> None:
 
 
 safe_loading.install()
+distributed.install()
 register()
 
 __all__ = ["FDLabelSmoothedCrossEntropyCriterion", "FnlTransformerModel", "fnl_specs", "register"]

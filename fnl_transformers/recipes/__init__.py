@@ -9,8 +9,14 @@ One module per concern, each runnable with ``python -m fnl_transformers.recipes.
 - ``fairseq_init``: the untrained checkpoint of a training command line (the "no learning" contrast).
 - ``squad_metric``: the official SQuAD v1.1 exact match / F1 (answer normalization, max over answers).
 - ``squad``: SQuAD v1.1 fine-tuning and evaluation (``recipes/bert/squad.sh``).
-- ``bert_pretrain``: masked-LM pretraining, Lamb vs FLAMBe, full or half head dim (``recipes/bert/pretrain.sh``).
-- ``summary``: results JSONs -> markdown table + PNG plots (score vs parameters, score vs coefficient).
+- ``bert_data``: pretraining data: documents of sentences, held-out split, MLM blocks, next-sentence pairs.
+- ``schedule``: NVIDIA's BERT learning-rate schedule (linear warmup, polynomial decay).
+- ``bert_pretrain``: BERT pretraining with LAMB, LAMB + FD in the loss or FLAMBe, full or half head dim,
+  NVIDIA's two phases (``recipes/bert/pretrain.sh``).
+- ``bert_runs``: the coefficient sweep and the Table 4 grid in one process (``recipes/bert/sweep.sh``,
+  ``recipes/bert/table4.sh``).
+- ``summary``: results JSONs -> markdown table + PNG plots (score vs parameters, score vs coefficient);
+  ``bert_table``: BERT runs in the layout of Table 4 with their MLM loss curves.
 - ``figure4``: the paper's Figure 4 grid (the official ``make.py``'s) and both panels drawn from its results.
 - ``sweep``: ``recipes/iwslt14/sweep.sh``: train and evaluate the Figure 4 grid, then draw it.
 

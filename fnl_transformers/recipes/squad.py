@@ -8,8 +8,9 @@ factors never weight-decayed; optional coupled FD) -> best span per question (to
 most ``--max-answer-length`` tokens, inside the context) -> exact match / F1 with the official v1.1 semantics
 (:mod:`fnl_transformers.recipes.squad_metric`) -> ``OUT/squad.dev.results.json`` and ``OUT/predictions.json``.
 
-A model directory saved by ``recipes/bert/pretrain.sh`` (a patched ``BertForMaskedLM``) is loaded by building
-the question-answering model with the same ``FNLConfig`` plan and loading every encoder tensor strictly.
+A model directory saved by ``recipes/bert/pretrain.sh`` (a patched ``BertForPreTraining`` or ``BertForMaskedLM``)
+is loaded by building the question-answering model with the same ``FNLConfig`` plan and loading every encoder
+tensor strictly (the next-sentence pooler, which question answering does not use, excepted).
 """
 from __future__ import annotations
 
@@ -180,6 +181,8 @@ def load_qa_model(path: str):
     prefix = qa.base_model_prefix + "."
     src = {k: v for k, v in source.state_dict().items() if k.startswith(prefix)}
     own = {k for k in qa.state_dict() if k.startswith(prefix)}
+    # pretraining with next-sentence prediction also trains a pooler, which the QA head does not use
+    src = {k: v for k, v in src.items() if k in own or not k.startswith(prefix + "pooler.")}
     missing, unexpected = sorted(own - set(src)), sorted(set(src) - own)
     if missing or unexpected:
         raise RecipeError(f"{path}: encoder tensors do not match the QA model built from its plan "
@@ -342,6 +345,7 @@ def run(args) -> dict:
     result = {"recipe": "squad", "metric": "f1", "score": round(scores["f1"], 2), "f1": round(scores["f1"], 2),
               "exact_match": round(scores["exact_match"], 2), "questions": scores["questions"],
               "unanswered": scores["unanswered"], "model": model_path,
+              "model_dir": os.path.abspath(model_path) if os.path.isdir(model_path) else None,
               "variant": name + (" (untrained head)" if args.eval_only else ""),
               "head_dim": args.head_dim, "rank_scale": args.rank_scale, "regularizer": "fd" if fd else "weight_decay",
               "coef": max(fd.values()) if fd else args.weight_decay, "fd": fd, "updates": steps,

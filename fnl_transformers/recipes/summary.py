@@ -5,7 +5,9 @@
 and writes ``DIR/summary.md`` (one table per metric: score, parameters, regularizer, coefficient, rank scale,
 updates, path) and ``DIR/summary.png`` (per metric: score against parameter count, and score against the
 regularization coefficient, one marker per variant; coefficient 0 sits on the linear part of a symlog axis).
-Runs of the Figure 4 sweep (folders with ``grid.json``) get both panels of the paper's Figure 4 instead
+BERT pretraining runs, with the SQuAD scores of their models, get the layout of the paper's Table 4 instead
+(:mod:`fnl_transformers.recipes.bert_table`: a table and ``DIR/bert_mlm_curves.png``).
+Runs of the Figure 4 sweep (folders with ``grid.json``) get both panels of the paper's Figure 4
 (:mod:`fnl_transformers.recipes.figure4`: ``DIR/fig4_top.png``, ``DIR/fig4_bottom.png``, ``DIR/fig4.md``).
 """
 from __future__ import annotations
@@ -124,40 +126,37 @@ def plot(rows: List[dict], path: str) -> None:
 
 
 def summarize(paths: List[str], out_dir: str) -> Dict[str, object]:
-    """Write the tables and plots; returns ``{"table", "plot", "plots", "markdown"}`` (``plot``: ``summary.png``,
-    ``None`` when every result belongs to the Figure 4 grid)."""
+    """Write ``summary.md`` and the plots; returns ``{"table", "plots", "plot" (the first), "markdown"}``.
+
+    Runs of the Figure 4 sweep go to its two panels (:mod:`fnl_transformers.recipes.figure4`); BERT pretraining
+    results (recipe ``bert-mlm``) and the SQuAD results of their models go to the Table 4 layout
+    (:mod:`fnl_transformers.recipes.bert_table`, plot ``bert_mlm_curves.png``); every other result to the tables
+    by metric above (plot ``summary.png``)."""
+    from . import bert_table, figure4
+
     rows = load(find_results(paths))
-    grid_rows, rows = figure4_rows(rows)
+    grid, rows = figure4.split_rows(rows)
+    bert, rest = bert_table.split_rows(rows)
     os.makedirs(out_dir, exist_ok=True)
-    md_path, png_path = os.path.join(out_dir, "summary.md"), os.path.join(out_dir, "summary.png")
+    md_path = os.path.join(out_dir, "summary.md")
     sections, plots = [], []
-    if rows:
-        sections.append(markdown(rows))
-        plot(rows, png_path)
-        plots.append(png_path)
-    if grid_rows:
-        fig = figure4_write(grid_rows, out_dir)
+    if rest:
+        sections.append(markdown(rest))
+        plots.append(os.path.join(out_dir, "summary.png"))
+        plot(rest, plots[-1])
+    if bert:
+        sections.append(bert_table.markdown(bert))
+        if bert_table.plot(bert, os.path.join(out_dir, bert_table.PLOT)):
+            plots.append(os.path.join(out_dir, bert_table.PLOT))
+    if grid:
+        fig = figure4.write(grid, out_dir)
         sections.append(fig["markdown"])
         plots += fig["plots"]
     text = "\n".join(sections)
     with open(md_path + ".tmp", "w") as f:
         f.write(text)
     os.replace(md_path + ".tmp", md_path)
-    return {"table": md_path, "plot": png_path if rows else None, "plots": plots, "markdown": text}
-
-
-def figure4_rows(rows: List[dict]):
-    """``(Figure 4 grid rows, the others)`` (:func:`fnl_transformers.recipes.figure4.split_rows`)."""
-    from . import figure4
-
-    return figure4.split_rows(rows)
-
-
-def figure4_write(rows: List[dict], out_dir: str) -> dict:
-    """Both panels of Figure 4 in ``out_dir`` (:func:`fnl_transformers.recipes.figure4.write`)."""
-    from . import figure4
-
-    return figure4.write(rows, out_dir)
+    return {"table": md_path, "plots": plots, "plot": plots[0] if plots else None, "markdown": text}
 
 
 def main(argv=None) -> int:
