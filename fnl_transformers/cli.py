@@ -1,5 +1,9 @@
-"""The ``fnl`` command. Each subcommand lives with its integration and is imported only when used, so
-``fnl userdir`` never imports transformers and ``fnl compress`` never imports fairseq."""
+"""The ``fnl`` command: tools for factorized transformers (spectral initialization, Frobenius decay).
+
+Each subcommand's module is imported only when that subcommand runs and imports nothing heavy itself: options are
+checked before torch, transformers or fairseq load (``fnl userdir`` never loads any of them, ``fnl compress``
+never loads fairseq).
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,16 +16,19 @@ COMMANDS = {
     "demo": ("fnl_transformers.demo", "run the built-in demonstration"),
     "userdir": ("fnl_transformers.userdir", "print the path to pass to fairseq --user-dir"),
     "recompose": (
-        "fnl_transformers.fairseq_plugin.commands.recompose",
+        "fnl_transformers.commands.recompose",
         "multiply out a fnl_transformer checkpoint into a stock fairseq transformer checkpoint",
     ),
-    "compress": ("fnl_transformers.hf.commands.compress", "SI-compress a HuggingFace model and save it"),
-    "inspect": ("fnl_transformers.hf.commands.inspect", "print ranks, parameters and errors of a saved model"),
+    "compress": ("fnl_transformers.commands.compress", "SI-compress a HuggingFace model and save it"),
+    "inspect": ("fnl_transformers.commands.inspect", "print ranks, parameters and errors of a saved model"),
 }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fnl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fnl", description="Spectral initialization and Frobenius decay for factorized transformers "
+        "(Khodak et al., ICLR 2021): compress, inspect and recompose models. Run 'fnl COMMAND --help' for a command's "
+        "options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else list(argv)
     wanted = next((a for a in argv if not a.startswith("-")), None)

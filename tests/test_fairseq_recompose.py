@@ -181,10 +181,11 @@ def test_not_a_checkpoint(tmp_path, capsys):
     bad = tmp_path / "notes.txt"
     bad.write_text("hello\n")
     assert cli.main(["recompose", str(bad), str(tmp_path / "out.pt")]) == 2
-    assert "not a fairseq checkpoint" in _error_line(capsys)
+    assert _error_line(capsys) == (f"fnl recompose: error: {bad} is a text file, not a PyTorch checkpoint; give a "
+                                   "checkpoint_*.pt written by fairseq-train (e.g. checkpoints/checkpoint_best.pt)")
     torch.save({"weights": torch.zeros(2)}, str(tmp_path / "plain.pt"))
     assert cli.main(["recompose", str(tmp_path / "plain.pt"), str(tmp_path / "out.pt")]) == 2
-    assert "not a fairseq checkpoint" in _error_line(capsys)
+    assert "a PyTorch file but not a fairseq checkpoint: it holds a dict with keys 'weights'" in _error_line(capsys)
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "plain.pt"]
 
 

@@ -15,7 +15,8 @@ What is checked, with tolerances (measured values in brackets):
   autocast. The same penalty computed *inside* bf16 autocast misses the reference by > 1e-4 [~3e-3], so
   the check would see autocast leaking into FD.
 * First update with SGD and large FD (coupled): the whole update equals the float32 one within 2e-2 (bf16)
-  [4e-3] / 5e-3 (fp16) [5e-4]; dropping FD moves it by 0.17, so FD is scaled with the loss like the task loss.
+  [4e-3] / 5e-3 (fp16) [5e-4]; dropping FD (no weight decay in these runs) moves it by 0.16, so FD is scaled
+  with the loss like the task loss.
 * After 30 updates the parameters are within a stated distance of the float32 run, relative to how far
   the float32 run travelled (``param_distance``); Adam amplifies the rounding of near-zero gradients, LAMB's
   trust ratio does not: coupled/AdamWFD 0.2 (bf16) [0.07-0.09] and 0.05 (fp16) [0.005-0.014], FLAMBe 0.02
@@ -155,8 +156,9 @@ def test_fd_inside_autocast_would_be_caught():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_first_sgd_update_with_coupled_fd_equals_float32(tmp_path, precision):
     """SGD makes the update linear in the gradient: FD scaled differently from the task loss (e.g. left out of
-    the loss scaling) would show at full size."""
-    kw = dict(optim="sgd", learning_rate=0.5)
+    the loss scaling) would show at full size. No weight decay, so that the run without FD differs by FD alone
+    (factors without FD take weight decay by default)."""
+    kw = dict(optim="sgd", learning_rate=0.5, weight_decay=0.0)
     ref = _trainer(tmp_path, "fp32", "fp32", "coupled", 0.5, steps=1, **kw)
     start = params(ref.model)
     ref.train()

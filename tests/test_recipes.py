@@ -10,11 +10,12 @@ import shlex
 import subprocess
 
 import pytest
+import torch
 
 from fnl_transformers.recipes import fairseq_eval, summary, synthetic, textprep
 from fnl_transformers.recipes.squad_metric import evaluate, exact_match, f1, max_over_truths, normalize_answer
 
-from recipes_helpers import RECIPES, is_png, last_line, run_script
+from recipes_helpers import RECIPES, is_png, last_line, load_json, run_script
 
 TRAIN = os.path.join(RECIPES, "iwslt14", "train.sh")
 PREPARE = os.path.join(RECIPES, "iwslt14", "prepare.sh")
@@ -368,6 +369,16 @@ def test_eval_bad_input(tmp_path):
     assert r.returncode == 2 and "no checkpoint_best.pt, checkpoint_last.pt or checkpoint_init.pt" in r.stderr
     (tmp_path / "c.pt").write_bytes(b"x")
     r = run_script(EVAL, str(tmp_path / "c.pt"))
+    assert r.returncode == 2 and last_line(r.stderr) == (
+        f"eval.sh: error: {tmp_path / 'c.pt'} is a text file, not a PyTorch checkpoint; give a checkpoint_*.pt "
+        "written by fairseq-train (e.g. checkpoints/checkpoint_best.pt)")
+    torch.save({"weights": torch.zeros(2)}, str(tmp_path / "c.pt"))  # a PyTorch file, not a fairseq checkpoint
+    r = run_script(EVAL, str(tmp_path / "c.pt"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "is a PyTorch file but not a fairseq checkpoint: it holds a dict with keys 'weights'" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["c.pt"]  # fairseq-generate never ran (no log, no output)
+    torch.save({"model": {}, "cfg": None}, str(tmp_path / "c.pt"))  # shaped like one: the next check speaks
+    r = run_script(EVAL, str(tmp_path / "c.pt"))
     assert r.returncode == 2 and "no recipe.json beside" in r.stderr and "--data DIR" in r.stderr
     r = run_script(EVAL, str(tmp_path / "c.pt"), "--beam", "0")
     assert r.returncode == 2 and "--beam must be a positive integer" in r.stderr
@@ -398,6 +409,56 @@ def test_prepare_option_errors(tmp_path):
                           (["--spm-model-type", "char"], "--spm-model-type must be bpe or unigram")):
         r = run_script(PREPARE, *args, "--out", str(tmp_path / "o"))
         assert r.returncode == 2 and message in last_line(r.stderr), (args, r.stderr)
+
+
+def test_largest_trainable_vocabulary_is_verified():
+    """sentencepiece's suggested bound is tried first; when it fails too, the largest size that trains is found by
+    bisection (a stand-in trainer that accepts sizes up to 37)."""
+    tried = []
+
+    def train(size, prefix):
+        tried.append(size)
+        if size > 37:
+            raise RuntimeError("Vocabulary size is smaller than required_chars")
+
+    assert textprep._largest_trainable(train, 100, "/nonexistent/p") == 37
+    assert tried[:2] == [100, 8]
+    assert textprep._largest_trainable(lambda size, prefix: None, 100, "/nonexistent/p") == 100
+
+    def never(size, prefix):
+        raise RuntimeError("no")
+
+    assert textprep._largest_trainable(never, 100, "/nonexistent/p") == 0
+
+
+@pytest.mark.slow
+def test_prepare_suggested_vocabulary_works_on_the_rerun(tmp_path):
+    """A tiny corpus: the default vocabulary is too large; the suggested size works when rerun on the same --out
+    (the failed run recorded no settings to refuse it with)."""
+    import random
+    import re
+
+    rng = random.Random(0)
+    words = [("haus", "house"), ("katze", "cat"), ("hund", "dog"), ("baum", "tree"), ("buch", "book")]
+    d = tmp_path / "raw"
+    d.mkdir()
+    for split, n in (("train", 40), ("valid", 5), ("test", 5)):
+        pairs = [[rng.choice(words) for _ in range(rng.randint(2, 6))] for _ in range(n)]
+        (d / f"{split}.de").write_text("".join(" ".join(w for w, _ in p) + "\n" for p in pairs))
+        (d / f"{split}.en").write_text("".join(" ".join(w for _, w in p) + "\n" for p in pairs))
+    out = tmp_path / "out"
+    r = run_script(PREPARE, "--raw-dir", str(d), "--out", str(out))
+    m = re.search(r"--vocab-size 10000 is too large for this training corpus: pass --vocab-size (\d+) or less",
+                  last_line(r.stderr))
+    assert r.returncode == 2 and m, r.stderr
+    assert not (out / "settings.txt").exists()
+    r = run_script(PREPARE, "--raw-dir", str(d), "--out", str(out), "--vocab-size", m.group(1))
+    assert r.returncode == 0, r.stderr
+    assert "discarding an unfinished preparation" in r.stdout
+    assert load_json(out / "bin" / "fnl_prepare.json")["vocab_size"] == int(m.group(1))
+    assert (out / "settings.txt").read_text().split()[3] == f"vocab={m.group(1)}"
+    r = run_script(PREPARE, "--raw-dir", str(d), "--out", str(out), "--vocab-size", "50")
+    assert r.returncode == 2 and "was prepared with other settings" in last_line(r.stderr)
 
 
 def test_summary_cli_error(tmp_path):

@@ -1,114 +1,42 @@
 """The torch-only core: factorized layers, spectral initialization, Frobenius decay, attention forms and surgery,
-the settings model and the decay policy."""
-from .attention import attention_spectral_init
-from .checks import NonFiniteError, check_finite
-from .forms import (
-    KINDS,
-    BoundForm,
-    FactorView,
-    FormSpec,
-    attention_form_specs,
-    attention_forms,
-    clear_attention_forms,
-    form_parameters,
-    iter_forms,
-    module_forms,
-    module_lookup,
-    register_attention_forms,
-)
-from .frobenius import (
-    accumulate_fd_grads,
-    fd_grads,
-    form_diagnostics,
-    form_grads,
-    form_sq_norms,
-    frobenius_penalty,
-    frobenius_penalty_by_kind,
-)
-from .heads import HeadDims, form_param_counts, form_rel_errors, head_products, head_shapes, pad_heads, shrink_heads
-from .layers import INIT_METHODS, FactorizedEmbedding, FactorizedLinear
-from .policy import FD, NO_DECAY, WEIGHT_DECAY, DecayPolicy, default_no_decay, form_memberships, forms_from_memberships
-from .rank import (
-    factorized_param_count,
-    plan_ranks,
-    rank_from_scale,
-    rank_scale_for_budget,
-    rank_scale_for_param_ratio,
-    resolve_rank,
-)
-from .settings import (
-    FACTOR_INITS,
-    FD_MODES,
-    HEAD_RULES,
-    PARTS,
-    FDSpec,
-    SettingsError,
-    StructureSpec,
-    check_fd_coefficients,
-    check_shrink,
-    flat_settings,
-    specific_head_dims,
-)
-from .spectral import head_spectral_init, spectral_init, tail_energy
+the settings model and the decay policy.
 
-__all__ = [
-    "FACTOR_INITS",
-    "FD",
-    "FD_MODES",
-    "HEAD_RULES",
-    "INIT_METHODS",
-    "KINDS",
-    "NO_DECAY",
-    "PARTS",
-    "WEIGHT_DECAY",
-    "BoundForm",
-    "DecayPolicy",
-    "FDSpec",
-    "FactorView",
-    "FactorizedEmbedding",
-    "FactorizedLinear",
-    "FormSpec",
-    "HeadDims",
-    "NonFiniteError",
-    "SettingsError",
-    "StructureSpec",
-    "accumulate_fd_grads",
-    "attention_form_specs",
-    "attention_forms",
-    "attention_spectral_init",
-    "check_fd_coefficients",
-    "check_finite",
-    "check_shrink",
-    "clear_attention_forms",
-    "default_no_decay",
-    "factorized_param_count",
-    "fd_grads",
-    "flat_settings",
-    "form_diagnostics",
-    "form_grads",
-    "form_memberships",
-    "form_param_counts",
-    "form_parameters",
-    "form_rel_errors",
-    "form_sq_norms",
-    "forms_from_memberships",
-    "frobenius_penalty",
-    "frobenius_penalty_by_kind",
-    "head_products",
-    "head_shapes",
-    "head_spectral_init",
-    "iter_forms",
-    "module_forms",
-    "module_lookup",
-    "pad_heads",
-    "plan_ranks",
-    "rank_from_scale",
-    "rank_scale_for_budget",
-    "rank_scale_for_param_ratio",
-    "register_attention_forms",
-    "resolve_rank",
-    "shrink_heads",
-    "spectral_init",
-    "specific_head_dims",
-    "tail_energy",
-]
+Names are imported on first use (PEP 562), so importing this package or a torch-free module of it (the settings
+model, :mod:`.settings`) does not import torch: the ``fnl`` command checks its options before torch loads.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    ".attention": ("attention_spectral_init",),
+    ".checks": ("NonFiniteError", "check_finite"),
+    ".forms": ("BoundForm", "FactorView", "FormSpec", "attention_form_specs", "attention_forms",
+               "clear_attention_forms", "form_parameters", "iter_forms", "module_forms", "module_lookup",
+               "register_attention_forms"),
+    ".frobenius": ("accumulate_fd_grads", "fd_grads", "form_diagnostics", "form_grads", "form_sq_norms",
+                   "frobenius_penalty", "frobenius_penalty_by_kind"),
+    ".heads": ("HeadDims", "form_param_counts", "form_rel_errors", "head_products", "head_shapes", "pad_heads",
+               "shrink_heads"),
+    ".layers": ("INIT_METHODS", "FactorizedEmbedding", "FactorizedLinear"),
+    ".policy": ("FD", "NO_DECAY", "WEIGHT_DECAY", "DecayPolicy", "default_no_decay", "form_memberships",
+                "forms_from_memberships"),
+    ".rank": ("factorized_param_count", "plan_ranks", "rank_from_scale", "rank_scale_for_budget",
+              "rank_scale_for_param_ratio", "resolve_rank"),
+    ".settings": ("FACTOR_INITS", "FD_MODES", "HEAD_RULES", "KINDS", "PARTS", "FDSpec", "SettingsError",
+                  "StructureSpec", "check_fd_coefficients", "check_shrink", "flat_settings", "specific_head_dims"),
+    ".spectral": ("head_spectral_init", "spectral_init", "tail_energy"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

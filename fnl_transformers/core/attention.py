@@ -94,7 +94,8 @@ def attention_spectral_init(
         out["o_weight"] = _write(ov_spec.a, H * r, d_out, A2)
         out["v_weight"] = _write(ov_spec.b, H * r, d, B2)
         out["v_bias"] = None if v_bias is None else v_weight.new_zeros(H * r)
-        folded = None if v_bias is None else (o_weight.detach().float() @ v_bias.detach().float()).to(o_weight.dtype)
+        dt = torch.float64 if o_weight.dtype == torch.float64 else torch.float32  # float64 inputs stay float64
+        folded = None if v_bias is None else (o_weight.detach().to(dt) @ v_bias.detach().to(dt)).to(o_weight.dtype)
         if o_bias is None:
             out["o_bias"] = folded
         else:

@@ -21,7 +21,8 @@ from typing import Any, Callable, Hashable, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-KINDS = ("linear", "embedding", "qk", "ov")
+from .settings import KINDS  # defined with the settings model (torch-free); re-exported here
+
 ATTR = "fnl_attention_forms"  # attribute an integration sets on an attention module
 
 

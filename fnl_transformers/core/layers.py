@@ -75,9 +75,20 @@ def init_dense(weight: torch.Tensor, rank: int, generator=None, fill: Optional[F
 INIT_METHODS: Dict[str, Callable] = {"spectral": init_spectral, "random": init_random, "dense": init_dense}
 
 
-def _init(weight: torch.Tensor, rank: int, init: str, generator=None, fill: Optional[Fill] = None):
+def _init(weight: torch.Tensor, rank: int, init, generator=None, fill: Optional[Fill] = None):
+    """``init``: a name in :data:`INIT_METHODS`, or a callable ``(weight, rank, generator=None) -> (U, V)`` (e.g.
+    factors computed beforehand by :func:`fnl_transformers.core.activation.activation_init`); ``fill``: the dense
+    layer's initialization, for ``init='dense'``."""
+    if callable(init):
+        U, V = init(weight, rank, generator=generator)
+        m, n = weight.shape
+        if tuple(U.shape) != (m, rank) or tuple(V.shape) != (n, rank):
+            raise ValueError(f"init returned factors of shapes {tuple(U.shape)} and {tuple(V.shape)}; a rank-{rank} "
+                             f"factorization of a {m} x {n} weight needs ({m}, {rank}) and ({n}, {rank})")
+        return U, V
     if init not in INIT_METHODS:
-        raise ValueError(f"init must be one of {sorted(INIT_METHODS)}, got {init!r}")
+        raise ValueError(f"init must be one of {sorted(INIT_METHODS)} or a callable (weight, rank, generator) -> "
+                         f"(U, V), got {init!r}")
     if init == "dense":
         return init_dense(weight, rank, generator=generator, fill=fill)
     if fill is not None:

@@ -13,6 +13,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .settings import check_param_ratio  # the one rule for target parameter ratios (re-exported here)
+
 
 def check_positive_int(name: str, value, hint: str = "") -> int:
     """Return ``value`` as an int if it is a positive integer, else raise one clear ValueError."""
@@ -115,11 +117,11 @@ def rank_scale_for_param_ratio(
     """Smallest-error rank scale whose factorized layers keep ``target_ratio`` of the whole model's parameters.
 
     ``include(name, module)`` selects the ``nn.Linear``/``nn.Embedding`` layers that would be factorized.
+    ``target_ratio`` must be in (0, 1] (:func:`check_param_ratio`, the rule of every target ratio setting).
     The ratio counts all parameters of ``model`` (factorized layers at their new size, everything else unchanged).
     The returned scale is the largest one whose count does not exceed the target (:func:`rank_scale_for_budget`).
     """
-    if not (isinstance(target_ratio, (int, float)) and math.isfinite(target_ratio) and target_ratio > 0):
-        raise ValueError(f"target_ratio must be a number > 0, got {target_ratio!r}")
+    target_ratio = check_param_ratio(target_ratio, "target_ratio")
     shapes = _shapes(model, include)
     if not shapes:
         raise ValueError("no nn.Linear or nn.Embedding layer matched `include`; nothing to factorize")

@@ -21,8 +21,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from .forms import KINDS
-
+KINDS = ("linear", "embedding", "qk", "ov")  # kinds of factorized forms (core.forms reads them from here)
 PARTS = ("ffn", "embedding", "position", "attention")
 FD_MODES = ("coupled", "decoupled")
 HEAD_FORMS = ("qk", "ov")
@@ -78,6 +77,19 @@ def _number(name: str, value, what: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise SettingsError(lambda n: f"{n(name)} must be a number {what}, got {value!r}") from None
+
+
+def check_param_ratio(value, name: str = "target_param_ratio") -> float:
+    """The one rule for a target fraction of a model's parameters: a finite number in (0, 1] (factorizing towards
+    a target only removes parameters; overcomplete factors are chosen with a rank scale >= 1)."""
+    t = _number(name, value, "in (0, 1]")
+    if not math.isfinite(t) or t <= 0:
+        raise SettingsError(lambda n: f"{n(name)} must be a number in (0, 1], got {value!r}")
+    if t > 1:
+        raise SettingsError(lambda n: f"{n(name)} must be a number in (0, 1], got {value!r}: keeping more parameters "
+                                      "than the model has would need factorized layers larger than the dense ones; "
+                                      "ask for a smaller fraction (overcomplete factors come from a rank scale >= 1)")
+    return t
 
 
 def fits_heads(value, full: int) -> bool:
@@ -232,11 +244,7 @@ class StructureSpec:
         set_("factorize", parse_parts(self.factorize))
         set_("ranks", parse_ranks(self.ranks))
         if self.target_param_ratio is not None:
-            t = _number("target_param_ratio", self.target_param_ratio, "in (0, 1]")
-            if not (math.isfinite(t) and 0 < t <= 1):
-                raise SettingsError(lambda n: f"{n('target_param_ratio')} must be a number in (0, 1], "
-                                              f"got {self.target_param_ratio!r}")
-            set_("target_param_ratio", t)
+            set_("target_param_ratio", check_param_ratio(self.target_param_ratio))
             if self.rank_scale is not None:
                 raise SettingsError(lambda n: f"give {n('rank_scale')} or {n('target_param_ratio')}, not both")
             if "attention" in self.factorize and self.head_dim_qk is None and self.head_dim_ov is None:

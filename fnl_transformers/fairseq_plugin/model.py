@@ -20,9 +20,9 @@ with dashes, the names of ``FNLConfig``), converted to the core specs by :func:`
 default them (one clear error per bad option, spelled as the flag): ``--rank-scale --factorize --ranks
 --target-param-ratio --head-dim --head-dim-qk --head-dim-ov --spectral-init/--no-spectral-init
 --spectral-init-qk/--no-spectral-init-qk --spectral-init-ov/--no-spectral-init-ov --factor-init --reduced-heads
---deep --fd-linear
---fd-embedding --fd-qk --fd-ov --fd-mode --weight-decay-factors/--no-weight-decay-factors``. ``ARCHITECTURE.md``
-has the table.
+--deep --fd-linear --fd-embedding --fd-qk --fd-ov --fd-mode --weight-decay-factors/--no-weight-decay-factors``.
+``ARCHITECTURE.md`` has the table; the options of the dense model (``--projection-bias``, ``--dense-init``) are
+:mod:`.dense`'s.
 
 The model holds the one FD spec (``model.fnl_fd``, :class:`~fnl_transformers.core.FDSpec`): the criterion
 ``fd_label_smoothed_cross_entropy`` reads it (coupled FD), and the build sets each parameter's decay (the core

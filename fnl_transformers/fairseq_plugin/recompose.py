@@ -43,6 +43,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ..checkpoints import check_fairseq_checkpoint, check_output
 from ..core import FactorizedEmbedding, FactorizedLinear, HeadDims, check_shrink, pad_heads
 
 STOCK_ARCH = "transformer"
@@ -159,10 +160,7 @@ def load_fnl_checkpoint(path: str) -> Dict[str, Any]:
     """Read ``path`` with the safe loader; clear ValueError / FileNotFoundError for anything unusable."""
     from . import safe_loading
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} is not a file; give the checkpoint file (e.g. checkpoints/checkpoint_best.pt)")
+    check_fairseq_checkpoint(path)  # exists, is a PyTorch file, holds 'model' and 'cfg' (read without loading)
     safe_loading.install()
     try:
         state = safe_loading.safe_load(path, map_location="cpu")
@@ -322,10 +320,7 @@ def write_atomically(obj: Any, out_path: str, overwrite: bool = False) -> None:
 
 def recompose_checkpoint(src: str, dst: str, overwrite: bool = False) -> Dict[str, Any]:
     """Read the fnl checkpoint ``src``, write the stock ``transformer`` checkpoint ``dst``; returns info."""
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise ValueError("the output must be a new file, not the input checkpoint")
-    if os.path.exists(dst) and not overwrite:  # fail before the work
-        raise ValueError(f"{dst} already exists (possibly from an earlier run); remove it or pass --force")
+    check_output(src, dst, overwrite)  # fail before the work
     out, info = recompose_state(load_fnl_checkpoint(src), src)
     buf = io.BytesIO()
     torch.save(out, buf)

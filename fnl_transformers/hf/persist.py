@@ -5,20 +5,23 @@ strict key matching.
 Why not ``AutoModel.from_pretrained``: it would build the vanilla architecture and *randomly initialize* every
 weight the checkpoint names differently (the factors ``U``/``V`` instead of ``weight``), with only a logged
 warning. A patched model therefore saves ``attn_implementation`` = :data:`LOAD_MARKER`, a message naming this
-function, in its ``config.json``; plain transformers refuses to build the model with that message, and this
-loader removes it.
+function, in its ``config.json``; plain transformers refuses to build the model with that message, and a
+directory marked by :func:`fnl_transformers.hf.guard.mark_checkpoint` cannot be read by plain transformers at all
+(see :mod:`.guard`); this loader removes the marks. ``path`` may also be a Hugging Face Hub model id, resolved
+through the local cache (only the cache when offline: ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``).
 """
 from __future__ import annotations
 
-import json
 import os
-from typing import Dict, Optional
+import re
+from typing import Dict, Optional, Union
 
 import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
+from . import guard
 from .config import FNLConfig
 from .plan import Plan
 
@@ -62,25 +65,32 @@ def get_fnl_config(model: nn.Module) -> FNLConfig:
     return plan_of(model).config
 
 
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHTS = guard.PLAIN_WEIGHTS
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def from_pretrained(path: str, dtype: Optional[torch.dtype] = None, attn_implementation: Optional[str] = None,
-                    device=None) -> PreTrainedModel:
+def from_pretrained(path: str, dtype: Union[torch.dtype, str, None] = None, attn_implementation: Optional[str] = None,
+                    device=None, *, torch_dtype: Union[torch.dtype, str, None] = None, device_map=None,
+                    cache_dir: Optional[str] = None, revision: Optional[str] = None,
+                    local_files_only: bool = False) -> PreTrainedModel:
     """Load a model saved (``save_pretrained``) after :func:`fnl_transformers.hf.patch_model`.
 
     Every parameter and persistent buffer of the rebuilt model must come from the checkpoint (tied weights
     excepted), and every checkpoint tensor must be used, with equal shapes; anything else is an error naming the
-    keys. Returns the model in eval mode (as ``transformers`` does), in ``dtype`` if given, else in the dtype
-    it was saved in (``config.json``'s ``dtype``), on ``device`` if given.
+    keys. Returns the model in eval mode (as ``transformers`` does), in ``dtype`` if given (``torch_dtype`` is
+    transformers' older name for it; ``"auto"`` means the saved dtype), else in the dtype it was saved in
+    (``config.json``'s ``dtype``), on ``device`` if given. ``device_map`` accepts transformers' single-device forms:
+    ``"cpu"``, ``"auto"`` (the first GPU if there is one, else the CPU), a device name or ``torch.device``.
+    ``path``: a directory, or a Hub model id found in the local cache (``cache_dir``, ``revision``; see the module
+    docstring).
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} is not a directory with a saved model (config.json and {WEIGHTS})")
+    dtype = _resolve_dtype(dtype, torch_dtype)
+    device = _resolve_device(device, device_map)
+    path = _resolve_path(os.fspath(path), cache_dir, revision, local_files_only)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json; is it a save_pretrained directory?")
     config = AutoConfig.from_pretrained(path)
+    guard.unmark_config(config)
     plan = getattr(config, CONFIG_KEY, None)
     if not isinstance(plan, dict):
         raise ValueError(
@@ -113,20 +123,67 @@ def from_pretrained(path: str, dtype: Optional[torch.dtype] = None, attn_impleme
 
 
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """All tensors of a ``save_pretrained`` directory (single or sharded safetensors)."""
-    from safetensors.torch import load_file
+    """All tensors of a ``save_pretrained`` directory (single or sharded safetensors, marked by
+    :func:`~fnl_transformers.hf.guard.mark_checkpoint` or not); a corrupted file is an error naming it."""
+    return guard.load_weights(path)
 
-    single, index = os.path.join(path, WEIGHTS), os.path.join(path, WEIGHTS_INDEX)
-    if os.path.isfile(single):
-        return load_file(single)
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for name in files:
-            state.update(load_file(os.path.join(path, name)))
-        return state
-    raise FileNotFoundError(f"{path} has no {WEIGHTS} (or sharded {WEIGHTS_INDEX}); save with save_pretrained")
+
+def _resolve_dtype(dtype, torch_dtype) -> Optional[torch.dtype]:
+    """``dtype`` / its alias ``torch_dtype``: a ``torch.dtype``, its name (``"float16"``), ``"auto"`` or None."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"give dtype or torch_dtype (its older name), not both (got {dtype} and {torch_dtype})")
+    value = dtype if dtype is not None else torch_dtype
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        value = getattr(torch, value)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype (e.g. torch.float16, \"bfloat16\") or \"auto\", "
+                         f"got {value!r}")
+    return value
+
+
+def _resolve_device(device, device_map):
+    """``device`` / ``device_map`` (single-device forms only): a ``torch.device`` or None."""
+    if device_map is None:
+        return device
+    if device is not None:
+        raise ValueError("give device or device_map, not both")
+    if isinstance(device_map, dict):
+        raise ValueError("device_map as a dict (layers spread over devices) is not supported; give one device: "
+                         "device_map=\"cpu\", \"auto\" or \"cuda:0\"")
+    if device_map == "auto":
+        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map must be \"cpu\", \"auto\" or a device name like \"cuda:0\", got "
+                         f"{device_map!r}") from None
+
+
+def _resolve_path(path: str, cache_dir: Optional[str], revision: Optional[str], local_files_only: bool) -> str:
+    """A local directory as is; a Hub model id through huggingface_hub's cache (no network when offline)."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or not _REPO_ID.match(path):
+        raise FileNotFoundError(f"{path} is not a directory with a saved model (config.json and {WEIGHTS})")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    offline = bool(local_files_only or constants.HF_HUB_OFFLINE)
+    patterns = ["config.json", guard.WEIGHTS, guard.WEIGHTS_INDEX, "*.safetensors", "*.safetensors.index.json"]
+    try:
+        return snapshot_download(path, revision=revision, cache_dir=cache_dir, local_files_only=offline,
+                                 allow_patterns=patterns)
+    except LocalEntryNotFoundError:
+        where = cache_dir or constants.HF_HUB_CACHE
+        raise FileNotFoundError(
+            f"{path} is neither a local directory nor a model in the Hugging Face cache ({where})"
+            + (" and downloading is off (HF_HUB_OFFLINE or local_files_only): download it first, or give its "
+               "directory" if offline else ": check the name, or give its directory")
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise FileNotFoundError(f"{path}: {str(exc).strip().splitlines()[0]}") from None
 
 
 def _load_strict(model: PreTrainedModel, state: Dict[str, torch.Tensor], path: str) -> None:

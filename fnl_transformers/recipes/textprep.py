@@ -148,23 +148,55 @@ def spm_train(clean_dir_: str, model_prefix: str, src: str, tgt: str, vocab_size
         raise PrepError(f"--vocab-size must be at least 8, got {vocab_size}")
     inputs = [os.path.join(clean_dir_, f"train.{lang}") for lang in (src, tgt)]
     tmp_prefix = model_prefix + ".tmp"
-    try:
+
+    def train(size: int, prefix: str) -> None:
         spm.SentencePieceTrainer.train(
-            input=",".join(inputs), model_prefix=tmp_prefix, vocab_size=vocab_size, model_type=model_type,
+            input=",".join(inputs), model_prefix=prefix, vocab_size=size, model_type=model_type,
             character_coverage=1.0, input_sentence_size=max_sentences, shuffle_input_sentence=True,
             bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2,
         )
+
+    try:
+        train(vocab_size, tmp_prefix)
     except RuntimeError as exc:
         m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(exc))
         if m:
-            raise PrepError(
-                f"--vocab-size {m.group(1)} is too large for this training corpus: pass --vocab-size {m.group(2)} "
-                "or less"
-            ) from None
+            works = _largest_trainable(train, int(m.group(2)), tmp_prefix + ".probe")
+            hint = (f"pass --vocab-size {works} or less" if works else
+                    "no vocabulary size of at least 8 trains on it: use a larger corpus")
+            raise PrepError(f"--vocab-size {m.group(1)} is too large for this training corpus: {hint}") from None
         raise PrepError(f"sentencepiece training failed: {str(exc).strip().splitlines()[-1]}") from None
     for ext in ("model", "vocab"):
         os.replace(f"{tmp_prefix}.{ext}", f"{model_prefix}.{ext}")
     return model_prefix + ".model"
+
+
+def _largest_trainable(train, bound: int, prefix: str) -> int:
+    """The largest vocabulary size <= ``bound`` (sentencepiece's own suggestion) that really trains on the corpus,
+    found by training (a tiny corpus trains in a fraction of a second); 0 if none of at least 8 does."""
+    def ok(size: int) -> bool:
+        try:
+            train(size, prefix)
+            return True
+        except RuntimeError:
+            return False
+        finally:
+            for ext in ("model", "vocab"):
+                if os.path.exists(f"{prefix}.{ext}"):
+                    os.remove(f"{prefix}.{ext}")
+
+    if ok(bound):
+        return bound
+    if not ok(8):
+        return 0
+    lo, hi = 8, bound  # ok(lo), not ok(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def spm_encode(model: str, clean_dir_: str, out_dir: str, src: str, tgt: str) -> None:

@@ -57,6 +57,8 @@ else
   die "checkpoint not found: $TARGET (give a .pt file or a train.sh save directory)"
 fi
 CKPT="$(cd "$(dirname "$CKPT")" && pwd)/$(basename "$CKPT")"
+# a file that is not a fairseq checkpoint: one line now, not a KeyError deep inside fairseq-generate
+"$PY" -m fnl_transformers.checkpoints fairseq "$CKPT" || exit 2
 DIR="$(dirname "$CKPT")"; STEM="$(basename "$CKPT" .pt)"
 RECIPE="$DIR/recipe.json"
 

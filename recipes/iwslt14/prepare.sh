@@ -69,17 +69,31 @@ fi
 SETTINGS="src=$SRC tgt=$TGT source=$SOURCE vocab=$VOCAB spm=$MODEL_TYPE max_len=$MAX_LEN ratio=$RATIO"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-if [ "$FORCE" = 1 ]; then
+# settings.txt records a finished preparation (written last); settings.pending the one in progress, whose finished
+# stages a rerun with the same settings reuses. A failed run with other settings is discarded, never a reason to refuse.
+clear_stages() {
   rm -rf "$OUT/raw" "$OUT/raw.tmp" "$OUT/clean" "$OUT/clean.tmp" "$OUT/spm" "$OUT/spm.tmp" "$OUT/bin" "$OUT/bin.tmp" \
-    "$OUT/spm.model" "$OUT/spm.vocab" "$OUT/settings.txt"
-elif [ -f "$OUT/settings.txt" ] && [ "$(cat "$OUT/settings.txt")" != "$SETTINGS" ]; then
-  die "$OUT was prepared with other settings ($(cat "$OUT/settings.txt")); use --out NEW_DIR, or --force to rebuild it"
-fi
-if [ -f "$OUT/bin/fnl_prepare.json" ]; then
+    "$OUT/spm.model" "$OUT/spm.vocab" "$OUT/settings.txt" "$OUT/settings.pending"
+}
+if [ "$FORCE" = 1 ]; then
+  clear_stages
+elif [ -f "$OUT/bin/fnl_prepare.json" ]; then
+  [ ! -f "$OUT/settings.txt" ] || [ "$(cat "$OUT/settings.txt")" = "$SETTINGS" ] \
+    || die "$OUT was prepared with other settings ($(cat "$OUT/settings.txt")); use --out NEW_DIR, or --force to rebuild it"
   echo "already prepared: $OUT/bin (reusing it; --force rebuilds)"
   exit 0
+else
+  unfinished=""
+  for f in "$OUT/settings.pending" "$OUT/settings.txt"; do  # settings.txt without bin/: an older unfinished run
+    [ -f "$f" ] && [ "$(cat "$f")" != "$SETTINGS" ] && unfinished="$(cat "$f")"
+  done
+  if [ -n "$unfinished" ]; then
+    echo "discarding an unfinished preparation in $OUT with other settings ($unfinished)"
+    clear_stages
+  fi
 fi
-echo "$SETTINGS" > "$OUT/settings.txt"
+rm -f "$OUT/settings.txt"
+echo "$SETTINGS" > "$OUT/settings.pending"
 
 # 1. raw text
 if [ "$SMOKE" = 1 ] || [ -z "$RAW_DIR" ]; then
@@ -145,4 +159,5 @@ info = {"src": src, "tgt": tgt, "vocab_size": int(vocab), "source": source, "smo
 json.dump(info, open(os.path.join(out, "bin.tmp", "fnl_prepare.json"), "w"), indent=2)
 EOF
 mv "$OUT/bin.tmp" "$OUT/bin"
+mv "$OUT/settings.pending" "$OUT/settings.txt"
 echo "prepared: $OUT/bin (train on it with recipes/iwslt14/train.sh VARIANT --data $OUT/bin)"

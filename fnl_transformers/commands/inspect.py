@@ -11,14 +11,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..config import FNLConfig
-    from ..persist import CONFIG_KEY
-    from ..plan import Plan
-    from ..report import format_table
-
     path = os.path.join(args.dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{args.dir} has no config.json; give a save_pretrained directory")
+    from ..hf.config import FNLConfig
+    from ..hf.persist import CONFIG_KEY
+    from ..hf.plan import Plan
+    from ..hf.report import format_table
+
     with open(path) as f:
         config = json.load(f)
     plan = config.get(CONFIG_KEY)

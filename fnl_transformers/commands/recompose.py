@@ -1,8 +1,9 @@
 """``fnl recompose CHECKPOINT OUT.pt``: multiply out an fnl_transformer checkpoint into fairseq's stock
 ``transformer`` (loads in fairseq-generate / -interactive / hub without ``--user-dir``, same translations).
 
-The math is in :mod:`fnl_transformers.fairseq_plugin.recompose`. Bad input (missing or non-fnl checkpoint,
-existing output) is one ``fnl recompose: error: ...`` line; the output is written atomically.
+The math is in :mod:`fnl_transformers.fairseq_plugin.recompose`. Bad input (missing, text or non-fairseq file,
+existing output) is one ``fnl recompose: error: ...`` line, reported before fairseq is imported; the output is
+written atomically.
 """
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..recompose import recompose_checkpoint  # imports fairseq only when the command runs
+    from ..checkpoints import check_fairseq_checkpoint, check_output
+
+    check_fairseq_checkpoint(args.checkpoint)
+    check_output(args.checkpoint, args.output, args.force)
+    from ..fairseq_plugin.recompose import recompose_checkpoint  # imports fairseq
 
     info = recompose_checkpoint(args.checkpoint, args.output, overwrite=args.force)
     print(f"wrote {args.output}: fairseq transformer, {info['stock_params']:,} parameters "

@@ -3,17 +3,17 @@
 Factorizes the FFN (and by default embedding) layers at ``--rank-scale`` (or the scale that keeps
 ``--target-param-ratio`` of the parameters) and shrinks attention heads to ``--head-dim`` with per-head
 spectral initialization, prints the per-layer table (ranks, parameters, relative approximation error) and
-saves the model, with the tokenizer files of MODEL_DIR, to OUT_DIR. Reload it with
-``fnl_transformers.hf.from_pretrained(OUT_DIR)``. OUT_DIR appears only once it is complete.
+saves the model to OUT_DIR with every other file of MODEL_DIR (tokenizer, sentence-transformers modules such as
+``modules.json`` and ``1_Pooling/``; not the original weights). OUT_DIR is marked so that plain transformers
+refuses it (:mod:`fnl_transformers.hf.guard`); reload it with ``fnl_transformers.hf.from_pretrained(OUT_DIR)``.
+OUT_DIR appears only once it is complete. Every option is checked (by the core settings model, the validator
+``FNLConfig`` uses) before torch and transformers are imported.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                   "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
 
 
 def add_arguments(parser) -> None:
@@ -33,11 +33,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from transformers.utils import logging as hf_logging
-
-    from ..apply import patch_model
-    from ..config import FNLConfig
-    from ..report import format_table
+    from ..core.settings import flag, specs_from_flat  # torch-free
 
     if not os.path.isdir(args.model_dir):
         raise FileNotFoundError(f"MODEL_DIR {args.model_dir} is not a directory")
@@ -48,9 +44,19 @@ def run(args) -> int:
     if args.rank_scale is None and args.target_param_ratio is None and args.head_dim is None \
             and args.head_dim_qk is None and args.head_dim_ov is None:
         raise ValueError("nothing to compress: give --rank-scale or --target-param-ratio, and/or --head-dim")
-    parts = tuple(p.strip() for p in args.factorize.split(",") if p.strip())
-    config = FNLConfig(rank_scale=args.rank_scale, target_param_ratio=args.target_param_ratio, factorize=parts,
-                       head_dim=args.head_dim, head_dim_qk=args.head_dim_qk, head_dim_ov=args.head_dim_ov)
+    flat = dict(rank_scale=args.rank_scale, target_param_ratio=args.target_param_ratio, factorize=args.factorize,
+                head_dim=args.head_dim, head_dim_qk=args.head_dim_qk, head_dim_ov=args.head_dim_ov)
+    specs_from_flat(flat, namer=flag)  # FNLConfig's validation, spelled as options, before the heavy imports
+
+    from transformers.utils import logging as hf_logging
+
+    from ..hf.apply import patch_model
+    from ..hf.config import FNLConfig
+    from ..hf.files import copy_non_weight_files
+    from ..hf.guard import mark_checkpoint
+    from ..hf.report import format_table
+
+    config = FNLConfig(**flat)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # stdout is the table, stderr only errors
     try:
@@ -62,10 +68,8 @@ def run(args) -> int:
         tmp = tempfile.mkdtemp(prefix=".fnl-compress-", dir=parent)
         try:
             model.save_pretrained(tmp)
-            for name in TOKENIZER_FILES:
-                src = os.path.join(args.model_dir, name)
-                if os.path.isfile(src):
-                    shutil.copy2(src, os.path.join(tmp, name))
+            mark_checkpoint(tmp)
+            copied, skipped = copy_non_weight_files(args.model_dir, tmp)
             if os.path.isdir(args.out_dir):
                 os.rmdir(args.out_dir)  # empty (checked above)
             os.replace(tmp, args.out_dir)
@@ -75,7 +79,9 @@ def run(args) -> int:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    print(f"saved to {args.out_dir}; load it with fnl_transformers.hf.from_pretrained({args.out_dir!r})")
+    print(f"saved to {args.out_dir} with {len(copied)} other files of MODEL_DIR"
+          + (f" (not copied, weights of the original: {', '.join(skipped)})" if skipped else "")
+          + f"; load it with fnl_transformers.hf.from_pretrained({args.out_dir!r})")
     return 0
 
 

@@ -1,1 +1,0 @@
-"""``fnl`` subcommands of the fairseq plugin (``userdir``, ``recompose``)."""
