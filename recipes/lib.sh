@@ -32,7 +32,8 @@ has_cuda() {  # no GPU device node: no CUDA (skips a torch import); else ask tor
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null
 }
 
-fnl_userdir() {
+fnl_userdir() {  # $FNL_USER_DIR when a caller (the sweep) already knows it: one python start less per script
+  if [ -n "${FNL_USER_DIR:-}" ] && [ -d "$FNL_USER_DIR" ]; then echo "$FNL_USER_DIR"; return; fi
   local dir
   dir="$(fnl userdir 2>/dev/null)" || die "'fnl userdir' failed: the fairseq plugin (fnl_transformers.fairseq_plugin) is not installed; run 'make install'"
   echo "$dir"

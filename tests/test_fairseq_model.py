@@ -497,7 +497,7 @@ def test_registration_is_idempotent_and_the_user_dir_imports_under_its_own_name(
     utils.import_user_module(Namespace(user_dir=path))
     assert "fnl_fairseq_plugin" in sys.modules
     assert MODEL_REGISTRY["fnl_transformer"].__name__ == "FnlTransformerModel"
-    assert {"fnl_transformer", "fnl_transformer_iwslt_de_en", "fnl_transformer_wmt_en_de",
+    assert {"fnl_transformer", "fnl_transformer_small", "fnl_transformer_iwslt_de_en", "fnl_transformer_wmt_en_de",
             "fnl_transformer_tiny"} <= set(ARCH_MODEL_REGISTRY)
     assert "fd_label_smoothed_cross_entropy" in CRITERION_REGISTRY
     assert {"fnl_adam", "flambe", "fnl_lamb"} <= set(OPTIMIZER_REGISTRY)

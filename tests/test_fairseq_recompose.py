@@ -3,7 +3,9 @@
 * Math: zero-padding reduced heads and folding the score scaling into the query equals the reduced attention
   (against a direct per-head reference, for s_used != s_stock too).
 * End to end, for a low-rank (SI + FD, untied factorized output projection), an overcomplete ``--deep`` (shared
-  embeddings, tied factorized projection) and a reduced-head model (QK and OV dims differ): stock
+  embeddings, tied factorized projection), a reduced-head model (QK and OV dims differ) and the paper's
+  ``fnl_transformer_small`` layout compressed by the one rank scale with the official rules (no projection
+  biases, factorized learned positions, heads scored by ``1/sqrt(reduced dim)``): stock
   ``fairseq-generate`` WITHOUT ``--user-dir`` on the recomposed file gives the same hypotheses as the fnl
   checkpoint with the plugin; the unrounded per-token scores of both (beam search in this process) agree within
   ``SCORE_TOL``; the file holds no pickled class.
@@ -32,6 +34,14 @@ CONFIGS = {
     "deep": ["--rank-scale", "2", "--deep", "--spectral-init", "--share-all-embeddings"],
     "reduced_heads": ["--head-dim-qk", "3", "--head-dim-ov", "5", "--spectral-init-qk", "--spectral-init-ov",
                       "--rank-scale", "0.5", "--factorize", "ffn"],
+    # the paper's model (fnl_transformer_small's layout at tiny widths) compressed by the one rank scale with the
+    # official rules: no projection biases, pre-norm, learned positions (factorized), fresh heads scored by
+    # 1/sqrt(reduced dim), each factor drawn from the dense init
+    "paper_small": ["--arch", "fnl_transformer_small", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+                    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--rank-scale", "0.5",
+                    "--factorize", "ffn,embedding,position,attention", "--reduced-heads", "fresh",
+                    "--factor-init", "dense", "--no-spectral-init", "--spectral-init-qk", "--spectral-init-ov",
+                    "--criterion", "fd_label_smoothed_cross_entropy", "--fd-linear", "1e-3", "--fd-ov", "1e-3"],
 }
 # Scores (log-probabilities of size ~1-5) of the fnl model and of its recomposed dense copy come from different
 # float32 code paths (factors vs their product, reduced vs zero-padded heads) with BLAS rounding that depends on
@@ -172,6 +182,14 @@ def test_recomposed_checkpoint_translates_identically_without_user_dir(name, fnl
     if name == "reduced_heads":  # zero-padded: head h's rows dq..D of q_proj are zero
         q = sd["encoder.layers.0.self_attn.q_proj.weight"].view(heads, d // heads, d)
         assert q[:, 3:].abs().max() == 0 and q[:, :3].abs().max() > 0
+    if name == "paper_small":  # stock pre-norm transformer with learned positions; the absent biases are zeros
+        model = state["cfg"]["model"]
+        assert model["encoder_normalize_before"] and model["decoder_learned_pos"] and model["no_scale_embedding"]
+        assert "projection_bias" not in model and "reduced_heads" not in model
+        assert sd["encoder.embed_positions.weight"].shape == (1024, d)  # 1022 positions + padding offset
+        for key in ("encoder.layers.0.self_attn.q_proj.bias", "decoder.layers.1.encoder_attn.out_proj.bias",
+                    "decoder.layers.0.fc1.bias", "encoder.layers.1.fc2.bias"):
+            assert sd[key].abs().max() == 0, key
 
 
 # ---------------------------------------------------------------- bad input

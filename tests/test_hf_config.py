@@ -16,7 +16,7 @@ from fnl_transformers.hf import FNLConfig
     (dict(rank_scale=math.nan), r"rank_scale must be a finite number > 0"),
     (dict(rank_scale="half"), r"rank_scale must be a number > 0, got 'half'"),
     (dict(factorize=("ffn", "mlp")),
-     r"factorize: unknown part\(s\) \['mlp'\]; choose among \['ffn', 'embedding', 'attention'\]"),
+     r"factorize: unknown part\(s\) \['mlp'\]; choose among \['ffn', 'embedding', 'position', 'attention'\]"),
     (dict(factorize=3), r"factorize must be a list of parts"),
     (dict(head_dim=0), r"head_dim must be a positive integer"),
     (dict(head_dim_qk=2.5), r"head_dim_qk must be a positive integer"),
@@ -35,6 +35,8 @@ from fnl_transformers.hf import FNLConfig
     (dict(fd_linear=math.inf), r"fd_linear must be a finite number >= 0"),
     (dict(fd_mode="both"), r"fd_mode must be one of \['coupled', 'decoupled'\]"),
     (dict(deep="yes"), r"deep must be True or False"),
+    (dict(factor_init="kaiming"), r"factor_init must be one of \['random', 'dense'\], got 'kaiming'"),
+    (dict(reduced_heads="svd"), r"reduced_heads must be one of \['truncate', 'fresh'\], got 'svd'"),
 ])
 def test_bad_input_gets_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):

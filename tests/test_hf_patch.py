@@ -13,6 +13,7 @@ import torch
 from fnl_transformers.core import FactorizedEmbedding, FactorizedLinear, form_parameters, frobenius_penalty
 from fnl_transformers.hf import FNLConfig, get_fnl_config, patch_model
 from fnl_transformers.hf.layers import HeadPaddedLinear, TiedFactorizedHead
+from fnl_transformers.hf.persist import plan_of
 
 from hf_patch_helpers import inputs, make_heads_rank_deficient, minilm_dir, outputs, rel_diff, tiny
 
@@ -313,6 +314,65 @@ def test_attention_part_shrinks_heads_by_rank_scale():
     att = model.distilbert.transformer.layer[0].attention
     assert att.attention_head_size == 4 and att.q_lin.out_features == 16
     assert not any(isinstance(m, FactorizedLinear) for m in model.modules())
+
+
+# --- the official code's rules: position tables, factors from the dense init, fresh reduced heads ---------------
+@pytest.mark.parametrize("arch, table", [("bert", "bert.embeddings.position_embeddings"),
+                                         ("roberta", "roberta.embeddings.position_embeddings"),
+                                         ("distilbert", "distilbert.embeddings.position_embeddings"),
+                                         ("gpt2", "transformer.wpe")])
+def test_position_part_factorizes_learned_position_tables(arch, table):
+    model = tiny(arch)
+    W = model.get_submodule(table).weight.detach().clone()
+    patched = patch_model(model, FNLConfig(rank_scale=0.5, factorize=("position",)))
+    layer = patched.get_submodule(table)
+    assert isinstance(layer, FactorizedEmbedding) and layer.rank == round(0.5 * min(W.shape))
+    assert not any(isinstance(m, FactorizedLinear) for m in patched.modules())  # only the position table
+    err = float((layer.product().detach().double() - W.double()).norm() ** 2)
+    assert abs(err - float(tail_sq(W, layer.rank))) <= 1e-4 * float(W.double().norm() ** 2)  # SI: best rank r
+
+
+def test_position_part_is_refused_for_rotary_positions():
+    with pytest.raises(ValueError, match="factorize 'position' needs learned position embeddings.*RoPE"):
+        patch_model(tiny("llama_mha"), FNLConfig(rank_scale=0.5, factorize=("ffn", "position")))
+
+
+def test_dense_factor_init_draws_each_factor_from_the_model_initializer():
+    """``factor_init='dense'`` without SI: both factors ``N(0, initializer_range^2)`` (std within 10%)."""
+    model = patch_model(tiny("bert"), FNLConfig(rank_scale=0.5, spectral_init=False, factor_init="dense"))
+    std = model.config.initializer_range
+    layers = [m for m in model.modules() if isinstance(m, (FactorizedLinear, FactorizedEmbedding))]
+    assert layers
+    for layer in layers:
+        for f in (layer.U, layer.V):
+            keep = torch.ones(f.shape[0], dtype=torch.bool)
+            if f is layer.U and getattr(layer, "padding_idx", None) is not None:
+                keep[layer.padding_idx] = False  # the zero padding row
+            assert abs(float(f.detach()[keep].std()) / std - 1) < 0.1
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_fresh_reduced_heads_are_rebalanced_and_scored_by_the_reduced_dim(arch):
+    """``reduced_heads='fresh'``: heads of dim 4 (of 8) drawn fresh, each head's QK / OV factors re-balanced
+    (equal Grams, 1e-4 relative), scores scaled by 1/sqrt(4); recompose folds that scaling into the query, so the
+    vanilla model computes the same outputs (1e-5 relative)."""
+    from fnl_transformers.hf import recompose
+
+    model = patch_model(tiny(arch), FNLConfig(head_dim=4, reduced_heads="fresh", spectral_init_qk=True,
+                                              spectral_init_ov=True))
+    entry = plan_of(model).attention
+    assert {e.score_dim for e in entry.values()} == {4} and {e.init_qk for e in entry.values()} == {"balanced"}
+    owner = model.bert.encoder.layer[0].attention.self if arch == "bert" else model.transformer.h[0].attn
+    assert owner.scaling == pytest.approx(4 ** -0.5)
+    if arch == "bert":
+        q, k = owner.query.weight.detach().view(4, 4, -1), owner.key.weight.detach().view(4, 4, -1)
+        ga, gb = q @ q.transpose(1, 2), k @ k.transpose(1, 2)
+        assert float((ga - gb).norm()) <= 1e-4 * float(ga.norm())
+    batch = inputs(model)
+    vanilla = recompose(model)
+    owner = vanilla.bert.encoder.layer[0].attention.self if arch == "bert" else vanilla.transformer.h[0].attn
+    assert owner.scaling == pytest.approx(8 ** -0.5)
+    assert rel_diff(outputs(vanilla, batch), outputs(model, batch)) < 1e-5
 
 
 # --- refusals -------------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import subprocess
 
 import pytest
 import torch
@@ -253,16 +255,18 @@ def test_summary_table_and_plot(tmp_path):
 # ------------------------------------------------------------------------------ scripts: options and errors
 PAPER = ["--optimizer nag", "--lr 0.25", "--lr-scheduler inverse_sqrt", "--warmup-init-lr 0.25",
          "--warmup-updates 4000", "--clip-norm 0.1", "--dropout 0.2", "--max-tokens 4000", "--label-smoothing 0.1",
-         "--max-update 100000", "--arch fnl_transformer_iwslt_de_en", "--share-all-embeddings"]
+         "--max-update 100000", "--arch fnl_transformer_small", "--factor-init dense", "--reduced-heads fresh"]
+ONE_KNOB = "--factorize ffn,embedding,position,attention"
 VARIANT_FLAGS = {
     "baseline": ["--criterion label_smoothed_cross_entropy"],
     "wd": ["--criterion label_smoothed_cross_entropy", "--weight-decay 1e-4"],
     "fd-ov": ["--criterion fd_label_smoothed_cross_entropy", "--fd-ov 1e-4"],
     "fd-qkov": ["--fd-qk 1e-4", "--fd-ov 1e-4"],
-    "lowrank-si-fd": ["--rank-scale 0.5", "--spectral-init", "--spectral-init-qk", "--spectral-init-ov",
+    "lowrank-si-fd": ["--rank-scale 0.5", ONE_KNOB, "--spectral-init", "--spectral-init-qk", "--spectral-init-ov",
                       "--fd-linear 1e-4", "--fd-qk 1e-4", "--fd-ov 1e-4"],
-    "lowrank-nosi": ["--rank-scale 0.5", "--fd-linear 1e-4", "--no-spectral-init"],
-    "head-dim-half": ["--head-dim 64", "--spectral-init-qk", "--spectral-init-ov", "--fd-ov 1e-4"],
+    "lowrank-nosi": ["--rank-scale 0.5", ONE_KNOB, "--fd-linear 1e-4", "--no-spectral-init", "--no-spectral-init-qk",
+                     "--no-spectral-init-ov"],
+    "head-dim-half": ["--head-dim 32", "--spectral-init-qk", "--spectral-init-ov", "--fd-ov 1e-4"],
 }
 
 
@@ -282,8 +286,8 @@ def _dry(variant, data, *args):
 
 
 OVERRIDES = ("--coef", "5e-6", "--rank-scale", "0.25", "--lr", "0.5", "--max-update", "77", "--seed", "3",
-             "--warmup-updates", "10", "--max-tokens", "999", "--dropout", "0.3", "--clip-norm", "0", "--",
-             "--fd-qk", "0")
+             "--warmup-updates", "10", "--max-tokens", "999", "--dropout", "0.3", "--clip-norm", "0", "--rules",
+             "library", "--", "--fd-qk", "0")
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +297,7 @@ def dry_runs(fake_data):
 
     jobs = {(v, smoke): (v, fake_data, *(["--smoke"] if smoke else [])) for v in VARIANT_FLAGS for smoke in (0, 1)}
     jobs["overrides"] = ("lowrank-si-fd", fake_data, *OVERRIDES)
+    jobs["6-layer"] = ("wd", fake_data, "--arch", "fnl_transformer_iwslt_de_en", "--rank-scale", "0.5", "--no-si")
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(jobs, pool.map(lambda a: _dry(*a), jobs.values())))
     return results
@@ -304,8 +309,9 @@ def test_train_variants_use_the_paper_setting(variant, dry_runs):
     for flag in PAPER + VARIANT_FLAGS[variant]:
         assert f" {flag}" in cmd + " ", (flag, cmd)
     assert "--user-dir " in cmd and "fnl_fairseq_plugin" in cmd
+    assert "--share-all-embeddings" not in cmd  # the paper's model has separate embeddings
     if variant in ("baseline", "wd", "fd-ov", "fd-qkov"):
-        assert "--rank-scale" not in cmd and "--spectral-init" not in cmd
+        assert "--rank-scale" not in cmd and "--spectral-init" not in cmd and "--fd-linear" not in cmd
     if variant == "lowrank-nosi":
         assert " --spectral-init" not in cmd  # SI is the default: this variant turns it off
 
@@ -320,16 +326,24 @@ def test_train_overrides_and_fairseq_accepts_every_variant(dry_runs):
     assert (args.fd_linear, args.fd_ov, args.fd_qk, args.rank_scale) == (5e-6, 5e-6, 0.0, 0.25)
     assert (args.lr, args.warmup_init_lr, args.max_update, args.seed) == ([0.5], 0.5, 77, 3)
     assert (args.warmup_updates, args.max_tokens, args.dropout, args.clip_norm) == (10, 999, 0.3, 0.0)
-    assert cmd[cmd.index("--save-dir") + 1] == "runs/iwslt14/lowrank-si-fd-c5e-6-r0.25-s3"
+    assert (args.factor_init, args.reduced_heads, args.factorize) == ("random", "truncate",
+                                                                      "ffn,embedding,position,attention")
+    assert cmd[cmd.index("--save-dir") + 1] == "runs/iwslt14/lowrank-si-fd-c5e-6-r0.25-library-s3"
     for key, line in dry_runs.items():
         args = options.parse_args_and_arch(options.get_training_parser(), shlex.split(line)[1:])
-        assert args.arch == ("fnl_transformer_tiny" if key[1] == 1 else "fnl_transformer_iwslt_de_en"), key
+        assert args.arch == ("fnl_transformer_iwslt_de_en" if key == "6-layer" else "fnl_transformer_small"), key
+    # the 6-layer model via --arch: shared embeddings, sinusoidal positions, so no 'position' part
+    cmd = " ".join(shlex.split(dry_runs["6-layer"]))
+    assert "--share-all-embeddings" in cmd and "--factorize ffn,embedding,attention " in cmd
+    assert "--no-spectral-init --no-spectral-init-qk --no-spectral-init-ov" in cmd and "--weight-decay 1e-4" in cmd
 
 
 @pytest.mark.parametrize("args, message", [
     (["nope"], "unknown variant 'nope': choose one of baseline wd fd-ov"),
     (["baseline", "--coef", "1e-4"], "baseline has no regularizer"),
-    (["fd-ov", "--rank-scale", "0.5"], "--rank-scale applies to the lowrank-* variants"),
+    (["head-dim-half", "--rank-scale", "0.5"], "--rank-scale does not apply to head-dim-half"),
+    (["lowrank-si-fd", "--no-si"], "lowrank-si-fd is the SI variant: use lowrank-nosi"),
+    (["wd", "--rules", "official"], "--rules must be paper or library, got 'official'"),
     (["lowrank-si-fd", "--rank-scale", "0"], "--rank-scale must be > 0"),
     (["lowrank-si-fd", "--rank-scale", "abc"], "--rank-scale must be a non-negative number, got 'abc'"),
     (["wd", "--max-update", "0"], "--max-update must be >= 1"),
@@ -454,3 +468,148 @@ def test_summary_cli_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fnl_transformers.recipes.summary", str(tmp_path), "--out",
                         str(tmp_path / "s")], capture_output=True, text=True)
     assert r.returncode == 2 and "no *.results.json under" in r.stderr
+
+
+# ------------------------------------------------------------------------------ Figure 4: the sweep and its panels
+SWEEP = os.path.join(RECIPES, "iwslt14", "sweep.sh")
+# the official grid, typed from make.py (transformer_settings, trials=3), not imported from the code under test
+MAKE_DENSE = [0.0, 1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3]
+MAKE_COMPRESSED = [0.0, 1e-6, 5e-6, 1e-5, 5e-5, 1e-4]
+MAKE_SCALES, MAKE_SEEDS = [0.25, 0.5], [1, 2, 3]
+
+
+def _official_runs():
+    """{run folder: train.sh arguments} of Figure 4's lines: top = baseline + {wd, fd-ov, fd-qkov} x nonzero dense
+    coefficients; bottom = per scale, the coefficient-0 run with and without SI + {wd, fd-qkov} x {SI, no SI} x
+    nonzero coefficients; every configuration for seeds 1, 2, 3."""
+    configs = [("0/baseline/0", "baseline")]
+    configs += [(f"0/{v}/{c:g}", f"{v} --coef {c:g}") for v in ("wd", "fd-ov", "fd-qkov") for c in MAKE_DENSE[1:]]
+    for r in MAKE_SCALES:
+        for si in ("", "+si"):
+            flag = "--si" if si else "--no-si"
+            configs.append((f"{r:g}/baseline{si}/0", f"baseline --rank-scale {r:g} {flag}"))
+            configs += [(f"{r:g}/{v}{si}/{c:g}", f"{v} --coef {c:g} --rank-scale {r:g} {flag}")
+                        for v in ("wd", "fd-qkov") for c in MAKE_COMPRESSED[1:]]
+    return {f"{name}/seed{s}": args.split(" ", 1)[0] + f" --seed {s}" + (" " + args.split(" ", 1)[1] if " " in args
+                                                                         else "")
+            for name, args in configs for s in MAKE_SEEDS}
+
+
+def _listed(stdout):
+    """{run folder: train.sh arguments} printed by sweep.sh --dry-run."""
+    out = {}
+    for line in stdout.splitlines():
+        m = re.match(r"^  (\S+/seed\d+)\s+train\.sh (.*?)\s+\[", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+SWEEP_FILTERS = [
+    (("--only", "fd-ov"), (1 + 7) * 3),  # its coefficient-0 point is the dense baseline
+    (("--only", "fd+si", "--scales", "0.25"), (1 + 5) * 3),
+    (("--scales", "0.25", "--seeds", "1,2"), 22 * 2),
+    (("--scales", "0", "--only", "wd"), (1 + 7) * 3),
+    (("--smoke",), 10),
+]
+SWEEP_ERRORS = [
+    (("--only", "fd-lin"), "--only: unknown line(s) ['fd-lin']"),
+    (("--scales", "0.3"), "--scales: [0.3] not in the grid"),
+    (("--seeds", "4"), "--seeds: [4] not in the grid"),
+    (("--seeds", "x"), "--seeds must be comma-separated integers"),
+    (("--gpus", "0", "--jobs", "2"), "give --gpus (one run per GPU) or --jobs (CPU), not both"),
+    (("--only", "fd-ov", "--scales", "0.5"), "the filters leave no run"),
+]
+
+
+def _sweep_dry_run(args, monkeypatch, capsys):
+    """``sweep.sh --dry-run ARGS`` in this process (the script only runs this module): (exit code, out, err)."""
+    from fnl_transformers.recipes import sweep
+
+    monkeypatch.setenv("FNL_PROG", "sweep.sh")
+    code = sweep.main(["--dry-run", *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_sweep_dry_run_lists_exactly_the_official_grid():
+    size = (1 + 3 * (len(MAKE_DENSE) - 1) + len(MAKE_SCALES) * (2 + 4 * (len(MAKE_COMPRESSED) - 1))) * len(MAKE_SEEDS)
+    r = run_script(SWEEP, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert f"{size} runs (66 configurations x seeds [1, 2, 3])" in r.stdout and size == 198
+    assert _listed(r.stdout) == _official_runs()
+    # no GPU measurement here: the official budget, labelled as such
+    assert f"estimated GPU hours: {size * 4:.1f} (not measured: the official code's own budget of 240 minutes" \
+        in r.stdout
+
+
+@pytest.mark.parametrize("args, count", SWEEP_FILTERS)
+def test_sweep_filters(args, count, monkeypatch, capsys):
+    r = _sweep_dry_run(args, monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    listed = _listed(r.stdout)
+    assert len(listed) == count and f": {count} runs (" in r.stdout
+    if "--smoke" not in args:
+        assert set(listed.items()) <= set(_official_runs().items())
+
+
+@pytest.mark.parametrize("args, message", SWEEP_ERRORS)
+def test_sweep_bad_input(args, message, monkeypatch, capsys):
+    r = _sweep_dry_run(args, monkeypatch, capsys)
+    assert r.returncode == 2 and last_line(r.stderr).startswith("sweep.sh: error: ") and message in r.stderr
+
+
+def test_sweep_gpu_hours_from_a_measured_step_time(tmp_path):
+    from fnl_transformers.recipes import figure4
+
+    runs = figure4.select(figure4.grid(), seeds=[1])
+    path = tmp_path / "results-gpu.json"
+    path.write_text(json.dumps({"device": {"name": "H200"}, "training": [
+        {"variant": "baseline", "precision": "float32", "s_per_update": 0.02},
+        {"variant": "fd-qkov", "precision": "float32", "s_per_update": 0.03},
+        {"variant": "fd-qkov:fp16", "precision": "fp16", "s_per_update": 0.01}]}))
+    hours, how = figure4.gpu_hours(runs, 100_000, str(path))
+    n_fd = sum(r.variant.startswith("fd") for r in runs)
+    assert hours == pytest.approx((n_fd * 0.03 + (len(runs) - n_fd) * 0.02) * 100_000 / 3600, rel=1e-12)
+    assert how.startswith("measured") and "H200" in how
+    hours, how = figure4.gpu_hours(runs, 100_000, str(tmp_path / "none.json"))
+    assert hours == pytest.approx(len(runs) * 4.0) and how.startswith("not measured")
+
+
+def _grid_result(root, run, subset, bleu, beam=5):
+    from fnl_transformers.recipes import figure4
+
+    folder = os.path.join(root, run.name)
+    figure4.write_grid_file(folder, run)
+    _result(os.path.join(folder, f"checkpoint_best.{subset}.results.json"), metric="bleu", score=bleu, bleu=bleu,
+            subset=subset, beam=beam, recipe="iwslt14")
+
+
+def test_figure4_panels_choose_the_coefficient_on_valid(tmp_path):
+    """Hand-made results of a small grid: the bottom panel takes, per line and scale, the coefficient with the best
+    mean validation BLEU even where test BLEU prefers another; means and standard deviations over seeds."""
+    from fnl_transformers.recipes import figure4
+
+    runs = figure4.grid([0.0, 1e-5], [0.0, 1e-5, 1e-4], [0.25], [1, 2])
+    for run in runs:
+        # valid prefers 1e-5, test prefers 1e-4 (bottom); seed 2 is 1 BLEU better than seed 1
+        valid = {0.0: 20.0, 1e-5: 22.0, 1e-4: 21.0}[run.coef] + run.seed
+        test = {0.0: 19.0, 1e-5: 20.0, 1e-4: 25.0}[run.coef] + run.seed + (0.5 if run.si else 0.0)
+        _grid_result(str(tmp_path), run, "valid", valid)
+        _grid_result(str(tmp_path), run, "test", test)
+    out = summary.summarize([str(tmp_path)], str(tmp_path / "sum"))
+    text = out["markdown"]
+    assert {os.path.basename(p) for p in out["plots"]} == {"fig4_top.png", "fig4_bottom.png"}  # no summary.png
+    for p in out["plots"]:
+        assert is_png(p)
+    # every grid point: top 1 baseline + 3 lines x 2 coefficients; bottom 4 lines x 3 coefficients
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "official" not in line]
+    assert len([r for r in rows if re.match(r"\| (baseline|wd|fd-ov|fd-qkov) \| [^|]+ \| [^|]+ \| 2 \|", r)]) == 7
+    assert len([r for r in rows if re.match(r"\| (wd|fd)(\+si)? \| \S+ \| 0\.25 \|", r)]) == 12
+    # bottom, as plotted: coefficient 1e-05 (valid), test mean of seeds 1, 2: 20 + 1.5 (+ 0.5 with SI), std 0.71
+    assert "| fd+si | 0.25 | 1e-05 | 23.50 ± 0.71 | 22.00 ± 0.71 |" in text
+    assert "| wd | 0.25 | 1e-05 | 23.50 ± 0.71 | 21.50 ± 0.71 |" in text
+    assert "| baseline | reglr (decay 0) | 0 | 2 | 21.50 ± 0.71 | 20.50 ± 0.71 |  |" in text
+    pts = figure4.points(figure4.split_rows(summary.load(summary.find_results([str(tmp_path)])))[0])
+    chosen = figure4.best_on_valid([p for p in pts if p.panel == "bottom"])
+    assert {k: p.coef for k, p in chosen.items()} == {(line, 0.25): 1e-5 for line in figure4.BOTTOM_LINES}

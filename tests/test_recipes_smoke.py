@@ -1,8 +1,9 @@
 """End-to-end smoke runs of every recipe (slow): the IWSLT-14 demo pipeline (prepare --smoke, train, evaluate,
-table + plot), every other train.sh variant for a few updates, prepare.sh --raw-dir on a small corpus, BERT
-pretraining (Lamb full / FLAMBe half, 300 updates; the other BERT runs are in test_recipes_bert.py) and SQuAD
-fine-tuning of the real MiniLM. Scores are recomputed here from the written hypotheses / predictions with
-sacrebleu and the SQuAD metric and must equal the results JSONs."""
+table + plot), every other train.sh variant for a few updates, the Figure 4 sweep's mini grid (both panels, the
+table with every grid point, resuming), prepare.sh --raw-dir on a small corpus, BERT pretraining (Lamb full /
+FLAMBe half, 300 updates; the other BERT runs are in test_recipes_bert.py) and SQuAD fine-tuning of the real
+MiniLM. Scores are recomputed here from the written hypotheses / predictions with sacrebleu and the SQuAD metric
+and must equal the results JSONs."""
 from __future__ import annotations
 
 import glob
@@ -211,3 +212,48 @@ def test_eval_refuses_a_checkpoint_of_another_configuration(demo, tmp_path):
     line = last_line(r.stderr)
     assert line.startswith("eval.sh: error: fairseq-generate failed: ValueError: checkpoint does not match")
     assert not glob.glob(str(tmp_path / "*.results.json")) and not glob.glob(str(tmp_path / "*.hyp.txt"))
+
+
+def test_sweep_smoke_draws_both_panels_and_resumes(demo, tmp_path):
+    """sweep.sh --smoke on the demo's prepared corpus: 10 runs (the top panel's baseline, WD, FD-OV, FD-QK+OV and
+    the bottom panel's {WD, FD} x {SI, no SI} at rank scale 0.5; coefficients 0 and 1e-4), each evaluated on valid
+    and test; both PNGs open as images, the table has every grid point; a second sweep over two finished runs,
+    spread over two (simulated) GPUs, trains and evaluates nothing again."""
+    from matplotlib import image
+
+    out_dir, _ = demo
+    fig = tmp_path / "fig4"
+    sweep = os.path.join(RECIPES, "iwslt14", "sweep.sh")
+    r = run_script(sweep, "--smoke", "--data", str(out_dir / "data"), "--out", str(fig))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Figure 4 grid (smoke): 10 runs" in r.stdout and "10/10" in r.stdout
+    for name in ("fig4_top.png", "fig4_bottom.png"):
+        assert is_png(fig / name)
+        pixels = image.imread(str(fig / name))
+        assert pixels.ndim == 3 and pixels.shape[0] > 300 and pixels.shape[1] > 500 and pixels.std() > 0
+    table = (fig / "fig4.md").read_text()
+    value = r"\d+\.\d\d ± \d+\.\d\d"
+    top = [("baseline", "0")] + [(line, c) for line in ("wd", "fd-ov", "fd-qkov") for c in ("0", "0.0001")]
+    for line, coef in top:
+        assert re.search(rf"^\| {line} \| [^|]+ \| {coef} \| 1 \| {value} \| {value} \|", table, re.M), (line, coef)
+    for line in ("wd", "fd", "wd+si", "fd+si"):
+        for coef in ("0", "0.0001"):
+            assert re.search(rf"^\| {re.escape(line)} \| [^|]+ \| 0\.5 \| {coef} \| 1 \| {value} \| {value} \|",
+                             table, re.M), (line, coef)
+        assert re.search(rf"^\| {re.escape(line)} \| 0\.5 \| (0|0\.0001) \| {value} \| {value} \|$", table, re.M)
+    assert "Missing results" not in table and "beam 2" in table
+    runs = glob.glob(str(fig / "*" / "*" / "*" / "seed1"))
+    assert len(runs) == 10
+    for run in runs:  # BLEU of the written hypotheses, recomputed
+        res = {s: load_json(f"{run}/checkpoint_best.{s}.results.json") for s in ("valid", "test")}
+        assert res["valid"]["subset"] == "valid" and res["test"]["subset"] == "test"
+        assert load_json(f"{run}/grid.json")["grid"] == "figure4"
+    # resume: two finished runs again, one per simulated GPU: nothing trained or evaluated again
+    before = {p: os.path.getmtime(p) for p in glob.glob(str(fig / "0" / "*" / "*" / "seed1" / "checkpoint_best*"))}
+    r = run_script(sweep, "--smoke", "--data", str(out_dir / "data"), "--out", str(fig), "--only", "fd-ov",
+                   "--scales", "0", "--gpus", "0,1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ": 2 runs (" in r.stdout and len(re.findall(r"\(GPU [01]\): done", r.stdout)) == 2
+    log = (fig / "0" / "fd-ov" / "0.0001" / "seed1" / "sweep.log").read_text()
+    assert "already trained" in log and "CUDA_VISIBLE_DEVICES=" in log and "results newer than" in log
+    assert {p: os.path.getmtime(p) for p in before} == before

@@ -22,7 +22,8 @@ CASES = [
     dict(rank_scale=0.5, factorize=("ffn", "attention"), ranks={"*.fc1": 3, "*dense": 2}, head_dim=4, head_dim_ov=2,
          spectral_init=False, spectral_init_qk=True, spectral_init_ov=False, deep=True, fd_linear=0.1,
          fd_embedding=0.05, fd_qk=0.2, fd_ov=0.3, fd_mode="decoupled", weight_decay_factors=False),
-    dict(target_param_ratio=0.6, factorize=("embedding",), head_dim_qk=3, fd_linear=0.1),
+    dict(target_param_ratio=0.6, factorize=("embedding",), head_dim_qk=3, fd_linear=0.1, factor_init="dense",
+         reduced_heads="fresh"),
     dict(rank_scale=1.5, fd_qk=1e-4),
 ]
 

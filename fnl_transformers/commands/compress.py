@@ -28,8 +28,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--head-dim-qk", type=int, help="reduced per-head dimension of the QK forms only")
     parser.add_argument("--head-dim-ov", type=int, help="reduced per-head dimension of the OV forms only")
     parser.add_argument("--factorize", default="ffn,embedding",
-                        help="comma-separated parts to factorize at the rank scale: ffn, embedding, attention "
-                        "(default: ffn,embedding)")
+                        help="comma-separated parts to factorize at the rank scale: ffn, embedding, position "
+                        "(learned position tables), attention (default: ffn,embedding)")
 
 
 def run(args) -> int:

@@ -21,8 +21,8 @@ _EXPORTS = {
                 "forms_from_memberships"),
     ".rank": ("factorized_param_count", "plan_ranks", "rank_from_scale", "rank_scale_for_budget",
               "rank_scale_for_param_ratio", "resolve_rank"),
-    ".settings": ("FD_MODES", "KINDS", "PARTS", "FDSpec", "SettingsError", "StructureSpec", "check_fd_coefficients",
-                  "check_shrink", "flat_settings", "specific_head_dims"),
+    ".settings": ("FACTOR_INITS", "FD_MODES", "HEAD_RULES", "KINDS", "PARTS", "FDSpec", "SettingsError",
+                  "StructureSpec", "check_fd_coefficients", "check_shrink", "flat_settings", "specific_head_dims"),
     ".spectral": ("head_spectral_init", "spectral_init", "tail_energy"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -1,6 +1,8 @@
-"""Frobenius decay (FD, paper Definition 3.2): ``lambda / 2 * ||W||_F^2`` on the *product* ``W = A [M] B^T`` of
-each form, in place of weight decay on the factors, whose minimum over balanced factorizations is the nuclear
-norm, ``min (||A||_F^2 + ||B||_F^2) / 2 = ||A B^T||_*``.
+"""Frobenius decay (FD): ``lambda / 2 * ||W||_F^2`` on the *product* ``W = A [M] B^T`` of each form.
+
+Paper: Khodak et al., ICLR 2021, Definition 3.2 (FD) versus weight decay on the factors, whose minimum over
+balanced factorizations is the nuclear norm, ``min (||A||_F^2 + ||B||_F^2) / 2 = ||A B^T||_*`` (the contrast the
+paper draws next to Definition 3.2).
 
 Everything is computed from small Gram matrices in float32, never the m x n product, unless the product is
 the cheaper route (overcomplete factors, ``k > m n / (m + n)``); the formulas and their batched execution over

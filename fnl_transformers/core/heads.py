@@ -6,7 +6,9 @@ d_in``, o ``d_out x (heads * head_dim)``; absent biases are ``None``), the inter
 layouts to and from these dicts.
 
 * :func:`shrink_heads`: new tensors at reduced per-head dims, each form by per-head SI (Definition 3.1; at full
-  dim it re-balances the factors, the function unchanged), by a caller-supplied random initialization, or kept;
+  dim it re-balances the factors, the function unchanged), by a caller-supplied random initialization, by that
+  random initialization with each reduced head's own product then re-balanced (the official code's rule), or
+  kept;
 * :func:`head_shapes`: the shapes alone (planning, parameter counts, rebuilding before loading weights);
 * :func:`pad_heads`: zero-pad reduced heads back to the full head dim, folding a score-scaling ratio into the
   query (zero rows add nothing to ``q . k`` or to the output);
@@ -28,7 +30,7 @@ from .settings import HEAD_FORMS, check_shrink
 Tensors = Dict[str, Optional[torch.Tensor]]
 KEYS = tuple(f"{p}_{t}" for p in "qkvo" for t in ("weight", "bias"))
 FORM_KEYS = {"qk": ("q_weight", "q_bias", "k_weight", "k_bias"), "ov": ("v_weight", "v_bias", "o_weight", "o_bias")}
-INITS = ("spectral", "random")
+INITS = ("spectral", "random", "balanced")
 
 # fresh(key, shape, like) -> a newly initialized tensor of ``shape`` for entry ``key`` (``like``: the current one)
 FreshInit = Callable[[str, Tuple[int, ...], torch.Tensor], torch.Tensor]
@@ -105,8 +107,9 @@ def shrink_heads(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Op
 
     ``init_<form>``: ``"spectral"`` (per-head SI, :func:`~fnl_transformers.core.attention_spectral_init`: exact
     truncation; key bias dropped, value bias folded into the output bias), ``"random"`` (``fresh(key, shape,
-    like)`` for each of the form's tensors) or ``None`` (kept as is: only allowed where the form keeps its dim).
-    Entries of forms kept are the input tensors themselves."""
+    like)`` for each of the form's tensors), ``"balanced"`` (``"random"``, then per-head SI of those fresh
+    tensors at their own dim: each head's product unchanged, its factors re-balanced) or ``None`` (kept as is:
+    only allowed where the form keeps its dim). Entries of forms kept are the input tensors themselves."""
     inits = {"qk": init_qk, "ov": init_ov}
     for form, init in inits.items():
         if init is None and dims.shrinks(form):
@@ -117,16 +120,8 @@ def shrink_heads(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Op
     out = dict(t)
     spectral = [form for form, init in inits.items() if init == "spectral"]
     if spectral:
-        q, k, v, o = weights(t)
-        si = attention_spectral_init(
-            q, k, v, o, dims.heads, qk_rank=dims.qk,
-            ov_rank=dims.ov, q_bias=t.get("q_bias"), k_bias=t.get("k_bias"), v_bias=t.get("v_bias"),
-            o_bias=t.get("o_bias"), num_kv_heads=None if dims.kv_heads == dims.heads else dims.kv_heads,
-            forms=spectral,
-        )
-        for form in spectral:
-            out.update({k: si[k] for k in FORM_KEYS[form]})
-    random = [form for form, init in inits.items() if init == "random"]
+        out.update(_spectral(t, dims, spectral))
+    random = [form for form, init in inits.items() if init in ("random", "balanced")]
     if random:
         if fresh is None:
             raise ValueError("random head initialization needs a `fresh` initializer")
@@ -135,6 +130,23 @@ def shrink_heads(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Op
             for key in FORM_KEYS[form]:
                 shape, like = shapes[key], t.get(key)
                 out[key] = None if shape is None or like is None else fresh(key, shape, like)
+    balanced = [form for form, init in inits.items() if init == "balanced"]
+    if balanced:  # per-head SI of the fresh reduced heads at their own dim: re-balance only
+        out.update(_spectral(out, dims, balanced))
+    return out
+
+
+def _spectral(t: Tensors, dims: HeadDims, forms) -> Tensors:
+    """Per-head SI of the ``forms`` of ``t`` at ``dims`` (core :func:`attention_spectral_init`)."""
+    q, k, v, o = weights(t)
+    si = attention_spectral_init(
+        q, k, v, o, dims.heads, qk_rank=dims.qk, ov_rank=dims.ov, q_bias=t.get("q_bias"), k_bias=t.get("k_bias"),
+        v_bias=t.get("v_bias"), o_bias=t.get("o_bias"),
+        num_kv_heads=None if dims.kv_heads == dims.heads else dims.kv_heads, forms=forms,
+    )
+    out: Tensors = {}
+    for form in forms:
+        out.update({k: si[k] for k in FORM_KEYS[form]})
     return out
 
 

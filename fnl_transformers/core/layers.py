@@ -5,7 +5,10 @@ Paper: Khodak et al., ICLR 2021, Sec. 2 (factorized layers, rank scale), Definit
 
 Every layer type implements the same small trio: ``from_*`` (factorize a dense layer), ``product()`` (the
 dense weight, float32) and ``to_*`` (back to the plain dense layer). Initializations are named functions
-chosen by a string (:data:`INIT_METHODS`).
+chosen by a string (:data:`INIT_METHODS`): ``spectral`` (SI), ``random`` (each factor as its own ``nn.Linear``)
+and ``dense`` (each factor drawn from the dense layer's own initialization, given as ``fill``; without one,
+PyTorch's default for the layer type: ``U(-1/sqrt(in), 1/sqrt(in))`` for ``nn.Linear``, ``N(0, 1)`` for
+``nn.Embedding``).
 """
 from __future__ import annotations
 
@@ -39,12 +42,43 @@ def init_random(weight: torch.Tensor, rank: int, generator=None) -> Tuple[torch.
     return U.to(weight.device), V.to(weight.device)
 
 
-INIT_METHODS: Dict[str, Callable] = {"spectral": init_spectral, "random": init_random}
+# fill(tensor) -> tensor: draws every entry of ``tensor`` in place from a layer's initialization distribution
+Fill = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _init(weight: torch.Tensor, rank: int, init, generator=None):
+def linear_default_fill(in_features: int) -> Fill:
+    """``nn.Linear``'s default weights (Kaiming-uniform, ``a = sqrt(5)``): ``U(-1/sqrt(in), 1/sqrt(in))``."""
+    bound = 1 / math.sqrt(in_features)
+    return lambda t: nn.init.uniform_(t, -bound, bound)
+
+
+def embedding_default_fill(t: torch.Tensor) -> torch.Tensor:
+    """``nn.Embedding``'s default weight distribution, ``N(0, 1)``."""
+    return nn.init.normal_(t)
+
+
+def init_dense(weight: torch.Tensor, rank: int, generator=None, fill: Optional[Fill] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each factor's entries drawn from the dense layer's own initialization ``fill`` (the rule of the paper's
+    official code, e.g. ``U(-0.1, 0.1)`` for both factors of its linear layers): ``U (m x r)``, ``V (n x r)``.
+    ``fill`` defaults to ``nn.Linear``'s distribution for a weight of this shape."""
+    m, n = weight.shape
+    fill = linear_default_fill(n) if fill is None else fill
+    U = torch.empty(m, rank, dtype=weight.dtype, device=weight.device)
+    V = torch.empty(n, rank, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        fill(U)
+        fill(V)
+    return U, V
+
+
+INIT_METHODS: Dict[str, Callable] = {"spectral": init_spectral, "random": init_random, "dense": init_dense}
+
+
+def _init(weight: torch.Tensor, rank: int, init, generator=None, fill: Optional[Fill] = None):
     """``init``: a name in :data:`INIT_METHODS`, or a callable ``(weight, rank, generator=None) -> (U, V)`` (e.g.
-    factors computed beforehand by :func:`fnl_transformers.core.activation.activation_init`)."""
+    factors computed beforehand by :func:`fnl_transformers.core.activation.activation_init`); ``fill``: the dense
+    layer's initialization, for ``init='dense'``."""
     if callable(init):
         U, V = init(weight, rank, generator=generator)
         m, n = weight.shape
@@ -55,6 +89,10 @@ def _init(weight: torch.Tensor, rank: int, init, generator=None):
     if init not in INIT_METHODS:
         raise ValueError(f"init must be one of {sorted(INIT_METHODS)} or a callable (weight, rank, generator) -> "
                          f"(U, V), got {init!r}")
+    if init == "dense":
+        return init_dense(weight, rank, generator=generator, fill=fill)
+    if fill is not None:
+        raise ValueError(f"fill (the dense layer's initialization) applies to init='dense', not {init!r}")
     return INIT_METHODS[init](weight, rank, generator=generator)
 
 
@@ -133,16 +171,18 @@ class FactorizedLinear(_Factorized):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: Optional[int] = None, rank_scale: Optional[float] = None,
-                    init: str = "spectral", deep: bool = False, generator=None) -> "FactorizedLinear":
+                    init: str = "spectral", deep: bool = False, generator=None,
+                    fill: Optional[Fill] = None) -> "FactorizedLinear":
         """Factorize ``linear`` at ``rank`` (or ``rank_scale``); ``init='spectral'`` copies its best rank-r
-        approximation, ``'random'`` starts fresh factors. The bias is copied."""
+        approximation, ``'random'`` and ``'dense'`` start fresh factors (``fill``: the dense layer's
+        initialization, for ``'dense'``). The bias is copied."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         W = check_matrix("linear.weight", linear.weight)
         rank = resolve_rank(W.shape[0], W.shape[1], rank=rank, rank_scale=rank_scale)
         layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None, deep=deep,
                     dtype=W.dtype, device=W.device)
-        layer._set_factors(*_init(W, rank, init, generator))
+        layer._set_factors(*_init(W, rank, init, generator, fill))
         if linear.bias is not None and layer.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
@@ -219,14 +259,18 @@ class FactorizedEmbedding(_Factorized):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, rank: Optional[int] = None,
                        rank_scale: Optional[float] = None, init: str = "spectral", deep: bool = False,
-                       generator=None) -> "FactorizedEmbedding":
+                       generator=None, fill: Optional[Fill] = None) -> "FactorizedEmbedding":
+        """Factorize ``embedding`` (as :meth:`FactorizedLinear.from_linear`; ``'dense'`` without ``fill`` draws
+        ``nn.Embedding``'s ``N(0, 1)``); the padding row of ``U`` is zero."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
         W = check_matrix("embedding.weight", embedding.weight)
         rank = resolve_rank(W.shape[0], W.shape[1], rank=rank, rank_scale=rank_scale)
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, rank, embedding.padding_idx, deep,
                     dtype=W.dtype, device=W.device)
-        layer._set_factors(*_init(W, rank, init, generator))
+        if init == "dense" and fill is None:
+            fill = embedding_default_fill
+        layer._set_factors(*_init(W, rank, init, generator, fill))
         layer._zero_padding_row()
         return layer
 

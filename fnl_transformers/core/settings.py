@@ -22,9 +22,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 KINDS = ("linear", "embedding", "qk", "ov")  # kinds of factorized forms (core.forms reads them from here)
-PARTS = ("ffn", "embedding", "attention")
+PARTS = ("ffn", "embedding", "position", "attention")
 FD_MODES = ("coupled", "decoupled")
 HEAD_FORMS = ("qk", "ov")
+FACTOR_INITS = ("random", "dense")
+HEAD_RULES = ("truncate", "fresh")
 
 Namer = Callable[[str], str]
 
@@ -179,8 +181,14 @@ def parse_ranks(value) -> Dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------------- specs
-def _help(text: str) -> Dict[str, str]:
-    return {"help": text}
+def _help(text: str, choices: Optional[Tuple[str, ...]] = None) -> Dict[str, Any]:
+    return {"help": text} if choices is None else {"help": text, "choices": choices}
+
+
+def _choice(name: str, value, choices: Tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SettingsError(lambda n: f"{n(name)} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -193,7 +201,7 @@ class StructureSpec:
         "default: no rank scale"))
     factorize: Tuple[str, ...] = field(default=("ffn", "embedding"), metadata=_help(
         "parts the rank scale factorizes, among ffn (feed-forward layers), embedding (token embeddings and an "
-        "untied output embedding) and attention (head dims)"))
+        "untied output embedding), position (learned positional embeddings) and attention (head dims)"))
     ranks: Mapping[str, int] = field(default_factory=dict, metadata=_help(
         "per-module ranks {glob over qualified module names: rank} (first match wins over the rank scale; a "
         "pattern matching no layer is an error); command line: PATTERN=RANK,..."))
@@ -212,6 +220,16 @@ class StructureSpec:
         "where heads shrink draws random projections"))
     spectral_init_ov: Optional[bool] = field(default=None, metadata=_help(
         "per-head SI of the OV forms (as spectral_init_qk)"))
+    factor_init: str = field(default="random", metadata=_help(
+        "factors of layers factorized without SI: random (each factor initialized as its own nn.Linear would be, "
+        "Kaiming-uniform) or dense (each factor drawn entry by entry from the dense layer's own initialization, "
+        "the rule of the paper's official code)", FACTOR_INITS))
+    reduced_heads: str = field(default="truncate", metadata=_help(
+        "how shrunk heads start and score: truncate (SI keeps each full-size head's best rank-r approximation, "
+        "scores scaled by 1/sqrt(original head dim), so the shrunk model is the truncated dense one) or fresh "
+        "(projections drawn at the reduced dims by the model's initialization, SI re-balances each reduced head's "
+        "own product, scores scaled by 1/sqrt(reduced head dim): the rule of the paper's official code)",
+        HEAD_RULES))
     deep: bool = field(default=False, metadata=_help(
         "overcomplete U M V^T factors (M starts at the identity), multiplied out after training (Sec. 5)"))
 
@@ -240,6 +258,8 @@ class StructureSpec:
             _boolean(name, getattr(self, name))
         for name in ("spectral_init_qk", "spectral_init_ov"):
             _boolean(name, getattr(self, name), allow_none=True)
+        _choice("factor_init", self.factor_init, FACTOR_INITS)
+        _choice("reduced_heads", self.reduced_heads, HEAD_RULES)
         if self.deep and not self.factorizes:
             raise SettingsError(lambda n: f"{n('deep')} needs {n('rank_scale')}, {n('ranks')} or "
                                           f"{n('target_param_ratio')} (which layers to factorize at which rank)")
@@ -254,8 +274,9 @@ class StructureSpec:
 
     @property
     def layer_init(self) -> str:
-        """Initialization of factorized layers: ``"spectral"`` (SI) or ``"random"``."""
-        return "spectral" if self.spectral_init else "random"
+        """Initialization of factorized layers (a key of :data:`~fnl_transformers.core.INIT_METHODS`):
+        ``"spectral"`` (SI), else ``factor_init`` (``"random"`` or ``"dense"``)."""
+        return "spectral" if self.spectral_init else self.factor_init
 
     def head_dims(self, original: int, where: str = "") -> Tuple[int, int]:
         """``(qk, ov)`` per-head dimensions of an attention whose heads have ``original`` dimensions: the specific
@@ -275,14 +296,23 @@ class StructureSpec:
         return out[0], out[1]
 
     def head_init(self, form: str, shrinks: bool) -> Optional[str]:
-        """How a head form (``"qk"``/``"ov"``) starts: ``"spectral"`` (per-head SI; at full dim it re-balances the
-        factors), ``"random"`` (fresh projections), or ``None`` (left exactly as it is)."""
+        """How a head form (``"qk"``/``"ov"``) starts: ``"spectral"`` (per-head SI of the current heads: truncated
+        where they shrink, re-balanced at full dim), ``"random"`` (fresh projections), ``"balanced"`` (fresh
+        projections at the reduced dim, each head's own product then re-balanced: ``reduced_heads='fresh'``
+        with SI), or ``None`` (left exactly as it is)."""
         chosen = getattr(self, f"spectral_init_{form}")
-        if chosen is None:
-            return self.layer_init if shrinks else None
-        if chosen:
-            return "spectral"
-        return "random" if shrinks else None
+        si = self.spectral_init if chosen is None else chosen
+        if not shrinks:
+            return "spectral" if chosen else None
+        if self.reduced_heads == "fresh":
+            return "balanced" if si else "random"
+        return "spectral" if si else "random"
+
+    def score_head_dim(self, original: int, qk: int) -> int:
+        """The head dimension ``d`` of the score scaling ``1/sqrt(d)`` of heads of ``original`` dimension whose QK
+        forms have dimension ``qk``: ``original`` (``reduced_heads='truncate'``: SI stays exact) or ``qk``
+        (``'fresh'``, the official code's rule)."""
+        return qk if self.reduced_heads == "fresh" else original
 
 
 @dataclass(frozen=True)
@@ -296,7 +326,7 @@ class FDSpec:
     qk: float = field(default=0.0, metadata=_help("FD coefficient of the attention QK forms W_q,h W_k,h^T"))
     ov: float = field(default=0.0, metadata=_help("FD coefficient of the attention OV forms W_o,h W_v,h"))
     mode: str = field(default="coupled", metadata=_help(
-        "coupled: FD in the loss; decoupled: FD applied by the optimizer (FLAMBe / AdamWFD)"))
+        "coupled: FD in the loss; decoupled: FD applied by the optimizer (FLAMBe / AdamWFD)", FD_MODES))
 
     def __post_init__(self):
         for kind in KINDS:
@@ -376,6 +406,7 @@ class Setting:
     help: str
     type: str = "str"
     optional: bool = False
+    choices: Optional[Tuple[str, ...]] = None
 
 
 def _value_type(annotation: str) -> Tuple[str, bool]:
@@ -394,7 +425,8 @@ def flat_settings() -> List[Setting]:
         return f.default_factory() if callable(f.default_factory) else f.default
 
     def setting(name, spec, f):
-        return Setting(name, spec, f.name, default(f), f.metadata["help"], *_value_type(str(f.type)))
+        return Setting(name, spec, f.name, default(f), f.metadata["help"], *_value_type(str(f.type)),
+                       f.metadata.get("choices"))
 
     out = []
     for f in fields(StructureSpec):
@@ -426,6 +458,6 @@ def specs_from_flat(values: Mapping[str, Any], namer: Namer = _plain):
     return structure, fd, wdf
 
 
-__all__ = ["FD_MODES", "FDSpec", "HEAD_FORMS", "KINDS", "PARTS", "Setting", "SettingsError", "StructureSpec",
-           "check_fd_coefficients", "check_shrink", "fits_heads", "flag", "flat_settings", "parse_parts", "parse_ranks",
-           "shrink_message", "specific_head_dims", "specs_from_flat"]
+__all__ = ["FACTOR_INITS", "FD_MODES", "FDSpec", "HEAD_FORMS", "HEAD_RULES", "KINDS", "PARTS", "Setting",
+           "SettingsError", "StructureSpec", "check_fd_coefficients", "check_shrink", "fits_heads", "flag",
+           "flat_settings", "parse_parts", "parse_ranks", "shrink_message", "specific_head_dims", "specs_from_flat"]

@@ -8,13 +8,13 @@ itself is the core's (:func:`~fnl_transformers.core.shrink_heads`); this module 
 :class:`ReducedHeadAttention` keeps fairseq's parameter names and layouts (``q_proj``, ``k_proj``: ``(heads *
 head_dim_qk) x d``; ``v_proj``: ``(heads * head_dim_ov) x d``; ``out_proj``: ``d x (heads * head_dim_ov)``) and
 fairseq's semantics (incremental decoding, static encoder keys, beam-size key sharing, padding and causal
-masks), with two head dims, and the **original** score scaling ``1/sqrt(embed_dim / heads)`` (so SI is exact and
-a zero-padded dense copy is the same function). It never takes the fused PyTorch fast path (which assumes one
-head dim equal to ``embed_dim / heads``).
+masks), with two head dims, and by default the **original** score scaling ``1/sqrt(embed_dim / heads)`` (so SI is
+exact and a zero-padded dense copy is the same function); under ``--reduced-heads fresh`` (the official code's
+rule) ``1/sqrt(head_dim_qk)``, which recompose folds into the padded query. It never takes the fused PyTorch
+fast path (which assumes one head dim equal to ``embed_dim / heads``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
@@ -31,7 +31,7 @@ from ..core import (
     register_attention_forms,
     shrink_heads,
 )
-from ..core.heads import Tensors
+from ..core.heads import FreshInit, Tensors
 
 
 class ReducedHeadAttention(MultiheadAttention):
@@ -84,7 +84,7 @@ class ReducedHeadAttention(MultiheadAttention):
                     key_padding_mask = key_padding_mask.view(-1, self.beam_size, key_padding_mask.size(1))[:, 0, :]
             k = self.k_proj(key)
             v = self.v_proj(key if self.encoder_decoder_attention else value)
-        q = q * self.scaling  # ORIGINAL 1/sqrt(embed_dim / heads): SI stays exact
+        q = q * self.scaling  # 1/sqrt(score head dim): the original one keeps SI exact
 
         q = q.contiguous().view(tgt_len, bsz * H, dq).transpose(0, 1)
         kv_bsz = bsz
@@ -165,7 +165,7 @@ class ReducedHeadAttention(MultiheadAttention):
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim_qk={self.head_dim_qk}, head_dim_ov={self.head_dim_ov}, "
-                f"scaling=1/sqrt({self.embed_dim // self.num_heads})")
+                f"scaling=1/sqrt({round(self.scaling ** -2)})")
 
 
 def _linear(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
@@ -190,24 +190,6 @@ def read_projections(attn: MultiheadAttention) -> Tensors:
     return out
 
 
-def _fresh_init(attn: MultiheadAttention):
-    """fairseq's ``MultiheadAttention.reset_parameters`` at a new size: xavier-uniform weights (gain ``1/sqrt(2)``
-    for q/k/v when they share a dim), q/k/v biases as ``nn.Linear`` initializes them, a zero output bias."""
-    gain = 1 / math.sqrt(2) if attn.qkv_same_dim else 1.0
-    fan_in = {"q": attn.embed_dim, "k": attn.kdim, "v": attn.vdim}
-
-    def fresh(key: str, shape, like: Tensor) -> Tensor:
-        out = torch.empty(shape, dtype=like.dtype, device=like.device)
-        if key.endswith("weight"):
-            return nn.init.xavier_uniform_(out, gain=1.0 if key == "o_weight" else gain)
-        if key == "o_bias":
-            return out.zero_()
-        bound = 1 / math.sqrt(fan_in[key[0]])
-        return out.uniform_(-bound, bound)
-
-    return fresh
-
-
 def check_attention(attn: MultiheadAttention, name: str) -> None:
     """Options of fairseq's attention that the factorized forms do not cover: one clear error each."""
     if attn.bias_k is not None or attn.add_zero_attn:
@@ -228,13 +210,16 @@ def head_dims(attn: MultiheadAttention) -> HeadDims:
                     getattr(attn, "head_dim_ov", hd))
 
 
-def reduce_attention(attn: MultiheadAttention, structure: StructureSpec, name: str = "attention") -> int:
-    """Resize ``attn``'s heads in place as ``structure`` says (its head dims and per-head initialization, core
-    :meth:`~fnl_transformers.core.StructureSpec.head_dims` / ``head_init``); returns the parameters removed.
+def reduce_attention(attn: MultiheadAttention, structure: StructureSpec, name: str = "attention",
+                     fresh: Optional[FreshInit] = None) -> int:
+    """Resize ``attn``'s heads in place as ``structure`` says (its head dims, per-head initialization and score
+    scaling, core :meth:`~fnl_transformers.core.StructureSpec.head_dims` / ``head_init`` / ``score_head_dim``);
+    returns the parameters removed. ``fresh``: the model's initialization of new projections (random heads).
 
     Spectral init is exact at full rank (key bias dropped, softmax-invariant; value bias folded into the output
-    bias); random init is fairseq's for a new attention. If a dimension changes the module becomes a
-    :class:`ReducedHeadAttention` (original score scaling)."""
+    bias). If a dimension changes the module becomes a :class:`ReducedHeadAttention`, whose scores are scaled by
+    ``1/sqrt(d)``, ``d = score_head_dim`` (the original head dim, or the reduced QK dim under
+    ``--reduced-heads fresh``)."""
     full = head_dims(attn)
     qk, ov = structure.head_dims(full.head_dim, where=name)
     dims = replace(full, qk=qk, ov=ov)
@@ -243,7 +228,7 @@ def reduce_attention(attn: MultiheadAttention, structure: StructureSpec, name: s
         return 0
     check_attention(attn, name)
     t = read_projections(attn)
-    new = shrink_heads(t, dims, init["qk"], init["ov"], fresh=_fresh_init(attn))
+    new = shrink_heads(t, dims, init["qk"], init["ov"], fresh=fresh)
     for key, proj in PROJ.items():
         if new[f"{key}_weight"] is not t[f"{key}_weight"]:
             setattr(attn, proj, _linear(new[f"{key}_weight"], new[f"{key}_bias"]))
@@ -252,7 +237,7 @@ def reduce_attention(attn: MultiheadAttention, structure: StructureSpec, name: s
         attn.head_dim_qk, attn.head_dim_ov = dims.qk, dims.ov
         attn.head_dim = dims.qk
         attn.skip_embed_dim_check = True  # fairseq's own flag for resized heads: never the fused fast path
-        # attn.scaling is left at the original 1/sqrt(embed_dim / heads)
+        attn.scaling = structure.score_head_dim(full.head_dim, dims.qk) ** -0.5
     counts = lambda d: sum(form_param_counts(t, d).values())  # noqa: E731
     return counts(full) - counts(dims)
 

@@ -2,22 +2,27 @@
 
 Paper: Khodak, Tenenholtz, Mackey, Fusi, ICLR 2021: Sec. 2 (factorized layers, rank scale), Definition 3.1
 (spectral initialization), Definition 3.2 (Frobenius decay), Sec. 2.3, Eq. (1) (attention QK / OV forms, reduced
-head dimension), Sec. 5 (overcomplete "deep" factors).
+head dimension), Sec. 5 (overcomplete "deep" factors), Sec. 6 and Figure 4 (the IWSLT-14 Transformer).
 
-How the model is built: exactly as fairseq's ``transformer`` (same modules, same random numbers), then
-transformed in place: attention heads shrink (per-head SI or fresh projections, core
-:func:`~fnl_transformers.core.shrink_heads`), and FFN ``fc1``/``fc2`` and the token embeddings become
-:class:`~fnl_transformers.core.FactorizedLinear` / :class:`~fnl_transformers.core.FactorizedEmbedding` at the
-ranks of core :func:`~fnl_transformers.core.plan_ranks` (SI factorizes the dense initialization). With every
-option off the model IS fairseq's ``transformer`` (same parameters, names, outputs and training trajectory).
+How the model is built: exactly as fairseq's ``transformer`` (same modules, same random numbers), then the dense
+model's options of :mod:`.dense` (``--no-projection-bias`` drops the attention / FFN biases, ``--dense-init paper``
+re-initializes it as the official ``transformer_small``), then transformed in place: attention heads shrink
+(per-head SI, fresh projections, or fresh projections re-balanced: core :func:`~fnl_transformers.core.shrink_heads`),
+and FFN ``fc1``/``fc2``, the token embeddings, learned positional embeddings (part ``position``) and an untied output
+projection become :class:`~fnl_transformers.core.FactorizedLinear` / :class:`~fnl_transformers.core.FactorizedEmbedding`
+(:class:`.dense.FactorizedPositionalEmbedding`) at the ranks of core :func:`~fnl_transformers.core.plan_ranks` (SI
+factorizes the dense initialization; ``--factor-init dense`` draws each factor from it). With every option off
+the model IS fairseq's ``transformer`` (same parameters, names, outputs and training trajectory).
+``fnl_transformer_small`` is the paper's IWSLT-14 model (the official ``transformer_small``).
 
 Options: one model flag per core setting (:func:`fnl_transformers.core.flat_settings`; ``--`` + the setting's name
 with dashes, the names of ``FNLConfig``), converted to the core specs by :func:`fnl_specs`, which validate and
 default them (one clear error per bad option, spelled as the flag): ``--rank-scale --factorize --ranks
 --target-param-ratio --head-dim --head-dim-qk --head-dim-ov --spectral-init/--no-spectral-init
---spectral-init-qk/--no-spectral-init-qk --spectral-init-ov/--no-spectral-init-ov --deep --fd-linear
---fd-embedding --fd-qk --fd-ov --fd-mode --weight-decay-factors/--no-weight-decay-factors``. ``ARCHITECTURE.md``
-has the table.
+--spectral-init-qk/--no-spectral-init-qk --spectral-init-ov/--no-spectral-init-ov --factor-init --reduced-heads
+--deep --fd-linear --fd-embedding --fd-qk --fd-ov --fd-mode --weight-decay-factors/--no-weight-decay-factors``.
+``ARCHITECTURE.md`` has the table; the options of the dense model (``--projection-bias``, ``--dense-init``) are
+:mod:`.dense`'s.
 
 The model holds the one FD spec (``model.fnl_fd``, :class:`~fnl_transformers.core.FDSpec`): the criterion
 ``fd_label_smoothed_cross_entropy`` reads it (coupled FD), and the build sets each parameter's decay (the core
@@ -32,16 +37,19 @@ Parameter names (fairseq's, plus the factors; ``*`` is ``encoder`` or ``decoder`
 * ``*.layers.i.fc1.U`` (ffn x r), ``.V`` (d x r), ``.M`` (r x r, ``--deep`` only), ``.bias`` (ffn);
   ``*.layers.i.fc2.U`` (d x r), ``.V`` (ffn x r), ``.M``, ``.bias`` (d). Dense weight: ``U M V^T``
   (``FactorizedLinear.product()``); the rank of a layer is ``U.shape[1]``.
-* ``*.embed_tokens.U`` (vocab x r), ``.V`` (d x r), ``.M``; dense table ``U M V^T``, padding row of ``U`` zero.
+* ``*.embed_tokens.U`` (vocab x r), ``.V`` (d x r), ``.M``; dense table ``U M V^T``, padding row of ``U`` zero;
+  ``*.embed_positions.U`` (positions + padding offset x r), ``.V``, ``.M`` likewise (part ``position``).
   With ``--share-all-embeddings`` both keys hold the same tensors (as fairseq's dense ``embed_tokens.weight``).
   Tied output projection (``--share-decoder-input-output-embed`` / ``--share-all-embeddings``): logits
   ``((x V) M^T) U^T`` of ``decoder.embed_tokens``, no ``decoder.output_projection.*`` parameter. Untied:
   ``decoder.output_projection.U`` (vocab x r), ``.V`` (d x r), ``.M`` (FD kind ``embedding``, no bias).
 * Attention (``*.layers.i.self_attn`` and ``decoder.layers.i.encoder_attn``): ``q_proj.weight``,
   ``k_proj.weight`` ``(heads * head_dim_qk) x d_in``, ``v_proj.weight`` ``(heads * head_dim_ov) x d_in``,
-  ``out_proj.weight`` ``d x (heads * head_dim_ov)``, biases of matching size. Scores are scaled by the
-  ORIGINAL ``1/sqrt(embed_dim / heads)``, so zero-padding the per-head rows / columns back to
-  ``embed_dim / heads`` gives the dense ``transformer`` computing the same function.
+  ``out_proj.weight`` ``d x (heads * head_dim_ov)``, biases of matching size (none with
+  ``--no-projection-bias``). Scores are scaled by the ORIGINAL ``1/sqrt(embed_dim / heads)`` (``--reduced-heads
+  truncate``, the default) or by ``1/sqrt(head_dim_qk)`` (``fresh``); zero-padding the per-head rows / columns
+  back to ``embed_dim / heads``, with the scaling ratio folded into the query, gives the dense ``transformer``
+  computing the same function.
 
 The options are recorded in the model args (``cfg["model"]`` of a checkpoint, ``factorize`` normalized) with
 fairseq's own ``encoder_embed_dim``, ``..._ffn_embed_dim``, ``..._attention_heads`` and ``share_*`` flags: the
@@ -59,12 +67,12 @@ from fairseq.models.transformer import (
     transformer_iwslt_de_en,
     transformer_wmt_en_de,
 )
+from fairseq.modules import LearnedPositionalEmbedding
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import nn
 
 from ..core import (
     FD,
-    FD_MODES,
     WEIGHT_DECAY,
     DecayPolicy,
     FactorizedEmbedding,
@@ -79,6 +87,15 @@ from ..core import (
 )
 from ..core.settings import flag, specs_from_flat
 from .attention import reduce_attention, register_fairseq_attention_forms
+from .dense import (
+    FactorizedPositionalEmbedding,
+    add_dense_args,
+    dense_defaults,
+    dense_fill,
+    drop_projection_biases,
+    fresh_projection,
+    paper_init,
+)
 
 FD_CRITERION = "fd_label_smoothed_cross_entropy"
 # optimizers of this plugin: they read each parameter's decay from p.optim_overrides["fnl"]
@@ -94,8 +111,8 @@ def add_fnl_args(parser) -> None:
         kw = dict(default=None, help=s.help + ("" if s.default in (None, {}) else f" (default: {_show(s.default)})"))
         if s.type == "bool":
             g.add_argument(flag(s.name), action=argparse.BooleanOptionalAction, **kw)
-        elif s.name == "fd_mode":
-            g.add_argument(flag(s.name), choices=FD_MODES, **kw)
+        elif s.choices:
+            g.add_argument(flag(s.name), choices=s.choices, **kw)
         else:
             metavar = {"factorize": "PARTS", "ranks": "PATTERN=RANK,..."}.get(s.name, "D" if s.type == "int" else "X")
             g.add_argument(flag(s.name), type={"int": int, "float": float}.get(s.type, str), metavar=metavar, **kw)
@@ -160,6 +177,14 @@ def _check_model_options(args, s: StructureSpec) -> None:
 def _layer_candidates(model: TransformerModel, s: StructureSpec) -> List[Tuple[str, nn.Module]]:
     """The dense layers of the parts in ``--factorize``, by qualified name (a shared embedding once)."""
     out: List[Tuple[str, nn.Module]] = []
+    if "position" in s.factorize and s.factorizes:
+        for side in ("encoder", "decoder"):
+            pos = getattr(model, side).embed_positions
+            if not isinstance(pos, LearnedPositionalEmbedding):
+                raise ValueError(f"--factorize position needs learned positional embeddings, but the {side}'s are "
+                                 f"{type(pos).__name__}: add --encoder-learned-pos --decoder-learned-pos (as "
+                                 "fnl_transformer_small) or drop 'position' from --factorize")
+            out.append((f"{side}.embed_positions", pos))
     if "ffn" in s.factorize:
         for side in ("encoder", "decoder"):
             for i, layer in enumerate(getattr(model, side).layers):
@@ -174,27 +199,33 @@ def _layer_candidates(model: TransformerModel, s: StructureSpec) -> List[Tuple[s
     return out
 
 
-def _factorized(module: nn.Module, rank: int, s: StructureSpec) -> nn.Module:
+def _factorized(name: str, module: nn.Module, rank: int, s: StructureSpec, dense_init: str) -> nn.Module:
+    init = s.layer_init
+    fill = dense_fill(name, module, dense_init) if init == "dense" else None
+    if isinstance(module, LearnedPositionalEmbedding):
+        return FactorizedPositionalEmbedding.from_learned(module, rank, init, s.deep, fill)
     if isinstance(module, nn.Embedding):
-        return FactorizedEmbedding.from_embedding(module, rank=rank, init=s.layer_init, deep=s.deep)
-    return FactorizedLinear.from_linear(module, rank=rank, init=s.layer_init, deep=s.deep)
+        return FactorizedEmbedding.from_embedding(module, rank=rank, init=init, deep=s.deep, fill=fill)
+    return FactorizedLinear.from_linear(module, rank=rank, init=init, deep=s.deep, fill=fill)
 
 
-def apply_structure(model: TransformerModel, s: StructureSpec) -> None:
+def apply_structure(model: TransformerModel, s: StructureSpec, dense_init: str = "fairseq") -> None:
     """Transform a freshly built dense ``transformer`` in place (see the module docstring): heads first, then the
-    layers at the ranks :func:`~fnl_transformers.core.plan_ranks` gives (a parameter budget counts the heads)."""
+    layers at the ranks :func:`~fnl_transformers.core.plan_ranks` gives (a parameter budget counts the heads).
+    ``dense_init``: the model's initialization rule (``--dense-init``), for fresh heads and ``--factor-init
+    dense``."""
     before = sum(p.numel() for p in model.parameters())
     removed = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, MultiheadAttention):
-            removed += reduce_attention(module, s, name=name)
+            removed += reduce_attention(module, s, name=name, fresh=fresh_projection(module, dense_init))
     shared = model.decoder.embed_tokens is model.encoder.embed_tokens
     candidates = _layer_candidates(model, s)
     ranks = plan_ranks([(name, *module.weight.shape) for name, module in candidates], s, before, before - removed)
     for name, module in candidates:
         if name not in ranks:
             continue
-        layer = _factorized(module, ranks[name], s)
+        layer = _factorized(name, module, ranks[name], s, dense_init)
         if name == "decoder.output_projection":
             layer.fd_kind = "embedding"  # the output embedding table (FD kind of this one layer)
         parent, _, child = name.rpartition(".")
@@ -219,16 +250,22 @@ class FnlTransformerModel(TransformerModel):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
+        add_dense_args(parser)
         add_fnl_args(parser)
 
     @classmethod
     def build_model(cls, args, task):
         fnl_defaults(args)
+        dense_defaults(args)  # checkpoints saved before these options: fairseq's dense model
         try:
             structure, fd, policy = fnl_specs(args)
             _check_model_options(args, structure)
             model = super().build_model(args, task)  # dense, the same random numbers as `transformer`
-            apply_structure(model, structure)
+            if not args.projection_bias:
+                drop_projection_biases(model)
+            if args.dense_init == "paper":
+                paper_init(model)
+            apply_structure(model, structure, args.dense_init)
             fd.check_present(kind for _, _, kind in form_parameters(model))
         except SettingsError as e:
             raise e.spelled(flag) from None
@@ -316,16 +353,51 @@ def _check_training_setup(model: FnlTransformerModel, args) -> None:
 
 def fnl_base_architecture(args):
     base_architecture(args)
+    dense_defaults(args)
+    fnl_defaults(args)
+
+
+def fnl_transformer_small(args):
+    """The paper's IWSLT-14 model (the official ``transformer_small``): 2 + 2 pre-norm layers with final layer
+    norms, d = 256, FFN 1024 (ReLU), 4 heads of dim 64, learned positions (1022 per side, numbered from
+    ``padding_idx + 1``), no embedding scaling, separate source / target embeddings and an untied output
+    projection, no biases in the attention projections and FFN layers, dropout 0.2, activation dropout 0.1, no
+    attention dropout, and the official initialization (``--dense-init paper``)."""
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 256)
+    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 1024)
+    args.encoder_layers = getattr(args, "encoder_layers", 2)
+    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", args.encoder_embed_dim)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", args.encoder_ffn_embed_dim)
+    args.decoder_layers = getattr(args, "decoder_layers", 2)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    args.encoder_normalize_before = getattr(args, "encoder_normalize_before", True)
+    args.decoder_normalize_before = getattr(args, "decoder_normalize_before", True)
+    args.encoder_learned_pos = getattr(args, "encoder_learned_pos", True)
+    args.decoder_learned_pos = getattr(args, "decoder_learned_pos", True)
+    args.max_source_positions = getattr(args, "max_source_positions", 1022)  # 1024 table rows, as the official
+    args.max_target_positions = getattr(args, "max_target_positions", 1022)
+    args.no_scale_embedding = getattr(args, "no_scale_embedding", True)
+    args.dropout = getattr(args, "dropout", 0.2)
+    args.activation_dropout = getattr(args, "activation_dropout", 0.1)
+    args.attention_dropout = getattr(args, "attention_dropout", 0.0)
+    args.activation_fn = getattr(args, "activation_fn", "relu")
+    args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", False)
+    args.share_all_embeddings = getattr(args, "share_all_embeddings", False)
+    base_architecture(args)
+    dense_defaults(args, projection_bias=False, dense_init="paper")
     fnl_defaults(args)
 
 
 def fnl_transformer_iwslt_de_en(args):
     transformer_iwslt_de_en(args)
+    dense_defaults(args)
     fnl_defaults(args)
 
 
 def fnl_transformer_wmt_en_de(args):
     transformer_wmt_en_de(args)
+    dense_defaults(args)
     fnl_defaults(args)
 
 
@@ -344,6 +416,7 @@ def fnl_transformer_tiny(args):
 
 ARCHITECTURES = {
     "fnl_transformer": fnl_base_architecture,
+    "fnl_transformer_small": fnl_transformer_small,
     "fnl_transformer_iwslt_de_en": fnl_transformer_iwslt_de_en,
     "fnl_transformer_wmt_en_de": fnl_transformer_wmt_en_de,
     "fnl_transformer_tiny": fnl_transformer_tiny,

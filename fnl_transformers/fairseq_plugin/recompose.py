@@ -6,16 +6,22 @@ deploys low-rank and reduced-head models with stock fairseq.
 
 What changes, module by module (the function computed is unchanged):
 
-* ``FactorizedLinear`` / ``FactorizedEmbedding`` (FFN ``fc1``/``fc2``, token embeddings, untied output
-  projection): the dense weight ``U M V^T`` (:meth:`~fnl_transformers.core.FactorizedLinear.product`, float32)
-  under fairseq's name ``<module>.weight``; biases are kept. A tied output projection (logits ``x E^T`` of the
+* ``FactorizedLinear`` / ``FactorizedEmbedding`` (FFN ``fc1``/``fc2``, token embeddings, learned positional
+  embeddings, untied output projection): the dense weight ``U M V^T``
+  (:meth:`~fnl_transformers.core.FactorizedLinear.product`, float32) under fairseq's name ``<module>.weight``;
+  biases are kept. A tied output projection (logits ``x E^T`` of the
   factorized decoder embedding) becomes fairseq's ``decoder.output_projection.weight = E``.
 * Attention with reduced heads (q/k of per-head dim ``r_qk``, v/out of ``r_ov``): every head's rows of
   ``q_proj``/``k_proj``/``v_proj`` (and biases) and columns of ``out_proj`` are zero-padded to fairseq's head
   dim ``D = embed_dim / heads``; zero rows add nothing to ``q . k`` or to the output. fairseq scales scores by
   ``s_stock = 1/sqrt(D)``; the fnl module by its own ``scaling`` ``s_used``, so ``q_proj``'s weight and bias
-  are multiplied by ``s_used / s_stock`` (1 for ``fnl_transformer``, which keeps the original scaling).
-* Everything else (layer norms, biases, positional embeddings, buffers) is copied, in float32.
+  are multiplied by ``s_used / s_stock`` (1 by default, which keeps the original scaling; ``sqrt(D / r_qk)``
+  under ``--reduced-heads fresh``).
+* Projections without biases (``--no-projection-bias``, e.g. ``fnl_transformer_small``): zero biases in the stock
+  model, whose layers always have them.
+* Everything else (layer norms, biases, dense positional embeddings, buffers) is copied, in float32; the model
+  args keep fairseq's own options (pre-norm, learned positions, no embedding scaling, separate embeddings), so
+  the stock model has the same layout.
 
 The result is checked before it is written: the stock model built from it and the fnl model give the same
 decoder outputs on a random batch (max abs difference reported, error above ``1e-4`` relative).
@@ -68,9 +74,11 @@ def _dense_linear(module: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tenso
     raise ValueError(f"cannot multiply out a {type(module).__name__} attention projection")
 
 
-def dense_state_dict(model: nn.Module, stock_keys) -> Dict[str, torch.Tensor]:
+def dense_state_dict(model: nn.Module, stock: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The float32 state dict of the stock ``transformer`` computing the same function as ``model`` (an
-    ``fnl_transformer``); ``stock_keys`` are the stock model's keys (all must be produced, no others)."""
+    ``fnl_transformer``); ``stock`` is the stock model's state dict (its keys must all be produced, no others;
+    a projection bias the fnl model does not have, ``--no-projection-bias``, is written as zeros)."""
+    stock_keys = list(stock)
     from fairseq.modules.multihead_attention import MultiheadAttention
 
     sd = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
@@ -93,6 +101,9 @@ def dense_state_dict(model: nn.Module, stock_keys) -> Dict[str, torch.Tensor]:
                     sd[f"{prefix}{proj}.bias"] = dense[f"{key}_bias"]
     if "decoder.output_projection.weight" in stock_keys and "decoder.output_projection.weight" not in sd:
         sd["decoder.output_projection.weight"] = sd["decoder.embed_tokens.weight"]  # tied projection x E^T
+    for key in stock_keys:  # --no-projection-bias: the stock layers' biases are zero
+        if key not in sd and key.endswith(".bias") and key[:-len("bias")] + "weight" in sd:
+            sd[key] = torch.zeros_like(stock[key], dtype=torch.float32)
     missing = sorted(set(stock_keys) - set(sd))
     extra = sorted(set(sd) - set(stock_keys))
     if missing or extra:
@@ -129,11 +140,12 @@ def _vocab_size(model_sd: Dict[str, Any], prefix: str) -> int:
 
 
 def _fnl_option_names():
+    from .dense import MODEL_OPTIONS
     from .model import add_fnl_args
 
     p = argparse.ArgumentParser()
     add_fnl_args(p)
-    return {a.dest for a in p._actions if a.dest != "help"}
+    return {a.dest for a in p._actions if a.dest != "help"} | set(MODEL_OPTIONS)
 
 
 def _as_namespace(model_cfg) -> argparse.Namespace:
@@ -256,7 +268,7 @@ def _stock_cfg(cfg: Optional[dict], stock_args: argparse.Namespace) -> dict:
 def recompose_state(state: Dict[str, Any], path: str = "checkpoint") -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``(stock_state, info)``: the stock-``transformer`` checkpoint dict for an fnl checkpoint dict."""
     fnl, stock, stock_args = build_models(state, path)
-    stock.load_state_dict(dense_state_dict(fnl, list(stock.state_dict().keys())), strict=True)
+    stock.load_state_dict(dense_state_dict(fnl, stock.state_dict()), strict=True)
     vocab = (len(stock.encoder.dictionary), len(stock.decoder.dictionary))
     diff = _compare(fnl, stock, vocab)
     if not diff <= VERIFY_RTOL:

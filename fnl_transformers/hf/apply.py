@@ -7,7 +7,8 @@ and OV forms (Sec. 2.3, Eq. (1)), are resized by the core's attention surgery (c
 :func:`~fnl_transformers.core.frobenius_penalty` and the optimizers' FD find them.
 
 Only projection layers are replaced (attention classes stay, so ``output_attentions`` keeps working); the
-attention's ``scaling`` stays ``1/sqrt(original head_dim)``. The plan is recorded in ``model.config.fnl_config``
+attention's ``scaling`` stays ``1/sqrt(original head_dim)``, except under ``reduced_heads='fresh'`` (the official
+code's rule: ``1/sqrt(reduced QK head dim)``). The plan is recorded in ``model.config.fnl_config``
 (:mod:`~fnl_transformers.hf.persist`): ``save_pretrained`` stores it in ``config.json`` and
 :func:`~fnl_transformers.hf.from_pretrained` rebuilds the same architecture from it (:func:`apply_plan`, shapes
 only).
@@ -55,8 +56,9 @@ def patch_model(model: PreTrainedModel, config: Optional[FNLConfig] = None) -> P
     for name, entry in plan.attention.items():
         apply_attention(arch, model.get_submodule(name), entry, weights[name], fresh)
     init = config.structure.layer_init
+    fill = _dense_fill(model) if init == "dense" else None
     for name, layer_entry in plan.layers.items():
-        apply_layer(model, arch, name, layer_entry, init)
+        apply_layer(model, arch, name, layer_entry, init, fill)
     _finish(model, arch, plan, tied)
     return model
 
@@ -86,10 +88,22 @@ def apply_plan(model: PreTrainedModel, plan: Plan) -> PreTrainedModel:
 
 
 # ------------------------------------------------------------------------------------------------- attention
+def _initializer_std(model: nn.Module) -> float:
+    return float(getattr(model.config, "initializer_range", 0.02))
+
+
+def _dense_fill(model: nn.Module):
+    """The dense layers' initialization of transformers' supported models, ``N(0, initializer_range^2)``: what
+    ``factor_init='dense'`` draws each factor from (GPT-2's depth-scaled ``c_proj`` excepted: it is drawn at the
+    same std)."""
+    std = _initializer_std(model)
+    return lambda t: nn.init.normal_(t, 0.0, std)
+
+
 def _fresh_init(model: nn.Module):
     """A new projection's tensors as transformers initializes them: weights ``N(0, initializer_range^2)``,
     biases zero (the random head initialization of core ``shrink_heads``)."""
-    std = float(getattr(model.config, "initializer_range", 0.02))
+    std = _initializer_std(model)
 
     def fresh(key: str, shape, like: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(shape, dtype=like.dtype, device=like.device)
@@ -102,6 +116,8 @@ def apply_attention(arch: Arch, att: nn.Module, entry: AttentionEntry, t: Option
     """Resize / re-initialize ``att`` as ``entry`` says from its weights ``t`` (full heads; ``None``: shapes only,
     the weights are loaded next), recording the per-form approximation error of spectral initializations."""
     dims = entry.dims
+    if entry.score_factor != 1.0:  # reduced_heads='fresh': scores scaled by 1/sqrt(reduced QK head dim)
+        arch.scale_scores(att, entry.score_factor)
     if t is None:
         if dims.changed:
             arch.write(att, {}, dims)
@@ -117,8 +133,9 @@ def apply_attention(arch: Arch, att: nn.Module, entry: AttentionEntry, t: Option
 
 
 # ------------------------------------------------------------------------------------------------- layers
-def apply_layer(model: nn.Module, arch: Arch, name: str, entry: LayerEntry, init: str) -> None:
-    """Replace layer ``name`` by its factorized form (``init``: spectral / random / skip)."""
+def apply_layer(model: nn.Module, arch: Arch, name: str, entry: LayerEntry, init: str, fill=None) -> None:
+    """Replace layer ``name`` by its factorized form (``init``: spectral / random / dense / skip; ``fill``: the
+    dense layers' initialization, for ``dense``)."""
     layer = model.get_submodule(name)
     rank, deep = entry.rank, entry.deep
     if entry.type == "tied_head":
@@ -133,7 +150,7 @@ def apply_layer(model: nn.Module, arch: Arch, name: str, entry: LayerEntry, init
         else:
             saved, layer.padding_idx = layer.padding_idx, entry.padding_idx
             try:
-                new = FactorizedEmbedding.from_embedding(layer, rank=rank, init=init, deep=deep)
+                new = FactorizedEmbedding.from_embedding(layer, rank=rank, init=init, deep=deep, fill=fill)
             finally:
                 layer.padding_idx = saved
     else:
@@ -147,7 +164,7 @@ def apply_layer(model: nn.Module, arch: Arch, name: str, entry: LayerEntry, init
                 dense = nn.Linear(n, m, bias=bias is not None, device="meta")
                 dense.weight = nn.Parameter(W.detach(), requires_grad=False)
                 dense.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-            new = FactorizedLinear.from_linear(dense, rank=rank, init=init, deep=deep)
+            new = FactorizedLinear.from_linear(dense, rank=rank, init=init, deep=deep, fill=fill)
         if entry.kind == "embedding":
             new.fd_kind = "embedding"  # an untied output embedding is regularized as an embedding
     if init != "skip":

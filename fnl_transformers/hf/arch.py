@@ -7,9 +7,12 @@ The math (per-head SI, bias folding, forms) is the core's; an adapter only maps 
   o ``d x (heads*hd)``), the layout of :func:`fnl_transformers.core.attention_spectral_init`.
 * ``write(attention, tensors, dims)`` installs projections of the given per-head dims (zero-padding per head to
   one common width when QK and OV dims differ, see :mod:`.layers`) and updates the head-size attributes the
-  attention forward reshapes with. The attention's ``scaling`` attribute is never touched: the reduced model
-  keeps the original ``1/sqrt(head_dim)``, so it is exactly the per-head truncation.
+  attention forward reshapes with. The attention's ``scaling`` attribute is not touched here: by default the
+  reduced model keeps the original ``1/sqrt(head_dim)``, so it is exactly the per-head truncation.
 * ``form_specs(dims)``: the QK/OV form specs (core :func:`~fnl_transformers.core.attention_form_specs`).
+* ``scale_scores(attention, factor)``: the attention's ``scaling`` times ``factor`` (heads scored by
+  ``1/sqrt(reduced head dim)``, ``reduced_heads='fresh'``); ``position_modules(model)``: the learned position
+  embedding tables (part ``position``).
 
 Supported: BERT, RoBERTa, DistilBERT, GPT-2 and the Llama layout (Llama, Mistral, Qwen2: RoPE, grouped-query
 attention). To add an architecture, add an :class:`Arch` (or a subclass for a fused layout) to :data:`ARCHS`.
@@ -49,6 +52,7 @@ class Arch:
     total_attr: Optional[str]  # heads * head size attribute, if any
     ffn: str  # regex over qualified module names of feed-forward layers
     rope: bool = False  # rotary position embeddings act on q/k inside each head
+    position: Optional[str] = None  # regex over qualified module names of learned position embedding tables
 
     def num_heads(self, config) -> Tuple[int, int]:
         heads = config.num_attention_heads
@@ -98,6 +102,18 @@ class Arch:
             _copy_into(layer, t.get(f"{key}_weight"), t.get(f"{key}_bias"))
             set_submodule(att, getattr(self, key), layer)
         self.set_head_dim(att, W, H)
+
+    def scale_scores(self, att: nn.Module, factor: float) -> None:
+        """Multiply the attention's score scaling (its ``scaling`` attribute, read by the forward) by ``factor``."""
+        owner = att.get_submodule(self.head_owner) if self.head_owner else att
+        owner.scaling = owner.scaling * factor
+
+    def position_modules(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
+        """``(name, nn.Embedding)`` of the learned position embedding tables (none for rotary positions)."""
+        if self.position is None:
+            return []
+        pattern = re.compile(self.position)
+        return [(n, m) for n, m in model.named_modules() if n and pattern.search(n)]
 
     def set_head_dim(self, att: nn.Module, width: int, heads: int) -> None:
         owner = att.get_submodule(self.head_owner) if self.head_owner else att
@@ -179,7 +195,7 @@ class GPT2Arch(Arch):
 _BERT = dict(
     attention=r"(^|\.)layer\.\d+\.(attention|crossattention)$", q="self.query", k="self.key", v="self.value",
     o="output.dense", head_owner="self", head_dim_attr="attention_head_size", total_attr="all_head_size",
-    ffn=r"(^|\.)layer\.\d+\.(intermediate|output)\.dense$",
+    ffn=r"(^|\.)layer\.\d+\.(intermediate|output)\.dense$", position=r"(^|\.)embeddings\.position_embeddings$",
 )
 
 ARCHS: Dict[str, Arch] = {
@@ -188,11 +204,12 @@ ARCHS: Dict[str, Arch] = {
     "distilbert": Arch(
         "distilbert", ("distilbert",), attention=r"(^|\.)transformer\.layer\.\d+\.attention$", q="q_lin",
         k="k_lin", v="v_lin", o="out_lin", head_owner="", head_dim_attr="attention_head_size", total_attr=None,
-        ffn=r"(^|\.)transformer\.layer\.\d+\.ffn\.lin[12]$",
+        ffn=r"(^|\.)transformer\.layer\.\d+\.ffn\.lin[12]$", position=r"(^|\.)embeddings\.position_embeddings$",
     ),
     "gpt2": GPT2Arch(
         "gpt2", ("gpt2",), attention=r"(^|\.)h\.\d+\.attn$", q="c_attn", k="c_attn", v="c_attn", o="c_proj",
         head_owner="", head_dim_attr="head_dim", total_attr="split_size", ffn=r"(^|\.)h\.\d+\.mlp\.c_(fc|proj)$",
+        position=r"(^|\.)wpe$",
     ),
     "llama": Arch(
         "llama", ("llama", "mistral", "qwen2"), attention=r"(^|\.)layers\.\d+\.self_attn$", q="q_proj",

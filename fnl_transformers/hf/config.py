@@ -36,6 +36,8 @@ class FNLConfig:
     spectral_init: bool = True
     spectral_init_qk: Optional[bool] = None
     spectral_init_ov: Optional[bool] = None
+    factor_init: str = "random"
+    reduced_heads: str = "truncate"
     deep: bool = False
     fd_linear: float = 0.0
     fd_embedding: Optional[float] = None

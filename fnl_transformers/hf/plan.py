@@ -36,8 +36,9 @@ class AttentionEntry:
     head_dim: int
     head_dim_qk: int
     head_dim_ov: int
-    init_qk: Optional[str] = None  # "spectral" | "random" | None (left as it is)
+    init_qk: Optional[str] = None  # "spectral" | "random" | "balanced" | None (left as it is)
     init_ov: Optional[str] = None
+    score_dim: Optional[int] = None  # scores scaled by 1/sqrt(score_dim) (None: the original head_dim)
     qk_params: Optional[List[int]] = None  # [before, after]
     ov_params: Optional[List[int]] = None
     qk_rel_error: Optional[float] = None  # ||P - P_r||_F / ||P||_F over all heads (spectral init only)
@@ -51,6 +52,11 @@ class AttentionEntry:
     def touched(self) -> bool:
         """Whether patching rewrites the module (heads resized, or a form re-initialized at full dim)."""
         return self.dims.changed or self.init_qk is not None or self.init_ov is not None
+
+    @property
+    def score_factor(self) -> float:
+        """The score scaling used over the model's own: ``sqrt(head_dim / score_dim)`` (1 by default)."""
+        return 1.0 if self.score_dim is None else (self.head_dim / self.score_dim) ** 0.5
 
 
 @dataclass
@@ -148,8 +154,9 @@ def _attention_entry(arch: Arch, name: str, att: nn.Module, heads: Tuple[int, in
         raise ValueError(f"{name}: a value bias can only be folded into an output bias, and the output projection "
                          "has none; keep the OV head dim and spectral_init_ov unset")
     before, after = form_param_counts(t, dims.full), form_param_counts(t, dims)
-    entry = AttentionEntry(H, G, hd, qk, ov, init["qk"], init["ov"], [before["qk"], after["qk"]],
-                           [before["ov"], after["ov"]])
+    score = structure.score_head_dim(hd, qk)
+    entry = AttentionEntry(H, G, hd, qk, ov, init["qk"], init["ov"], None if score == hd else score,
+                           [before["qk"], after["qk"]], [before["ov"], after["ov"]])
     return entry, t
 
 
@@ -162,6 +169,17 @@ def _layer_candidates(model: nn.Module, arch: Arch, factorize) -> Tuple[list, di
             W, _ = arch.linear_weight(layer)
             candidates.append((name, layer, "linear", "conv1d" if isinstance(layer, Conv1D) else "linear",
                                tuple(W.shape)))
+    if "position" in factorize:
+        found = arch.position_modules(model)
+        if not found:
+            why = "rotary position embeddings (RoPE) act inside the heads" if arch.rope else "no position table found"
+            raise ValueError(f"factorize 'position' needs learned position embeddings, but {arch.name} has none "
+                             f"({why}); drop 'position' from factorize")
+        for name, table in found:
+            if not isinstance(table, nn.Embedding) or not table.weight.requires_grad:
+                raise ValueError(f"{name} is a fixed (e.g. sinusoidal) position table, not a learned one: drop "
+                                 "'position' from factorize")
+            candidates.append((name, table, "embedding", "embedding", tuple(table.weight.shape)))
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     names = {id(m): n for n, m in model.named_modules()}
     tied = out is not None and inp is not None and getattr(out, "weight", None) is inp.weight
@@ -175,7 +193,7 @@ def _layer_candidates(model: nn.Module, arch: Arch, factorize) -> Tuple[list, di
 
 
 def _layer_entries(model, arch: Arch, structure, params_before: int, params_now: int) -> Dict[str, LayerEntry]:
-    candidates, tie = _layer_candidates(model, arch, structure.factorize)
+    candidates, tie = _layer_candidates(model, arch, structure.factorize if structure.factorizes else ())
     ranks = plan_ranks([(name, m, n) for name, _, _, _, (m, n) in candidates], structure, params_before, params_now)
     entries = {}
     for name, layer, kind, type_, (m, n) in candidates:

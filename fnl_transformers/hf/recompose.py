@@ -2,8 +2,8 @@
 
 Factor products ``U [M] V^T`` are multiplied out in float32 (paper Sec. 5: overcomplete factors trained, then
 multiplied out: teacher-free distillation); reduced heads are zero-padded back to the original head dim by the
-core (:func:`~fnl_transformers.core.pad_heads`; scores keep the original scaling, so no fold is needed and the
-outputs are unchanged).
+core (:func:`~fnl_transformers.core.pad_heads`; heads scored by ``1/sqrt(reduced head dim)``, the rule
+``reduced_heads='fresh'``, get that scaling folded into the query; the outputs are unchanged).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from .persist import forget_plan, plan_of
 
 def recompose(model: PreTrainedModel) -> PreTrainedModel:
     """A vanilla copy of a patched ``model``: factor products multiplied out in float32, shrunk heads zero-padded
-    back to the original head dim (scores keep the original scaling, so outputs are unchanged). The copy has
+    back to the original head dim (a score scaling other than the model's folded into the query, so outputs are
+    unchanged). The copy has
     the original architecture's parameter names and shapes: plain ``from_pretrained`` loads its
     ``save_pretrained`` output with no missing or unexpected keys. ``model`` itself is not modified."""
     plan = plan_of(model)
@@ -49,9 +50,12 @@ def recompose(model: PreTrainedModel) -> PreTrainedModel:
         for name, att_entry in plan.attention.items():
             att = out.get_submodule(name)
             dims = att_entry.dims
-            if dims.changed:
+            fold = att_entry.score_factor  # the score scaling used over the model's own, folded into the query
+            if dims.changed or fold != 1.0:
                 t = {k: None if v is None else v.clone() for k, v in arch.read(att, dims).items()}
-                arch.write(att, pad_heads(t, dims), dims.full)
+                arch.write(att, pad_heads(t, dims, fold=fold), dims.full)
+                if fold != 1.0:
+                    arch.scale_scores(att, 1.0 / fold)
             clear_attention_forms(att)
     out.__dict__.pop("_tied_weights_keys", None)
     if any(e.type == "tied_head" for e in plan.layers.values()):

@@ -4,7 +4,8 @@ One module per concern, each runnable with ``python -m fnl_transformers.recipes.
 
 - ``synthetic``: learnable synthetic corpora for ``--smoke`` (parallel text, MLM text, SQuAD-format JSON).
 - ``textprep``: raw parallel text checks, cleaning and length filtering, joint sentencepiece.
-- ``fairseq_eval``: detokenized sacrebleu BLEU of ``fairseq-generate`` output, results JSON with parameter counts.
+- ``fairseq_eval``: ``fairseq-generate`` in-process on valid / test, detokenized sacrebleu BLEU, results JSONs with
+  parameter counts.
 - ``fairseq_init``: the untrained checkpoint of a training command line (the "no learning" contrast).
 - ``squad_metric``: the official SQuAD v1.1 exact match / F1 (answer normalization, max over answers).
 - ``squad``: SQuAD v1.1 fine-tuning and evaluation (``recipes/bert/squad.sh``).
@@ -16,6 +17,8 @@ One module per concern, each runnable with ``python -m fnl_transformers.recipes.
   ``recipes/bert/table4.sh``).
 - ``summary``: results JSONs -> markdown table + PNG plots (score vs parameters, score vs coefficient);
   ``bert_table``: BERT runs in the layout of Table 4 with their MLM loss curves.
+- ``figure4``: the paper's Figure 4 grid (the official ``make.py``'s) and both panels drawn from its results.
+- ``sweep``: ``recipes/iwslt14/sweep.sh``: train and evaluate the Figure 4 grid, then draw it.
 
 Importing this package imports neither fairseq nor transformers.
 """

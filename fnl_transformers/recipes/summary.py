@@ -7,6 +7,8 @@ updates, path) and ``DIR/summary.png`` (per metric: score against parameter coun
 regularization coefficient, one marker per variant; coefficient 0 sits on the linear part of a symlog axis).
 BERT pretraining runs, with the SQuAD scores of their models, get the layout of the paper's Table 4 instead
 (:mod:`fnl_transformers.recipes.bert_table`: a table and ``DIR/bert_mlm_curves.png``).
+Runs of the Figure 4 sweep (folders with ``grid.json``) get both panels of the paper's Figure 4
+(:mod:`fnl_transformers.recipes.figure4`: ``DIR/fig4_top.png``, ``DIR/fig4_bottom.png``, ``DIR/fig4.md``).
 """
 from __future__ import annotations
 
@@ -126,12 +128,14 @@ def plot(rows: List[dict], path: str) -> None:
 def summarize(paths: List[str], out_dir: str) -> Dict[str, object]:
     """Write ``summary.md`` and the plots; returns ``{"table", "plots", "plot" (the first), "markdown"}``.
 
-    BERT pretraining results (recipe ``bert-mlm``) and the SQuAD results of their models go to the Table 4
-    layout (:mod:`fnl_transformers.recipes.bert_table`, plot ``bert_mlm_curves.png``); every other result to
-    the tables by metric above (plot ``summary.png``)."""
-    from . import bert_table
+    Runs of the Figure 4 sweep go to its two panels (:mod:`fnl_transformers.recipes.figure4`); BERT pretraining
+    results (recipe ``bert-mlm``) and the SQuAD results of their models go to the Table 4 layout
+    (:mod:`fnl_transformers.recipes.bert_table`, plot ``bert_mlm_curves.png``); every other result to the tables
+    by metric above (plot ``summary.png``)."""
+    from . import bert_table, figure4
 
     rows = load(find_results(paths))
+    grid, rows = figure4.split_rows(rows)
     bert, rest = bert_table.split_rows(rows)
     os.makedirs(out_dir, exist_ok=True)
     md_path = os.path.join(out_dir, "summary.md")
@@ -144,6 +148,10 @@ def summarize(paths: List[str], out_dir: str) -> Dict[str, object]:
         sections.append(bert_table.markdown(bert))
         if bert_table.plot(bert, os.path.join(out_dir, bert_table.PLOT)):
             plots.append(os.path.join(out_dir, bert_table.PLOT))
+    if grid:
+        fig = figure4.write(grid, out_dir)
+        sections.append(fig["markdown"])
+        plots += fig["plots"]
     text = "\n".join(sections)
     with open(md_path + ".tmp", "w") as f:
         f.write(text)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Evaluate a trained checkpoint: fairseq-generate (beam 5), sentencepiece removal, detokenized sacrebleu BLEU.
+# Evaluate a trained checkpoint: fairseq-generate (beam 5), sentencepiece removal, detokenized sacrebleu BLEU
+# (one process for every subset asked: fairseq and the model load once).
 PROG=eval.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
@@ -12,7 +13,7 @@ Writes CHECKPOINT_STEM.SUBSET.results.json next to the checkpoint: BLEU, sacrebl
 the run's settings (recipe.json of train.sh); and CHECKPOINT_STEM.SUBSET.hyp.txt (detokenized hypotheses).
 Options:
   --data DIR        prepared data (default: the one the checkpoint was trained on)
-  --subset S        test (default) or valid
+  --subset S        test (default), valid, or both: valid,test
   --beam N          beam size (default 5)
   --batch-size N    sentences per batch (default 128)
   --lenpen X        length penalty (default 1)
@@ -38,7 +39,9 @@ while [ $# -gt 0 ]; do
     *) die "unknown option '$1' (see --help; fairseq-generate options go after --)" ;;
   esac
 done
-case "$SUBSET" in test|valid) ;; *) die "--subset must be test or valid, got '$SUBSET'" ;; esac
+SUBSETS="${SUBSET//,/ }"
+for s in $SUBSETS; do case "$s" in test|valid) ;; *) die "--subset must be test, valid or valid,test, got '$SUBSET'" ;; esac; done
+[ -z "$REF" ] || [ "$(echo $SUBSETS | wc -w)" = 1 ] || die "--ref FILE gives the references of one subset: evaluate one --subset at a time"
 [[ "$BEAM" =~ ^[1-9][0-9]*$ ]] || die "--beam must be a positive integer, got '$BEAM'"
 [[ "$BATCH" =~ ^[1-9][0-9]*$ ]] || die "--batch-size must be a positive integer, got '$BATCH'"
 
@@ -66,30 +69,22 @@ fi
 [ -f "$DATA/fnl_prepare.json" ] || [ ! -f "$DATA/bin/fnl_prepare.json" ] || DATA="$DATA/bin"
 [ -d "$DATA" ] || die "data directory not found: $DATA (pass --data DIR, the prepare.sh output)"
 DATA="$(cd "$DATA" && pwd)"
-if [ -z "$REF" ]; then
-  [ -f "$DATA/fnl_prepare.json" ] || die "$DATA has no fnl_prepare.json (not made by prepare.sh): pass --ref FILE with the $SUBSET references"
-  REF="$(json_get "$DATA/fnl_prepare.json" "${SUBSET}_ref")"
-fi
-[ -f "$REF" ] || die "reference file not found: $REF (pass --ref FILE)"
+REFS=""
+for s in $SUBSETS; do
+  ref="$REF"
+  if [ -z "$ref" ]; then
+    [ -f "$DATA/fnl_prepare.json" ] || die "$DATA has no fnl_prepare.json (not made by prepare.sh): pass --ref FILE with the $s references"
+    ref="$(json_get "$DATA/fnl_prepare.json" "${s}_ref")"
+  fi
+  [ -f "$ref" ] || die "reference file not found: $ref (pass --ref FILE)"
+  REFS="${REFS:+$REFS,}$ref"
+done
 
 DEVICE=()
 has_cuda || DEVICE=(--cpu)
 # smoke models are tiny: one thread (see train.sh)
 [ -f "$RECIPE" ] && [ "$(json_get "$RECIPE" smoke)" = True ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 USER_DIR="$(fnl_userdir)"
-GEN="$DIR/$STEM.$SUBSET.generate.txt"
-OUT="$DIR/$STEM.$SUBSET.results.json"
-rm -f "$OUT"  # never leave an old result beside a new, failed evaluation
-echo "fairseq-generate $SUBSET, beam $BEAM: $CKPT"
-PROGRESS=(--log-format simple)
-[ -t 2 ] && PROGRESS=(--log-format tqdm)  # a progress bar on a terminal
-fairseq-generate "$DATA" --user-dir "$USER_DIR" --path "$CKPT" --gen-subset "$SUBSET" --beam "$BEAM" \
-  --batch-size "$BATCH" --lenpen "$LENPEN" --remove-bpe sentencepiece "${PROGRESS[@]}" "${DEVICE[@]}" "${EXTRA[@]}" \
-  > "$GEN.tmp" 2> "$DIR/$STEM.$SUBSET.generate.log" \
-  || { rm -f "$GEN.tmp"
-       err="$(grep -E "^[A-Za-z.]*(Error|Exception)" "$DIR/$STEM.$SUBSET.generate.log" | tail -1)"
-       die "fairseq-generate failed${err:+: $err} (log: $DIR/$STEM.$SUBSET.generate.log)"; }
-mv "$GEN.tmp" "$GEN"
-"$PY" -m fnl_transformers.recipes.fairseq_eval "$GEN" --ref "$REF" --checkpoint "$CKPT" --out "$OUT" \
-  --hyp-out "$DIR/$STEM.$SUBSET.hyp.txt" --user-dir "$USER_DIR" --data "$DATA" --recipe-json "$RECIPE" \
-  --subset "$SUBSET" --beam "$BEAM" || exit 2
+"$PY" -m fnl_transformers.recipes.fairseq_eval --checkpoint "$CKPT" --data "$DATA" --subsets "${SUBSETS// /,}" \
+  --refs "$REFS" --beam "$BEAM" --batch-size "$BATCH" --lenpen "$LENPEN" --user-dir "$USER_DIR" \
+  --recipe-json "$RECIPE" "${DEVICE[@]}" -- "${EXTRA[@]}" || exit 2
