@@ -53,6 +53,26 @@ def test_head_init_rule(chosen, shrinks, init):
         assert StructureSpec(spectral_init=False).head_init("qk", True) == "random"
 
 
+def test_activation_aware_init_rule_and_checks():
+    s = StructureSpec(rank_scale=0.5, activation_aware=True, damping=0)
+    assert s.layer_init == "activation" and s.damping == 0.0
+    # per-head: activation-aware where heads shrink; a full-size head re-balanced by SI stays weight-space SI
+    assert (s.head_init("qk", True), s.head_init("qk", False)) == ("activation", None)
+    t = StructureSpec(head_dim_ov=8, activation_aware=True, spectral_init_qk=True, spectral_init_ov=False)
+    assert (t.head_init("qk", False), t.head_init("ov", True)) == ("spectral", "random")
+    assert StructureSpec(rank_scale=0.5).layer_init == "spectral"
+    for kwargs, message in [
+        (dict(rank_scale=0.5, activation_aware=True, spectral_init=False), r"activation_aware is spectral "
+                                                                             r"initialization .* needs spectral_init"),
+        (dict(activation_aware=True), r"activation_aware truncates nothing: give rank_scale"),
+        (dict(rank_scale=0.5, damping=0.1), r"damping applies to activation-aware truncation only"),
+        (dict(rank_scale=0.5, activation_aware=True, damping=-1), r"damping must be a finite number >= 0"),
+        (dict(rank_scale=0.5, activation_aware=1), r"activation_aware must be True or False"),
+    ]:
+        with pytest.raises(SettingsError, match=message):
+            StructureSpec(**kwargs)
+
+
 def test_fd_spec_defaults_and_check():
     assert FDSpec(linear=0.1).coefficients() == {"linear": 0.1, "embedding": 0.1, "qk": 0.0, "ov": 0.0}
     assert FDSpec(linear=0.1, embedding=0).coefficients()["embedding"] == 0.0

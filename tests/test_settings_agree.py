@@ -23,7 +23,7 @@ CASES = [
          spectral_init=False, spectral_init_qk=True, spectral_init_ov=False, deep=True, fd_linear=0.1,
          fd_embedding=0.05, fd_qk=0.2, fd_ov=0.3, fd_mode="decoupled", weight_decay_factors=False),
     dict(target_param_ratio=0.6, factorize=("embedding",), head_dim_qk=3, fd_linear=0.1),
-    dict(rank_scale=1.5, fd_qk=1e-4),
+    dict(rank_scale=1.5, fd_qk=1e-4, activation_aware=True, damping=0.05),
 ]
 
 
