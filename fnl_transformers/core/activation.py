@@ -153,6 +153,19 @@ class TokenCounts:
 
 
 @dataclass(frozen=True)
+class HeadCalibration:
+    """Statistics of one self-attention layer for activation-aware per-head truncation
+    (:func:`attention_activation_init`): ``second_moment`` / ``mean`` of the attention input (what q, k and v
+    read), optionally ``ov_second_moment`` (``heads x d x d``: each head's attention-weighted inputs, exact for the
+    OV forms), and the ``damping``."""
+
+    second_moment: torch.Tensor
+    mean: Optional[torch.Tensor] = None
+    ov_second_moment: Optional[torch.Tensor] = None
+    damping: float = DEFAULT_DAMPING
+
+
+@dataclass(frozen=True)
 class FitErrors:
     """Relative errors of one truncation (see the module docstring)."""
 
