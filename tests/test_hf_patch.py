@@ -314,9 +314,18 @@ def test_attention_part_shrinks_heads_by_rank_scale():
 
 
 # --- refusals -------------------------------------------------------------------------------------------------------
-def test_llama_qk_head_shrinking_is_refused_under_rope():
-    with pytest.raises(ValueError, match="rotary position embeddings"):
-        patch_model(tiny("llama_mha"), FNLConfig(head_dim=4))
+@pytest.mark.parametrize("settings, cause", [
+    (dict(head_dim=4), r"head_dim=4 \(both attention forms\) changes the QK heads \(8 dims\): give head_dim_ov=4 "
+                       r"instead to shrink the OV forms alone"),
+    (dict(head_dim_qk=4), r"head_dim_qk=4 changes the QK heads \(8 dims\): drop head_dim_qk"),
+    (dict(rank_scale=0.5, factorize=("ffn", "attention")),
+     r"rank_scale=0.5 with 'attention' in factorize \(QK heads to 4 dims\) changes the QK heads \(8 dims\): drop "
+     r"'attention' from factorize"),
+    (dict(spectral_init_qk=True), r"spectral_init_qk=True changes the QK heads \(8 dims\): drop spectral_init_qk"),
+])
+def test_llama_qk_head_change_is_refused_under_rope_naming_what_was_set(settings, cause):
+    with pytest.raises(ValueError, match=r"rotary position embeddings .*; " + cause):
+        patch_model(tiny("llama_mha"), FNLConfig(**settings))
 
 
 def test_gqa_ov_head_shrinking_is_refused():
