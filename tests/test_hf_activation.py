@@ -46,7 +46,7 @@ def _close(a, b, rtol=1e-5):
 def test_layers_are_the_core_activation_aware_truncation(setup):
     _, vanilla, stats, patched = setup
     plan = patched.config.fnl_config
-    W = vanilla.get_submodule(FFN).weight
+    W = vanilla.get_submodule(FFN).weight.detach()
     U, V, fit = activation_init(W, 16, stats[FFN].second_moment, damping=0.05)
     assert _close(patched.get_submodule(FFN).product(), U @ V.T)
     assert plan["layers"][FFN]["fit"] == pytest.approx(fit.as_dict(), rel=1e-9)
