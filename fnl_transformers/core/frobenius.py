@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .forms import KINDS, BoundForm, FormSpec, iter_forms, module_lookup
-from .settings import check_fd_coefficients
+from .settings import FDSpec, check_fd_coefficients
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -125,9 +125,12 @@ def form_grads(f: BoundForm) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch
 
 
 def frobenius_penalty_by_kind(model: nn.Module, linear=0.0, embedding=0.0, qk=0.0, ov=0.0) -> Dict[str, torch.Tensor]:
-    """``{kind: lambda_kind / 2 * sum_forms ||W_form||_F^2}`` for each kind with a nonzero coefficient."""
+    """``{kind: lambda_kind / 2 * sum_forms ||W_form||_F^2}`` for each kind with a nonzero coefficient; nonzero
+    coefficients none of whose kinds ``model`` has (a penalty that is always 0) are one clear error."""
     coeffs = check_fd_coefficients(linear, embedding, qk, ov)
     active = tuple(k for k in KINDS if coeffs[k] > 0)
+    if active and next(iter_forms(model, active), None) is None:  # nothing to decay
+        FDSpec(**coeffs).check_present({spec.kind for _, _, spec, _ in iter_forms(model)})
     out: Dict[str, torch.Tensor] = {}
     for _, _, spec, bound in iter_forms(model, active):
         value = form_sq_norms(bound).sum() * (coeffs[spec.kind] / 2)  # lambda/2 ||W||_F^2, Eq. (3)
