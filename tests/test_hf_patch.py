@@ -290,6 +290,13 @@ def test_per_module_ranks_override_rank_scale():
     assert model.bert.embeddings.word_embeddings.rank == 5
 
 
+def test_ranks_that_grow_the_model_are_one_warning():
+    with pytest.warns(UserWarning, match=r"^2 factorized layer\(s\) get more parameters than their dense weights "
+                                         r"\(bert.encoder.layer.0.intermediate.dense rank 10000 of 64 x 32: 2,048 -> "
+                                         r"960,000 parameters"):
+        patch_model(tiny("bert"), FNLConfig(ranks={"*intermediate.dense": 10000}))
+
+
 def test_rank_pattern_matching_nothing_is_an_error():
     with pytest.raises(ValueError, match=r"match no layer.*intermediate"):
         patch_model(tiny("bert"), FNLConfig(ranks={"*.intermediat.dense": 3}))
