@@ -331,3 +331,32 @@ def test_attention_per_head_ov_statistics():
         attention_activation_init(*w.values(), H, C, st.mean, ov_second_moment=per_head[:2], **b)
     with pytest.raises(ValueError, match="give mean"):
         attention_activation_init(*w.values(), H, C, None, **b)
+
+
+def test_shrink_heads_activation_init_is_attention_activation_init_form_by_form():
+    """core.heads.shrink_heads with "activation": the tensors and errors of attention_activation_init for the forms
+    chosen; the other form spectral (attention_spectral_init's tensors), random or kept."""
+    from fnl_transformers.core import HeadDims, shrink_heads, shrink_heads_with_errors
+    from fnl_transformers.core.activation import HeadCalibration
+
+    w, b = _attention(23)
+    t = {**w, **b}
+    st = _stats(_correlated_inputs(300, D, seed=24))
+    cal = HeadCalibration(st.second_moment, st.mean, damping=0.05)
+    dims = HeadDims(H, H, DK, 2, 3)
+    ref, ref_errors = attention_activation_init(*w.values(), H, st.second_moment, st.mean, qk_rank=2, ov_rank=3,
+                                                damping=0.05, **b)
+    both, errors = shrink_heads_with_errors(t, dims, "activation", "activation", calibration=cal)
+    assert all(torch.equal(both[k], ref[k]) for k in ref if ref[k] is not None) and errors == ref_errors
+    si = fnl.attention_spectral_init(*w.values(), H, qk_rank=2, ov_rank=3, **b)
+    mixed, errors = shrink_heads_with_errors(t, dims, "activation", "spectral", calibration=cal)
+    assert set(errors) == {"qk"}
+    assert all(torch.equal(mixed[k], ref[k]) for k in ("q_weight", "q_bias", "k_weight", "k_bias"))
+    assert all(torch.equal(mixed[k], si[k]) for k in ("v_weight", "v_bias", "o_weight", "o_bias"))
+    fresh = lambda key, shape, like: torch.zeros(shape, dtype=like.dtype)  # noqa: E731
+    kept = shrink_heads(t, HeadDims(H, H, DK, 2, DK), "activation", None, fresh, calibration=cal)
+    assert kept["v_weight"] is t["v_weight"] and kept["o_bias"] is t["o_bias"]  # OV kept as it is
+    assert torch.equal(kept["q_weight"], attention_activation_init(
+        *w.values(), H, st.second_moment, st.mean, qk_rank=2, damping=0.05, **b)[0]["q_weight"])
+    with pytest.raises(ValueError, match="needs the attention input's statistics"):
+        shrink_heads(t, dims, "activation", "random", fresh)

@@ -65,7 +65,17 @@ def test_fd_kinds_are_separate():
     _close(parts["linear"].detach(), 0.5 * model[0].product().pow(2).sum())
     _close(parts["embedding"].detach(), 1.5 * model[1].product().pow(2).sum())
     assert set(fnl.frobenius_penalty_by_kind(model, linear=1.0)) == {"linear"}
-    assert float(fnl.frobenius_penalty(model)) == 0.0
+    assert float(fnl.frobenius_penalty(model)) == 0.0  # nothing asked for
+
+
+def test_fd_on_a_model_without_forms_of_the_kinds_asked_is_one_clear_error():
+    dense = nn.Sequential(nn.Linear(8, 8), nn.Embedding(10, 8))
+    with pytest.raises(ValueError, match=r"fd_linear > 0 but the model has no linear forms to decay \(it has \[\]\)"):
+        fnl.frobenius_penalty(dense, linear=1.0)
+    emb = nn.Sequential(fnl.FactorizedEmbedding.from_embedding(nn.Embedding(10, 8), rank=2))
+    with pytest.raises(ValueError, match=r"fd_qk, fd_ov > 0 but the model has no ov/qk forms .*\['embedding'\]"):
+        fnl.frobenius_penalty_by_kind(emb, qk=0.1, ov=0.1)
+    assert set(fnl.frobenius_penalty_by_kind(emb, embedding=0.1, qk=0.1)) == {"embedding"}  # one kind present
 
 
 class TinyAttention(nn.Module):

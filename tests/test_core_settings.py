@@ -53,6 +53,26 @@ def test_head_init_rule(chosen, shrinks, init):
         assert StructureSpec(spectral_init=False).head_init("qk", True) == "random"
 
 
+def test_activation_aware_init_rule_and_checks():
+    s = StructureSpec(rank_scale=0.5, activation_aware=True, damping=0)
+    assert s.layer_init == "activation" and s.damping == 0.0
+    # per-head: activation-aware where heads shrink; a full-size head re-balanced by SI stays weight-space SI
+    assert (s.head_init("qk", True), s.head_init("qk", False)) == ("activation", None)
+    t = StructureSpec(head_dim_ov=8, activation_aware=True, spectral_init_qk=True, spectral_init_ov=False)
+    assert (t.head_init("qk", False), t.head_init("ov", True)) == ("spectral", "random")
+    assert StructureSpec(rank_scale=0.5).layer_init == "spectral"
+    for kwargs, message in [
+        (dict(rank_scale=0.5, activation_aware=True, spectral_init=False), r"activation_aware is spectral "
+                                                                             r"initialization .* needs spectral_init"),
+        (dict(activation_aware=True), r"activation_aware truncates nothing: give rank_scale"),
+        (dict(rank_scale=0.5, damping=0.1), r"damping applies to activation-aware truncation only"),
+        (dict(rank_scale=0.5, activation_aware=True, damping=-1), r"damping must be a finite number >= 0"),
+        (dict(rank_scale=0.5, activation_aware=1), r"activation_aware must be True or False"),
+    ]:
+        with pytest.raises(SettingsError, match=message):
+            StructureSpec(**kwargs)
+
+
 def test_fd_spec_defaults_and_check():
     assert FDSpec(linear=0.1).coefficients() == {"linear": 0.1, "embedding": 0.1, "qk": 0.0, "ov": 0.0}
     assert FDSpec(linear=0.1, embedding=0).coefficients()["embedding"] == 0.0
@@ -82,7 +102,31 @@ def test_errors_are_spelled_by_the_converter():
     assert StructureSpec(ranks="*.fc1=4, *.fc2=5").ranks == {"*.fc1": 4, "*.fc2": 5}
 
 
+def test_empty_factorize_is_refused_not_a_silent_no_op():
+    with pytest.raises(SettingsError, match=r"factorize must name at least one part among \['ffn', 'embedding', "
+                                            r"'attention'\], got \(\)"):
+        StructureSpec(rank_scale=0.5, factorize=())
+
+
 # ------------------------------------------------------------------------------------------------ ranks
+def test_layers_that_grow_are_one_warning_unless_overcomplete_on_purpose():
+    """r (m + n) > m n: a rank of 10000 (or 14 of a 16 x 16 layer) grows the layer; named with its growth."""
+    import warnings
+
+    layers = [("l0.fc1", 64, 16), ("l0.fc2", 16, 16)]
+    with pytest.warns(UserWarning, match=r"^2 factorized layer\(s\) get more parameters than their dense weights "
+                                         r"\(l0.fc1 rank 10000 of 64 x 16: 1,024 -> 800,000 parameters; l0.fc2 rank "
+                                         r"14 of 16 x 16: 256 -> 448 parameters; \+799,168 in all\)"):
+        plan_ranks(layers, StructureSpec(rank_scale=0.9, ranks={"*.fc1": 10000}), 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan_ranks(layers, StructureSpec(rank_scale=1.5), 10_000)  # a rank scale >= 1 asks for overcomplete factors
+        plan_ranks(layers, StructureSpec(ranks={"*": 100}, deep=True), 10_000)  # so does deep
+        plan_ranks(layers, StructureSpec(rank_scale=0.5), 10_000)  # 8 (64 + 16) < 1024, 8 (16 + 16) < 256
+    with pytest.warns(UserWarning, match=r"^1 factorized layer\(s\) .*l0.fc1 rank 10000"):
+        plan_ranks(layers, StructureSpec(rank_scale=1.5, ranks={"*.fc1": 10000}), 10_000)  # explicit: not scaled
+
+
 def test_plan_ranks_patterns_scale_and_budget():
     layers = [("l0.fc1", 64, 16), ("l0.fc2", 16, 64), ("emb", 100, 16)]
     s = StructureSpec(rank_scale=0.5, ranks={"*.fc2": 3, "l*.fc*": 7})  # first match wins

@@ -465,6 +465,9 @@ def test_plugin_optimizers_on_a_stock_model_decay_everything(data_bin):
     (["--rank-scale", "0.5", "--target-param-ratio", "0.5"], r"give --rank-scale or --target-param-ratio, not both"),
     (["--ranks", "*.fc9=3"], r"--ranks: pattern\(s\) \['\*\.fc9'\] match no layer"),
     (["--ranks", "fc1"], r"--ranks must be PATTERN=RANK pairs"),
+    (["--rank-scale", "0.5", "--activation-aware"], r"--activation-aware truncates pretrained weights .* trained from "
+                                                     r"scratch: drop it"),
+    (["--rank-scale", "0.5", "--damping", "0.1"], r"--damping applies to activation-aware truncation only"),
     (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "-1"], r"--fd-qk must be a finite number >= 0"),
 ])
 def test_bad_options_give_one_clear_error(data_bin, flags, message):

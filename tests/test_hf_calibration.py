@@ -91,7 +91,7 @@ def test_read_texts(tmp_path):
     path.write_text("first line\n\n  \nsecond line\n", encoding="utf-8")
     assert read_texts(str(path)) == ["first line", "second line"]
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(ValueError, match="not UTF-8 text"):
+    with pytest.raises(ValueError, match="calibration file .* is not UTF-8 text"):
         read_texts(str(tmp_path / "bin.txt"))
 
 

@@ -106,9 +106,31 @@ def test_sharded_checkpoint_is_marked_and_reloads(tmp_path):
     assert torch.equal(outputs(from_pretrained(tmp_path), batch), outputs(model.eval(), batch))
 
 
+def test_every_save_of_a_patched_model_is_marked(tmp_path):
+    """The patched model's own save_pretrained marks (also for copies and reloaded models); recomposed models
+    save plainly; push_to_hub=True (an upload before the marks) is refused."""
+    import copy
+
+    from fnl_transformers.hf import recompose
+
+    model = patch_model(tiny("bert"), FNLConfig(rank_scale=0.5))
+    for i, m in enumerate((model, copy.deepcopy(model))):
+        m.save_pretrained(tmp_path / f"s{i}")
+        assert guard.is_marked(tmp_path / f"s{i}")
+        with pytest.raises(ValueError, match=POINTED.replace("(", r"\(").replace(")", r"\)")):
+            tf.AutoModelForMaskedLM.from_pretrained(tmp_path / f"s{i}")
+    from_pretrained(tmp_path / "s0").save_pretrained(tmp_path / "again")
+    assert guard.is_marked(tmp_path / "again")
+    recompose(model).save_pretrained(tmp_path / "plain")
+    assert not guard.is_marked(tmp_path / "plain") and os.path.isfile(tmp_path / "plain" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"push_to_hub=True\) would upload a patched checkpoint before .* "
+                                         r"model\.push_to_hub\(repo_id\)"):
+        model.save_pretrained(tmp_path / "hub", push_to_hub=True)
+
+
 def test_unmarked_checkpoints_still_load(tmp_path):
     model = patch_model(tiny("bert"), FNLConfig(rank_scale=0.5))
-    model.save_pretrained(tmp_path)
+    type(model).save_pretrained(model, tmp_path)  # transformers' own save: the layout of earlier versions
     assert not guard.is_marked(tmp_path)
     batch = inputs(model)
     assert torch.equal(outputs(from_pretrained(tmp_path), batch), outputs(model.eval(), batch))

@@ -293,6 +293,13 @@ def test_per_module_ranks_override_rank_scale():
     assert model.bert.embeddings.word_embeddings.rank == 5
 
 
+def test_ranks_that_grow_the_model_are_one_warning():
+    with pytest.warns(UserWarning, match=r"^2 factorized layer\(s\) get more parameters than their dense weights "
+                                         r"\(bert.encoder.layer.0.intermediate.dense rank 10000 of 64 x 32: 2,048 -> "
+                                         r"960,000 parameters"):
+        patch_model(tiny("bert"), FNLConfig(ranks={"*intermediate.dense": 10000}))
+
+
 def test_rank_pattern_matching_nothing_is_an_error():
     with pytest.raises(ValueError, match=r"match no layer.*intermediate"):
         patch_model(tiny("bert"), FNLConfig(ranks={"*.intermediat.dense": 3}))
@@ -376,9 +383,18 @@ def test_fresh_reduced_heads_are_rebalanced_and_scored_by_the_reduced_dim(arch):
 
 
 # --- refusals -------------------------------------------------------------------------------------------------------
-def test_llama_qk_head_shrinking_is_refused_under_rope():
-    with pytest.raises(ValueError, match="rotary position embeddings"):
-        patch_model(tiny("llama_mha"), FNLConfig(head_dim=4))
+@pytest.mark.parametrize("settings, cause", [
+    (dict(head_dim=4), r"head_dim=4 \(both attention forms\) changes the QK heads \(8 dims\): give head_dim_ov=4 "
+                       r"instead to shrink the OV forms alone"),
+    (dict(head_dim_qk=4), r"head_dim_qk=4 changes the QK heads \(8 dims\): drop head_dim_qk"),
+    (dict(rank_scale=0.5, factorize=("ffn", "attention")),
+     r"rank_scale=0.5 with 'attention' in factorize \(QK heads to 4 dims\) changes the QK heads \(8 dims\): drop "
+     r"'attention' from factorize"),
+    (dict(spectral_init_qk=True), r"spectral_init_qk=True changes the QK heads \(8 dims\): drop spectral_init_qk"),
+])
+def test_llama_qk_head_change_is_refused_under_rope_naming_what_was_set(settings, cause):
+    with pytest.raises(ValueError, match=r"rotary position embeddings .*; " + cause):
+        patch_model(tiny("llama_mha"), FNLConfig(**settings))
 
 
 def test_gqa_ov_head_shrinking_is_refused():

@@ -121,7 +121,7 @@ def test_patched_checkpoint_with_missing_or_foreign_weights_is_refused(tmp_path)
     from safetensors.torch import load_file, save_file
 
     patch_model(tiny("bert"), FNLConfig(rank_scale=0.5)).save_pretrained(tmp_path)
-    path = tmp_path / "model.safetensors"
+    path = tmp_path / "fnl_model.safetensors"  # marked: the weights moved
     state = load_file(path)
     del state["bert.encoder.layer.1.output.dense.U"]
     state["bert.encoder.layer.1.output.dense.weight"] = torch.zeros(32, 64)
@@ -137,7 +137,7 @@ def test_checkpoint_from_a_different_configuration_is_refused(tmp_path):
 
     patch_model(tiny("bert"), FNLConfig(rank_scale=0.5)).save_pretrained(tmp_path / "a")
     patch_model(tiny("bert"), FNLConfig(rank_scale=0.25)).save_pretrained(tmp_path / "b")
-    save_file(load_file(tmp_path / "a" / "model.safetensors"), tmp_path / "b" / "model.safetensors",
+    save_file(load_file(tmp_path / "a" / "fnl_model.safetensors"), tmp_path / "b" / "fnl_model.safetensors",
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match="shape mismatch: bert.embeddings.word_embeddings.U"):
         from_pretrained(tmp_path / "b")

@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 from transformers import Trainer  # noqa: E402
 
 from fnl_transformers.core import NonFiniteError, form_diagnostics, form_parameters, frobenius_penalty  # noqa: E402
+from fnl_transformers.hf import guard  # noqa: E402
 from fnl_transformers.hf.trainer import FNLTrainer  # noqa: E402
 
 from hf_trainer_helpers import FD, MLMData, max_rel_diff, params, quiet, tiny_bert, tiny_gpt2, training_args  # noqa: E402
@@ -247,6 +248,7 @@ def test_resume_from_mid_run_checkpoint_equals_uninterrupted(tmp_path, fd, dropo
     t_full.train()
     ckpt = tmp_path / "full" / "checkpoint-3"
     assert (ckpt / "optimizer.pt").is_file() and (ckpt / "rng_state.pth").is_file()
+    assert guard.is_marked(ckpt)  # the patched model's save_pretrained marks every checkpoint
     torch.load(ckpt / "optimizer.pt", weights_only=True)  # safe loading, no allow-list needed
 
     resumed = tiny_bert(dropout=dropout, seed=123)  # different init: everything must come from the checkpoint
@@ -258,6 +260,27 @@ def test_resume_from_mid_run_checkpoint_equals_uninterrupted(tmp_path, fd, dropo
     assert sorted(res_losses) == [1, 2, 3, 4, 5, 6]  # 1-3 come from the checkpoint's trainer_state.json
     for step in (4, 5, 6):
         assert res_losses[step] == pytest.approx(full_losses[step], rel=1e-5)
+
+
+def test_checkpoints_are_marked_and_the_best_model_reloads_from_them(tmp_path):
+    """Trainer checkpoints and save_model of a patched model are marked (plain transformers refuses them);
+    load_best_model_at_end reads a marked checkpoint's weights."""
+    from transformers import BertForMaskedLM
+
+    model = tiny_bert()
+    trainer = _trainer(tmp_path, model, MLMData(8), max_steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+    first, final = tmp_path / "run" / "checkpoint-1", tmp_path / "final"
+    trainer.save_model(str(final))
+    for path in (first, final):
+        assert guard.is_marked(path), path
+        with pytest.raises(ValueError, match=r"fnl_transformers\.hf\.from_pretrained\(path\)"):
+            BertForMaskedLM.from_pretrained(path)
+    saved = guard.load_weights(first)
+    trainer.state.best_model_checkpoint = str(first)
+    trainer._load_best_model()
+    assert all(torch.equal(p, saved[n]) for n, p in model.state_dict().items() if n in saved)
+    assert not all(torch.equal(p, saved[n]) for n, p in params(tiny_bert()).items() if n in saved)
 
 
 def test_reloaded_patched_model_brings_its_fd_config(tmp_path):

@@ -24,7 +24,7 @@ CASES = [
          fd_embedding=0.05, fd_qk=0.2, fd_ov=0.3, fd_mode="decoupled", weight_decay_factors=False),
     dict(target_param_ratio=0.6, factorize=("embedding",), head_dim_qk=3, fd_linear=0.1, factor_init="dense",
          reduced_heads="fresh"),
-    dict(rank_scale=1.5, fd_qk=1e-4),
+    dict(rank_scale=1.5, fd_qk=1e-4, activation_aware=True, damping=0.05),
 ]
 
 

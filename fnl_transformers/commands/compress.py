@@ -6,8 +6,14 @@ spectral initialization, prints the per-layer table (ranks, parameters, relative
 saves the model to OUT_DIR with every other file of MODEL_DIR (tokenizer, sentence-transformers modules such as
 ``modules.json`` and ``1_Pooling/``; not the original weights). OUT_DIR is marked so that plain transformers
 refuses it (:mod:`fnl_transformers.hf.guard`); reload it with ``fnl_transformers.hf.from_pretrained(OUT_DIR)``.
-OUT_DIR appears only once it is complete. Every option is checked (by the core settings model, the validator
-``FNLConfig`` uses) before torch and transformers are imported.
+OUT_DIR appears only once it is complete. Every option and text file is checked (by the core settings model, the
+validator ``FNLConfig`` uses, and the core's text rule) before torch and transformers are imported.
+
+``--calibration FILE`` (one text per line) truncates activation-aware (``FNLConfig(activation_aware=True)``: each
+layer and head form in the norm of its outputs on these texts; ``--damping``), and reports the output-level
+fidelity to the original model (cosine of mean-pooled hidden states, nearest-neighbour agreement, masked /
+next-token LM loss: :mod:`fnl_transformers.hf.fidelity`) on the calibration texts, or on ``--eval-text FILE``
+(which alone measures weight-only SI). The fidelity is stored in the plan, so ``fnl inspect`` shows it too.
 """
 from __future__ import annotations
 
@@ -30,10 +36,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--factorize", default="ffn,embedding",
                         help="comma-separated parts to factorize at the rank scale: ffn, embedding, position "
                         "(learned position tables), attention (default: ffn,embedding)")
+    parser.add_argument("--calibration", metavar="FILE",
+                        help="UTF-8 text file, one text per line: truncate each layer in the norm of its outputs on "
+                        "these texts (activation-aware) and report the output fidelity on them")
+    parser.add_argument("--damping", type=float,
+                        help="with --calibration: damping of the inputs' second moment C + damping * mean(diag C) * I "
+                        "(default 0.01)")
+    parser.add_argument("--eval-text", metavar="FILE",
+                        help="UTF-8 text file, one text per line: report the output fidelity to the original model on "
+                        "these texts (default: the --calibration texts)")
+
+
+def _option(name: str) -> str:
+    """Settings as this command spells them (activation-aware truncation is asked for with --calibration)."""
+    from ..core.settings import flag
+
+    return "--calibration FILE" if name == "activation_aware" else flag(name)
 
 
 def run(args) -> int:
-    from ..core.settings import flag, specs_from_flat  # torch-free
+    from ..core.settings import specs_from_flat  # torch-free
+    from ..core.texts import read_texts
 
     if not os.path.isdir(args.model_dir):
         raise FileNotFoundError(f"MODEL_DIR {args.model_dir} is not a directory")
@@ -45,15 +68,23 @@ def run(args) -> int:
             and args.head_dim_qk is None and args.head_dim_ov is None:
         raise ValueError("nothing to compress: give --rank-scale or --target-param-ratio, and/or --head-dim")
     flat = dict(rank_scale=args.rank_scale, target_param_ratio=args.target_param_ratio, factorize=args.factorize,
-                head_dim=args.head_dim, head_dim_qk=args.head_dim_qk, head_dim_ov=args.head_dim_ov)
-    specs_from_flat(flat, namer=flag)  # FNLConfig's validation, spelled as options, before the heavy imports
+                head_dim=args.head_dim, head_dim_qk=args.head_dim_qk, head_dim_ov=args.head_dim_ov,
+                activation_aware=args.calibration is not None, damping=args.damping)
+    flat = {k: v for k, v in flat.items() if v is not None}
+    specs_from_flat(flat, namer=_option)  # FNLConfig's validation, spelled as options, before the heavy imports
+    calibration = None if args.calibration is None else read_texts(args.calibration, "--calibration")
+    evaluation = calibration if args.eval_text is None else read_texts(args.eval_text, "--eval-text")
+
+    import copy
 
     from transformers.utils import logging as hf_logging
 
     from ..hf.apply import patch_model
     from ..hf.config import FNLConfig
+    from ..hf.fidelity import fidelity_report
     from ..hf.files import copy_non_weight_files
     from ..hf.guard import mark_checkpoint
+    from ..hf.persist import record_fidelity
     from ..hf.report import format_table
 
     config = FNLConfig(**flat)
@@ -61,14 +92,22 @@ def run(args) -> int:
     hf_logging.disable_progress_bar()  # stdout is the table, stderr only errors
     try:
         model = load_vanilla(args.model_dir)
-        patch_model(model, config)
+        tokenizer = None if evaluation is None else load_tokenizer(args.model_dir)
+        reference = None if evaluation is None else copy.deepcopy(model)  # the original, for the fidelity report
+        patch_model(model, config, calibration=None if calibration is None else (tokenizer, calibration))
+        if reference is not None:
+            record_fidelity(model, fidelity_report(reference, model, tokenizer, evaluation))
+            del reference
         print(format_table(model.config.fnl_config))
+        if evaluation is None:
+            print("output fidelity not measured: give --eval-text FILE (or --calibration FILE) to compare the "
+                  "compressed model's outputs with the original's")
         parent = os.path.dirname(os.path.abspath(args.out_dir))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".fnl-compress-", dir=parent)
         try:
-            model.save_pretrained(tmp)
-            mark_checkpoint(tmp)
+            model.save_pretrained(tmp)  # a patched model's save_pretrained marks the directory
+            mark_checkpoint(tmp)  # (idempotent: stated here, as this command's output must be marked)
             copied, skipped = copy_non_weight_files(args.model_dir, tmp)
             if os.path.isdir(args.out_dir):
                 os.rmdir(args.out_dir)  # empty (checked above)
@@ -83,6 +122,18 @@ def run(args) -> int:
           + (f" (not copied, weights of the original: {', '.join(skipped)})" if skipped else "")
           + f"; load it with fnl_transformers.hf.from_pretrained({args.out_dir!r})")
     return 0
+
+
+def load_tokenizer(model_dir: str):
+    """The tokenizer saved in ``model_dir`` (needed for --calibration / --eval-text)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{model_dir} has no usable tokenizer ({reason}); --calibration and --eval-text need the "
+                         "model's tokenizer files in MODEL_DIR") from None
 
 
 def load_vanilla(model_dir: str):

@@ -15,7 +15,7 @@ _EXPORTS = {
     ".frobenius": ("accumulate_fd_grads", "fd_grads", "form_diagnostics", "form_grads", "form_sq_norms",
                    "frobenius_penalty", "frobenius_penalty_by_kind"),
     ".heads": ("HeadDims", "form_param_counts", "form_rel_errors", "head_products", "head_shapes", "pad_heads",
-               "shrink_heads"),
+               "shrink_heads", "shrink_heads_with_errors"),
     ".layers": ("INIT_METHODS", "FactorizedEmbedding", "FactorizedLinear"),
     ".policy": ("FD", "NO_DECAY", "WEIGHT_DECAY", "DecayPolicy", "default_no_decay", "form_memberships",
                 "forms_from_memberships"),

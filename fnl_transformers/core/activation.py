@@ -43,9 +43,8 @@ import torch
 
 from .attention import attention_spectral_init
 from .rank import check_matrix, check_positive_int
+from .settings import DEFAULT_DAMPING, check_damping
 from .spectral import head_spectral_init, spectral_init
-
-DEFAULT_DAMPING = 0.01
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,6 +153,19 @@ class TokenCounts:
 
 
 @dataclass(frozen=True)
+class HeadCalibration:
+    """Statistics of one self-attention layer for activation-aware per-head truncation
+    (:func:`attention_activation_init`): ``second_moment`` / ``mean`` of the attention input (what q, k and v
+    read), optionally ``ov_second_moment`` (``heads x d x d``: each head's attention-weighted inputs, exact for the
+    OV forms), and the ``damping``."""
+
+    second_moment: torch.Tensor
+    mean: Optional[torch.Tensor] = None
+    ov_second_moment: Optional[torch.Tensor] = None
+    damping: float = DEFAULT_DAMPING
+
+
+@dataclass(frozen=True)
 class FitErrors:
     """Relative errors of one truncation (see the module docstring)."""
 
@@ -168,13 +180,6 @@ class FitErrors:
 # ----------------------------------------------------------------------------------------------------------------
 # scaling
 # ----------------------------------------------------------------------------------------------------------------
-def _check_damping(damping: float) -> float:
-    value = float(damping)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-    return value
-
-
 def _sym(C: torch.Tensor, n: int, name: str) -> torch.Tensor:
     if not isinstance(C, torch.Tensor) or C.shape[-2:] != (n, n):
         raise ValueError(f"{name} must be a {n} x {n} matrix (E[x x^T] of the layer's inputs), got "
@@ -185,7 +190,7 @@ def _sym(C: torch.Tensor, n: int, name: str) -> torch.Tensor:
 
 def _damped(C: torch.Tensor, damping: float) -> torch.Tensor:
     """``C + damping * mean(diag C) * I`` (``I`` for an all-zero ``C``), batched over leading dims."""
-    damping = _check_damping(damping)
+    damping = check_damping(damping)
     n = C.shape[-1]
     if not bool(torch.isfinite(C).all()):
         raise ValueError("the second moment must be finite")
@@ -312,7 +317,7 @@ def embedding_activation_init(
     if not isinstance(counts, torch.Tensor) or counts.shape != (vocab,):
         raise ValueError(f"counts must be a tensor of {vocab} token counts, got "
                          f"{tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}")
-    damping = _check_damping(damping)
+    damping = check_damping(damping)
     c = counts.detach().double()
     if bool((c < 0).any()) or not bool(torch.isfinite(c).all()):
         raise ValueError("counts must be finite and >= 0")

@@ -36,7 +36,7 @@ from .batched import (
     use_product,
 )
 from .forms import KINDS, BoundForm, FormSpec, iter_forms
-from .settings import check_fd_coefficients
+from .settings import FDSpec, check_fd_coefficients
 from .spectral import qr_core
 
 __all__ = ["accumulate_fd_grads", "fd_grads", "form_diagnostics", "form_grads", "form_sq_norms", "frobenius_penalty",
@@ -91,7 +91,8 @@ def _active(coeffs: Dict[str, float]) -> Tuple[str, ...]:
 
 
 def frobenius_penalty_by_kind(model: nn.Module, linear=0.0, embedding=0.0, qk=0.0, ov=0.0) -> Dict[str, torch.Tensor]:
-    """``{kind: lambda_kind / 2 * sum_forms ||W_form||_F^2}`` for each kind with a nonzero coefficient.
+    """``{kind: lambda_kind / 2 * sum_forms ||W_form||_F^2}`` for each kind with a nonzero coefficient; nonzero
+    coefficients none of whose kinds ``model`` has (a penalty that is always 0) are one clear error.
 
     All forms of ``model`` go through one batched computation (:mod:`fnl_transformers.core.batched`: forms
     grouped by shape, grouping cached per model) and one autograd node with a closed-form backward."""
@@ -99,6 +100,9 @@ def frobenius_penalty_by_kind(model: nn.Module, linear=0.0, embedding=0.0, qk=0.
     active = _active(coeffs)
     plan, tensors = model_plan(model, active) if active else (None, [])
     if plan is None:
+        if active:  # nonzero coefficients, none of whose kinds the model has: a penalty that is always 0
+            spec = FDSpec(linear=coeffs["linear"], embedding=coeffs["embedding"], qk=coeffs["qk"], ov=coeffs["ov"])
+            spec.check_present({form.kind for _, _, form, _ in iter_forms(model)})
         return {}
     sq = plan.sq_norms(tensors)  # ||W_f||_F^2 per form
     present = tuple(k for k in active if k in plan.kinds)

@@ -6,9 +6,10 @@ d_in``, o ``d_out x (heads * head_dim)``; absent biases are ``None``), the inter
 layouts to and from these dicts.
 
 * :func:`shrink_heads`: new tensors at reduced per-head dims, each form by per-head SI (Definition 3.1; at full
-  dim it re-balances the factors, the function unchanged), by a caller-supplied random initialization, by that
-  random initialization with each reduced head's own product then re-balanced (the official code's rule), or
-  kept;
+  dim it re-balances the factors, the function unchanged), by activation-aware per-head SI on calibration
+  statistics (:func:`~fnl_transformers.core.activation.attention_activation_init`), by a caller-supplied random
+  initialization, by that random initialization with each reduced head's own product then re-balanced (the
+  official code's rule), or kept (:func:`shrink_heads_with_errors` also returns the activation-aware fit errors);
 * :func:`head_shapes`: the shapes alone (planning, parameter counts, rebuilding before loading weights);
 * :func:`pad_heads`: zero-pad reduced heads back to the full head dim, folding a score-scaling ratio into the
   query (zero rows add nothing to ``q . k`` or to the output);
@@ -23,6 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .activation import FitErrors, HeadCalibration, attention_activation_init
 from .attention import attention_spectral_init
 from .forms import FactorView, attention_form_specs, attention_forms
 from .settings import HEAD_FORMS, check_shrink
@@ -30,7 +32,7 @@ from .settings import HEAD_FORMS, check_shrink
 Tensors = Dict[str, Optional[torch.Tensor]]
 KEYS = tuple(f"{p}_{t}" for p in "qkvo" for t in ("weight", "bias"))
 FORM_KEYS = {"qk": ("q_weight", "q_bias", "k_weight", "k_bias"), "ov": ("v_weight", "v_bias", "o_weight", "o_bias")}
-INITS = ("spectral", "random", "balanced")
+INITS = ("spectral", "activation", "random", "balanced")
 
 # fresh(key, shape, like) -> a newly initialized tensor of ``shape`` for entry ``key`` (``like``: the current one)
 FreshInit = Callable[[str, Tuple[int, ...], torch.Tensor], torch.Tensor]
@@ -102,14 +104,25 @@ def form_param_counts(t: Tensors, dims: HeadDims) -> Dict[str, int]:
 
 
 def shrink_heads(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Optional[str],
-                 fresh: Optional[FreshInit] = None) -> Tensors:
+                 fresh: Optional[FreshInit] = None, calibration: Optional[HeadCalibration] = None) -> Tensors:
     """Tensors of the attention ``t`` (full heads) resized to ``dims``, form by form.
 
     ``init_<form>``: ``"spectral"`` (per-head SI, :func:`~fnl_transformers.core.attention_spectral_init`: exact
-    truncation; key bias dropped, value bias folded into the output bias), ``"random"`` (``fresh(key, shape,
-    like)`` for each of the form's tensors), ``"balanced"`` (``"random"``, then per-head SI of those fresh
-    tensors at their own dim: each head's product unchanged, its factors re-balanced) or ``None`` (kept as is:
-    only allowed where the form keeps its dim). Entries of forms kept are the input tensors themselves."""
+    truncation; key bias dropped, value bias folded into the output bias), ``"activation"`` (per-head SI of the
+    forms scaled by the ``calibration`` statistics,
+    :func:`~fnl_transformers.core.activation.attention_activation_init`, same bias handling), ``"random"``
+    (``fresh(key, shape, like)`` for each of the form's tensors), ``"balanced"`` (``"random"``, then per-head SI
+    of those fresh tensors at their own dim: each head's product unchanged, its factors re-balanced) or ``None``
+    (kept as is: only allowed where the form keeps its dim). Entries of forms kept are the input tensors
+    themselves."""
+    return shrink_heads_with_errors(t, dims, init_qk, init_ov, fresh, calibration)[0]
+
+
+def shrink_heads_with_errors(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Optional[str],
+                             fresh: Optional[FreshInit] = None, calibration: Optional[HeadCalibration] = None
+                             ) -> Tuple[Tensors, Dict[str, FitErrors]]:
+    """:func:`shrink_heads` and ``{form: FitErrors}`` of the forms initialized ``"activation"`` (the minimized,
+    output and weight relative errors over all heads)."""
     inits = {"qk": init_qk, "ov": init_ov}
     for form, init in inits.items():
         if init is None and dims.shrinks(form):
@@ -118,9 +131,25 @@ def shrink_heads(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Op
         if init is not None and init not in INITS:
             raise ValueError(f"head initialization must be one of {INITS} or None, got {init!r}")
     out = dict(t)
+    errors: Dict[str, FitErrors] = {}
+    kv_heads = None if dims.kv_heads == dims.heads else dims.kv_heads
     spectral = [form for form, init in inits.items() if init == "spectral"]
     if spectral:
         out.update(_spectral(t, dims, spectral))
+    activation = [form for form, init in inits.items() if init == "activation"]
+    if activation:
+        if calibration is None:
+            raise ValueError("activation-aware head initialization needs the attention input's statistics "
+                             "(calibration)")
+        q, k, v, o = weights(t)
+        new, fits = attention_activation_init(
+            q, k, v, o, dims.heads, calibration.second_moment, calibration.mean, qk_rank=dims.qk, ov_rank=dims.ov,
+            q_bias=t.get("q_bias"), k_bias=t.get("k_bias"), v_bias=t.get("v_bias"), o_bias=t.get("o_bias"),
+            num_kv_heads=kv_heads, ov_second_moment=calibration.ov_second_moment, damping=calibration.damping,
+        )
+        for form in activation:
+            out.update({k: new[k] for k in FORM_KEYS[form]})
+            errors[form] = fits[form]
     random = [form for form, init in inits.items() if init in ("random", "balanced")]
     if random:
         if fresh is None:
@@ -133,7 +162,7 @@ def shrink_heads(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Op
     balanced = [form for form, init in inits.items() if init == "balanced"]
     if balanced:  # per-head SI of the fresh reduced heads at their own dim: re-balance only
         out.update(_spectral(out, dims, balanced))
-    return out
+    return out, errors
 
 
 def _spectral(t: Tensors, dims: HeadDims, forms) -> Tensors:
@@ -206,4 +235,4 @@ def form_rel_errors(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tens
 
 
 __all__ = ["FORM_KEYS", "HeadDims", "KEYS", "form_param_counts", "form_rel_errors", "head_products", "head_shapes",
-           "pad_heads", "shrink_heads"]
+           "pad_heads", "shrink_heads", "shrink_heads_with_errors"]

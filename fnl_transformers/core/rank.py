@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -185,4 +186,24 @@ def plan_ranks(layers: Sequence[Tuple[str, int, int]], structure, params_before:
             ranks[name] = explicit[name]
         elif scale is not None:
             ranks[name] = rank_from_scale(m, n, scale)
+    _warn_growth(layers, ranks, explicit, structure)
     return ranks
+
+
+def _warn_growth(layers, ranks: Dict[str, int], explicit: Dict[str, int], structure) -> None:
+    """One warning for factorized layers with more parameters than their dense weight (``r (m + n) > m n``) that
+    nobody asked to be overcomplete (``deep``, or a rank scale >= 1, is asking)."""
+    if structure.deep:
+        return
+    intended = structure.rank_scale is not None and structure.rank_scale >= 1
+    grown = [(name, m, n, ranks[name], factorized_param_count(m, n, ranks[name])) for name, m, n in layers
+             if name in ranks and (name in explicit or not intended)
+             and factorized_param_count(m, n, ranks[name]) > m * n]
+    if not grown:
+        return
+    shown = "; ".join(f"{name} rank {r} of {m} x {n}: {m * n:,} -> {after:,} parameters"
+                      for name, m, n, r, after in grown[:3]) + (f"; +{len(grown) - 3} more" if len(grown) > 3 else "")
+    growth = sum(after - m * n for _, m, n, _, after in grown)
+    warnings.warn(f"{len(grown)} factorized layer(s) get more parameters than their dense weights ({shown}; "
+                  f"{growth:+,} in all): ranks below m n / (m + n) compress; for overcomplete factors on purpose "
+                  "use a rank scale >= 1 or deep", UserWarning, stacklevel=2)

@@ -27,6 +27,7 @@ FD_MODES = ("coupled", "decoupled")
 HEAD_FORMS = ("qk", "ov")
 FACTOR_INITS = ("random", "dense")
 HEAD_RULES = ("truncate", "fresh")
+DEFAULT_DAMPING = 0.01  # activation-aware truncation: C + damping * mean(diag C) * I (GPTQ's choice)
 
 Namer = Callable[[str], str]
 
@@ -90,6 +91,15 @@ def check_param_ratio(value, name: str = "target_param_ratio") -> float:
                                       "than the model has would need factorized layers larger than the dense ones; "
                                       "ask for a smaller fraction (overcomplete factors come from a rank scale >= 1)")
     return t
+
+
+def check_damping(value, name: str = "damping") -> float:
+    """The one rule for the damping of a second moment (activation-aware truncation): a finite number >= 0."""
+    d = _number(name, value, ">= 0")
+    if not (math.isfinite(d) and d >= 0):
+        raise SettingsError(lambda n: f"{n(name)} must be a finite number >= 0 (relative damping of the inputs' "
+                                      f"second moment; default {DEFAULT_DAMPING}), got {value!r}")
+    return d
 
 
 def fits_heads(value, full: int) -> bool:
@@ -232,6 +242,13 @@ class StructureSpec:
         HEAD_RULES))
     deep: bool = field(default=False, metadata=_help(
         "overcomplete U M V^T factors (M starts at the identity), multiplied out after training (Sec. 5)"))
+    activation_aware: bool = field(default=False, metadata=_help(
+        "SI of pretrained weights in the norm of each layer's outputs on calibration data instead of the weights' "
+        "norm (the inputs' second moments; token frequencies for embeddings; per head for shrunk QK/OV forms); "
+        "needs calibration data when the model is patched, so HuggingFace only (fairseq models train from scratch)"))
+    damping: float = field(default=DEFAULT_DAMPING, metadata=_help(
+        "with activation_aware: the inputs' second moment C is damped to C + damping * mean(diag C) * I, which "
+        "keeps input directions the calibration data never visited (0: no damping)"))
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -254,7 +271,7 @@ class StructureSpec:
                     "'attention'"))
         for name in ("head_dim_qk", "head_dim_ov"):
             _positive_int(name, getattr(self, name), hint=" (the reduced per-head dimension; None keeps the model's)")
-        for name in ("spectral_init", "deep"):
+        for name in ("spectral_init", "deep", "activation_aware"):
             _boolean(name, getattr(self, name))
         for name in ("spectral_init_qk", "spectral_init_ov"):
             _boolean(name, getattr(self, name), allow_none=True)
@@ -263,6 +280,17 @@ class StructureSpec:
         if self.deep and not self.factorizes:
             raise SettingsError(lambda n: f"{n('deep')} needs {n('rank_scale')}, {n('ranks')} or "
                                           f"{n('target_param_ratio')} (which layers to factorize at which rank)")
+        set_("damping", check_damping(self.damping))
+        if self.activation_aware:
+            if not self.spectral_init:
+                raise SettingsError(lambda n: f"{n('activation_aware')} is spectral initialization in the norm of the "
+                                              f"outputs: it needs {n('spectral_init')} (drop one of them)")
+            if not self.factorizes and self.head_dim_qk is None and self.head_dim_ov is None:
+                raise SettingsError(lambda n: f"{n('activation_aware')} truncates nothing: give {n('rank_scale')}, "
+                                              f"{n('ranks')}, {n('target_param_ratio')} or a reduced head dim")
+        elif self.damping != DEFAULT_DAMPING:
+            raise SettingsError(lambda n: f"{n('damping')} applies to activation-aware truncation only: set "
+                                          f"{n('activation_aware')} too, or leave {n('damping')} at its default")
 
     def __hash__(self):  # ranks is a dict
         return hash(tuple((f.name, repr(getattr(self, f.name))) for f in fields(self)))
@@ -275,8 +303,11 @@ class StructureSpec:
     @property
     def layer_init(self) -> str:
         """Initialization of factorized layers (a key of :data:`~fnl_transformers.core.INIT_METHODS`):
-        ``"spectral"`` (SI), else ``factor_init`` (``"random"`` or ``"dense"``)."""
-        return "spectral" if self.spectral_init else self.factor_init
+        ``"spectral"`` (SI), ``"activation"`` (SI in the norm of the layer's outputs on calibration data), else
+        ``factor_init`` (``"random"`` or ``"dense"``)."""
+        if not self.spectral_init:
+            return self.factor_init
+        return "activation" if self.activation_aware else "spectral"
 
     def head_dims(self, original: int, where: str = "") -> Tuple[int, int]:
         """``(qk, ov)`` per-head dimensions of an attention whose heads have ``original`` dimensions: the specific
@@ -297,22 +328,20 @@ class StructureSpec:
 
     def head_init(self, form: str, shrinks: bool) -> Optional[str]:
         """How a head form (``"qk"``/``"ov"``) starts: ``"spectral"`` (per-head SI of the current heads: truncated
-        where they shrink, re-balanced at full dim), ``"random"`` (fresh projections), ``"balanced"`` (fresh
-        projections at the reduced dim, each head's own product then re-balanced: ``reduced_heads='fresh'``
-        with SI), or ``None`` (left exactly as it is)."""
+        where they shrink, re-balanced at full dim), ``"activation"`` (per-head SI in the norm of the scores /
+        outputs on calibration data, where the heads shrink and ``activation_aware`` is set), ``"random"`` (fresh
+        projections), ``"balanced"`` (fresh projections at the reduced dim, each head's own product then
+        re-balanced: ``reduced_heads='fresh'`` with SI, which has no trained heads to truncate), or ``None`` (left
+        exactly as it is)."""
         chosen = getattr(self, f"spectral_init_{form}")
         si = self.spectral_init if chosen is None else chosen
         if not shrinks:
             return "spectral" if chosen else None
         if self.reduced_heads == "fresh":
             return "balanced" if si else "random"
-        return "spectral" if si else "random"
-
-    def score_head_dim(self, original: int, qk: int) -> int:
-        """The head dimension ``d`` of the score scaling ``1/sqrt(d)`` of heads of ``original`` dimension whose QK
-        forms have dimension ``qk``: ``original`` (``reduced_heads='truncate'``: SI stays exact) or ``qk``
-        (``'fresh'``, the official code's rule)."""
-        return qk if self.reduced_heads == "fresh" else original
+        if not si:
+            return "random"
+        return "activation" if self.activation_aware else "spectral"
 
 
 @dataclass(frozen=True)
@@ -458,6 +487,7 @@ def specs_from_flat(values: Mapping[str, Any], namer: Namer = _plain):
     return structure, fd, wdf
 
 
-__all__ = ["FACTOR_INITS", "FD_MODES", "FDSpec", "HEAD_FORMS", "HEAD_RULES", "KINDS", "PARTS", "Setting",
-           "SettingsError", "StructureSpec", "check_fd_coefficients", "check_shrink", "fits_heads", "flag",
-           "flat_settings", "parse_parts", "parse_ranks", "shrink_message", "specific_head_dims", "specs_from_flat"]
+__all__ = ["DEFAULT_DAMPING", "FACTOR_INITS", "FD_MODES", "FDSpec", "HEAD_FORMS", "HEAD_RULES", "KINDS", "PARTS",
+           "Setting", "SettingsError", "StructureSpec", "check_damping", "check_fd_coefficients", "check_shrink",
+           "fits_heads", "flag", "flat_settings", "parse_parts", "parse_ranks", "shrink_message", "specific_head_dims",
+           "specs_from_flat"]

@@ -162,6 +162,10 @@ def _shrinks_heads(s: StructureSpec) -> bool:
 
 
 def _check_model_options(args, s: StructureSpec) -> None:
+    if s.activation_aware:
+        raise ValueError("--activation-aware truncates pretrained weights in the norm of their outputs on calibration "
+                         "data, and fnl_transformer models are trained from scratch: drop it (--spectral-init "
+                         "factorizes the initialization)")
     if s.factorizes and "embedding" in s.factorize and getattr(args, "adaptive_softmax_cutoff", None):
         raise ValueError("--adaptive-softmax-cutoff is not supported with factorized embeddings; "
                          "use --factorize ffn or drop the adaptive softmax")

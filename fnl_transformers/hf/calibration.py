@@ -20,41 +20,15 @@ stats[q].mean)``).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..core.activation import HeadInputStats, InputStats, TokenCounts
+from ..core.texts import check_texts, read_texts  # noqa: F401  (the rule for text lists and files, torch-free)
 
 Stats = Union[InputStats, TokenCounts, HeadInputStats]
-
-
-def check_texts(texts: Iterable[str], what: str = "calibration texts") -> List[str]:
-    """A non-empty list of non-blank strings (blank lines are dropped), else one clear error."""
-    if isinstance(texts, str):
-        raise ValueError(f"{what} must be a list of strings (one text each), got a single string")
-    try:
-        items = list(texts)
-    except TypeError:
-        raise ValueError(f"{what} must be a list of strings, got {type(texts).__name__}") from None
-    bad = [type(t).__name__ for t in items if not isinstance(t, str)]
-    if bad:
-        raise ValueError(f"{what} must be strings, got {bad[0]}")
-    items = [t for t in items if t.strip()]
-    if not items:
-        raise ValueError(f"{what}: no non-empty text given")
-    return items
-
-
-def read_texts(path: str) -> List[str]:
-    """The non-empty lines of a UTF-8 text file (one calibration text per line)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text; give a text file with one calibration text per line") from None
-    return check_texts(lines, f"calibration file {path}")
 
 
 def batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, device) -> Iterable[dict]:

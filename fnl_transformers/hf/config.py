@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Dict, Optional, Tuple
 
 from ..core import FDSpec, StructureSpec, flat_settings
-from ..core.settings import specs_from_flat
+from ..core.settings import DEFAULT_DAMPING, specs_from_flat
 
 RENAMED = {"qk_head_dim": "head_dim_qk", "ov_head_dim": "head_dim_ov"}  # former field names -> current
 
@@ -39,6 +39,8 @@ class FNLConfig:
     factor_init: str = "random"
     reduced_heads: str = "truncate"
     deep: bool = False
+    activation_aware: bool = False
+    damping: float = DEFAULT_DAMPING
     fd_linear: float = 0.0
     fd_embedding: Optional[float] = None
     fd_qk: float = 0.0
@@ -48,7 +50,7 @@ class FNLConfig:
 
     def __post_init__(self):
         structure, fd, _ = specs_from_flat(self._flat())  # the core's validation (one clear error)
-        for name in ("rank_scale", "factorize", "ranks", "target_param_ratio"):
+        for name in ("rank_scale", "factorize", "ranks", "target_param_ratio", "damping"):
             setattr(self, name, getattr(structure, name))  # normalized: floats, a tuple of parts
         for kind in ("linear", "embedding", "qk", "ov"):
             setattr(self, f"fd_{kind}", getattr(fd, kind))

@@ -7,13 +7,16 @@ weight the checkpoint names differently (the factors ``U``/``V`` instead of ``we
 warning. A patched model therefore saves ``attn_implementation`` = :data:`LOAD_MARKER`, a message naming this
 function, in its ``config.json``; plain transformers refuses to build the model with that message, and a
 directory marked by :func:`fnl_transformers.hf.guard.mark_checkpoint` cannot be read by plain transformers at all
-(see :mod:`.guard`); this loader removes the marks. ``path`` may also be a Hugging Face Hub model id, resolved
-through the local cache (only the cache when offline: ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``).
+(see :mod:`.guard`); this loader removes the marks. Every save of a patched model is marked: a patched model's
+``save_pretrained`` (and so ``Trainer`` checkpoints, ``push_to_hub``) marks the directory it writes. ``path`` may
+also be a Hugging Face Hub model id, resolved through the local cache (only the cache when offline:
+``HF_HUB_OFFLINE=1`` or ``local_files_only=True``).
 """
 from __future__ import annotations
 
 import os
 import re
+import types
 from typing import Dict, Optional, Union
 
 import torch
@@ -35,10 +38,23 @@ MARKER_ATTR = "attn_implementation"
 
 def record_plan(model: nn.Module, plan: Plan) -> None:
     """Store ``plan`` (as JSON-ready data) and the load marker in ``model.config``; keep the FNLConfig on the
-    model."""
+    model; make its ``save_pretrained`` mark what it writes (:func:`save_pretrained`)."""
     setattr(model.config, CONFIG_KEY, plan.to_dict())
     setattr(model.config, MARKER_ATTR, LOAD_MARKER)
     model.fnl_config = plan.config
+    model.save_pretrained = types.MethodType(save_pretrained, model)
+
+
+def record_fidelity(model: nn.Module, report: dict) -> None:
+    """Store an output-level comparison with the original model (:func:`fnl_transformers.hf.fidelity.fidelity_report`;
+    its per-text cosines left out) in the plan of a patched ``model``, so ``config.json`` (and ``fnl inspect``)
+    carries it."""
+    plan = getattr(model.config, CONFIG_KEY, None)
+    if not isinstance(plan, dict):
+        raise ValueError("this model is not patched by fnl_transformers (no config.fnl_config); use patch_model")
+    summary = dict(report)
+    summary["cosine"] = {k: v for k, v in report["cosine"].items() if k != "per_text"}
+    plan["fidelity"] = summary
 
 
 def forget_plan(model: nn.Module) -> None:
@@ -46,6 +62,24 @@ def forget_plan(model: nn.Module) -> None:
     model.config.__dict__.pop(CONFIG_KEY, None)
     model.config.__dict__.pop(MARKER_ATTR, None)
     model.__dict__.pop("fnl_config", None)
+    model.__dict__.pop("save_pretrained", None)
+
+
+def save_pretrained(self: PreTrainedModel, save_directory, *args, **kwargs):
+    """A patched model's ``save_pretrained``: transformers' own, then
+    :func:`~fnl_transformers.hf.guard.mark_checkpoint` on the directory (on the process that writes it), so no save
+    of a patched model can be loaded wrongly by plain transformers. ``push_to_hub=True`` is refused (the upload would
+    happen before the marks); ``model.push_to_hub(repo_id)`` saves through this method and uploads marked files."""
+    if kwargs.get("push_to_hub"):
+        raise ValueError("save_pretrained(..., push_to_hub=True) would upload a patched checkpoint before "
+                         "fnl_transformers marks it: save it, then call model.push_to_hub(repo_id), which saves "
+                         "through this method")
+    out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    is_main = kwargs.get("is_main_process", args[0] if args else True)
+    should = getattr(self, "should_save_on_this_rank", None)
+    if (should(is_main) if callable(should) else is_main) and os.path.isdir(save_directory):
+        guard.mark_checkpoint(save_directory)
+    return out
 
 
 def is_patched(model: nn.Module) -> bool:

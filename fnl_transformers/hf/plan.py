@@ -41,8 +41,10 @@ class AttentionEntry:
     score_dim: Optional[int] = None  # scores scaled by 1/sqrt(score_dim) (None: the original head_dim)
     qk_params: Optional[List[int]] = None  # [before, after]
     ov_params: Optional[List[int]] = None
-    qk_rel_error: Optional[float] = None  # ||P - P_r||_F / ||P||_F over all heads (spectral init only)
+    qk_rel_error: Optional[float] = None  # ||P - P_r||_F / ||P||_F over all heads (spectral / activation init)
     ov_rel_error: Optional[float] = None
+    qk_fit: Optional[Dict[str, float]] = None  # activation init: core FitErrors (minimized, output, weight errors)
+    ov_fit: Optional[Dict[str, float]] = None
 
     @property
     def dims(self) -> HeadDims:
@@ -74,7 +76,8 @@ class LayerEntry:
     embedding: Optional[str] = None
     bias: Optional[bool] = None
     params: Optional[List[int]] = None  # [before, after]
-    rel_error: Optional[float] = None
+    rel_error: Optional[float] = None  # ||W - W'||_F / ||W||_F (spectral / activation init)
+    fit: Optional[Dict[str, float]] = None  # activation init: core FitErrors (minimized, output, weight errors)
 
 
 @dataclass
@@ -86,12 +89,16 @@ class Plan:
     params_before: int = 0
     params_after: Optional[int] = None
     format: int = FORMAT
+    fidelity: Optional[dict] = None  # output-level comparison with the original (hf.fidelity), when measured
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "arch": self.arch, "config": self.config.to_dict(),
-                "attention": {n: asdict(e) for n, e in self.attention.items()},
-                "layers": {n: asdict(e) for n, e in self.layers.items()},
-                "params_before": self.params_before, "params_after": self.params_after}
+        out = {"format": self.format, "arch": self.arch, "config": self.config.to_dict(),
+               "attention": {n: asdict(e) for n, e in self.attention.items()},
+               "layers": {n: asdict(e) for n, e in self.layers.items()},
+               "params_before": self.params_before, "params_after": self.params_after}
+        if self.fidelity is not None:
+            out["fidelity"] = self.fidelity
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -113,7 +120,8 @@ class Plan:
                 e["init_ov"] = init if e["head_dim_ov"] != e["head_dim"] else None
             attention[name] = AttentionEntry(**_known(AttentionEntry, e, name))
         layers = {name: LayerEntry(**_known(LayerEntry, e, name)) for name, e in data["layers"].items()}
-        return cls(data["arch"], config, attention, layers, data.get("params_before", 0), data.get("params_after"))
+        return cls(data["arch"], config, attention, layers, data.get("params_before", 0), data.get("params_after"),
+                   fidelity=data.get("fidelity"))
 
 
 def _known(cls, entry: dict, name: str) -> dict:
@@ -130,19 +138,33 @@ def num_params(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- attention
+def _qk_cause(config: FNLConfig, qk: int) -> Tuple[str, str]:
+    """``(what the user set that changes the QK heads, how to keep them)``, in FNLConfig's names."""
+    if config.head_dim_qk is not None:
+        return f"head_dim_qk={config.head_dim_qk}", "drop head_dim_qk (head_dim_ov shrinks the OV forms alone)"
+    if config.head_dim is not None:
+        return (f"head_dim={config.head_dim} (both attention forms)",
+                f"give head_dim_ov={config.head_dim} instead to shrink the OV forms alone")
+    if "attention" in config.factorize and config.rank_scale is not None:
+        return (f"rank_scale={config.rank_scale:g} with 'attention' in factorize (QK heads to {qk} dims)",
+                "drop 'attention' from factorize (head_dim_ov shrinks the OV forms alone)")
+    return "spectral_init_qk=True", "drop spectral_init_qk"
+
+
 def _attention_entry(arch: Arch, name: str, att: nn.Module, heads: Tuple[int, int],
-                     structure) -> Tuple[AttentionEntry, Tensors]:
+                     config: FNLConfig) -> Tuple[AttentionEntry, Tensors]:
+    structure = config.structure
     H, G = heads
     hd = arch.original_head_dim(att, H)
     qk, ov = structure.head_dims(hd, where=name)
     dims = HeadDims(H, G, hd, qk, ov)
     init = {form: structure.head_init(form, dims.shrinks(form)) for form in HEAD_FORMS}
     if arch.rope and (qk != hd or init["qk"] is not None):
+        cause, fix = _qk_cause(config, qk)
         raise ValueError(
             f"{arch.name} applies rotary position embeddings (RoPE) to queries and keys inside each head, so a "
-            f"head's QK product is not one fixed matrix and cannot be truncated or re-initialized by SI; keep the "
-            f"QK head dim ({hd}) and spectral_init_qk unset: set head_dim_qk=None and shrink only head_dim_ov, "
-            "or factorize FFN/embeddings"
+            f"head's QK product is not one fixed matrix and cannot be truncated or re-initialized by SI; "
+            f"{cause} changes the QK heads ({hd} dims): {fix}, or factorize FFN/embeddings"
         )
     if G != H and (dims.changed or any(init.values())):
         raise ValueError(
@@ -222,7 +244,7 @@ def make_plan(model: nn.Module, config: FNLConfig) -> Tuple[Plan, Dict[str, Tens
     plan = Plan(arch.name, config, params_before=num_params(model))
     weights: Dict[str, Tensors] = {}
     for name, att in arch.attention_modules(model):
-        plan.attention[name], weights[name] = _attention_entry(arch, name, att, heads, structure)
+        plan.attention[name], weights[name] = _attention_entry(arch, name, att, heads, config)
     after_heads = plan.params_before - sum(e.qk_params[0] - e.qk_params[1] + e.ov_params[0] - e.ov_params[1]
                                            for e in plan.attention.values())
     plan.layers = _layer_entries(model, arch, structure, plan.params_before, after_heads)

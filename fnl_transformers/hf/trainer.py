@@ -40,6 +40,9 @@ What :class:`FNLTrainer` changes, and why:
 * **Non-finite guard**: a NaN/Inf loss raises :class:`~fnl_transformers.core.NonFiniteError` naming the
   parameter and layer that holds it, or the FD kind / task loss that overflowed (``Trainer``'s own
   ``logging_nan_inf_filter`` would silently hide it). Checkpoints are checked before they are written.
+* **Checkpoints of a patched model are marked** (:mod:`.guard`: its ``save_pretrained`` marks them, so plain
+  transformers cannot load them wrongly); resuming (``resume_from_checkpoint``) and ``load_best_model_at_end`` read
+  the weights of marked checkpoints through :func:`~fnl_transformers.hf.guard.load_weights`.
 """
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ from ..core import (
     frobenius_penalty_by_kind,
     iter_forms,
 )
+from . import guard
 from .config import FNLConfig
 from .loss_scaling import label_count, watch_num_items, zero_with_graph
 
@@ -290,6 +294,28 @@ class FNLTrainer(Trainer):
             except NonFiniteError as e:
                 raise NonFiniteError(f"step {self.state.global_step}: not saving a checkpoint: {e}") from None
         return super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not _marked(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_marked(resume_from_checkpoint, self.model if model is None else model)
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if best is None or not _marked(best):
+            return super()._load_best_model()
+        self._load_marked(best, self.model)
+
+    def _load_marked(self, checkpoint: str, model: nn.Module) -> None:
+        """Weights of a marked checkpoint (``fnl_model.safetensors``), as ``Trainer`` loads a plain one."""
+        load_result = _unwrap(model).load_state_dict(guard.load_weights(checkpoint), False)
+        self._issue_warnings_after_load(load_result)
+
+
+def _marked(path) -> bool:
+    import os
+
+    return path is not None and os.path.isfile(os.path.join(path, "config.json")) and guard.is_marked(path)
 
 
 __all__ = ["FNLTrainer", "FD_OPTIMIZERS", "fd_spec", "is_fd_optimizer"]

@@ -168,10 +168,11 @@ def load_qa_model(path: str):
             plan = json.load(f).get("fnl_config")
     if plan is None:
         return AutoModelForQuestionAnswering.from_pretrained(path)
-    from ..hf import from_pretrained, get_fnl_config, patch_model
+    from ..hf import from_pretrained, get_fnl_config, guard, patch_model
 
     source = from_pretrained(path)
     config = AutoConfig.from_pretrained(path)
+    guard.unmark_config(config)  # a marked checkpoint's config (every save of a patched model is marked)
     for key in ("fnl_config", "attn_implementation"):
         config.__dict__.pop(key, None)
     config._attn_implementation = None
