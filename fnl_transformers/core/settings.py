@@ -343,6 +343,12 @@ class StructureSpec:
             return "random"
         return "activation" if self.activation_aware else "spectral"
 
+    def score_head_dim(self, original: int, qk: int) -> int:
+        """The head dimension ``d`` of the score scaling ``1/sqrt(d)`` of heads of ``original`` dimension whose QK
+        forms have dimension ``qk``: ``original`` (``reduced_heads='truncate'``: SI stays exact) or ``qk``
+        (``'fresh'``, the official code's rule)."""
+        return qk if self.reduced_heads == "fresh" else original
+
 
 @dataclass(frozen=True)
 class FDSpec:
