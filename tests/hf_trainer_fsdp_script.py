@@ -1,0 +1,114 @@
+"""Worker for tests/test_hf_trainer_fsdp.py: train the tiny factorized BERT with FNLTrainer and save the final
+parameters (process 0). Run alone (one process, whole parameters) or under ``torchrun --nproc_per_node 2`` (gloo,
+CPU), where the patched model is sharded with FSDP2 ``fully_shard`` (each encoder layer, then the root; every
+parameter along dim 0) before it is handed to ``FNLTrainer``.
+
+Two runs in one launch: ``coupled`` (FD in the loss, AdamW) and ``flambe`` (decoupled FD through FLAMBe).
+``--batch``/``--accum`` are per process. While FD runs, every torch.distributed collective other than
+``all_reduce`` raises; each FD call's collectives (from its ``CommLog``) are saved with the results.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fnl_transformers.core.sharded as sharded  # noqa: E402
+from fnl_transformers.hf.trainer import FNLTrainer  # noqa: E402
+
+from hf_trainer_helpers import FD, MLMData, quiet, tiny_bert, training_args  # noqa: E402
+
+RUNS = {
+    "coupled": dict(fd="coupled", optim="adamw_torch"),
+    "flambe": dict(fd="decoupled", fd_optimizer="flambe"),
+}
+FORBIDDEN = ("all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "reduce_scatter",
+             "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "gather", "scatter")
+CALLS = []  # per sharded FD call: its coefficients, CommLog calls and the collectives torch saw
+
+
+def _refuse(name):
+    def call(*args, **kwargs):
+        raise AssertionError(f"FD under FSDP called torch.distributed.{name}")
+    return call
+
+
+def _watch_fd():
+    """Wrap core.sharded.sharded_fd: no collective but its all-reduce, and a record of what it sent."""
+    original = sharded.sharded_fd
+
+    def watched(specs, lookup, coeffs, comm):
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        saved = {name: getattr(dist, name) for name in FORBIDDEN}
+        for name in FORBIDDEN:
+            setattr(dist, name, _refuse(name))
+        try:
+            with CommDebugMode() as mode:  # also sees DTensor redistributions (functional collectives)
+                out = original(specs, lookup, coeffs, comm)
+        finally:
+            for name, fn in saved.items():
+                setattr(dist, name, fn)
+        counts = {str(op): n for op, n in mode.get_comm_counts().items()}
+        CALLS.append(dict(coeffs=dict(coeffs), log=[list(c) for c in comm.log.calls], ops=counts))
+        return out
+
+    sharded.sharded_fd = watched
+
+
+def _shard(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True, help="file for {run: {name: tensor}} (written by process 0)")
+    parser.add_argument("--batch", type=int, required=True, help="per-process batch size")
+    parser.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    quiet()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+        _watch_fd()
+    results = {}
+    for name, run in RUNS.items():
+        CALLS.clear()
+        model = tiny_bert()
+        if world > 1:
+            model = _shard(model)
+        targs = training_args(tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
+                              gradient_accumulation_steps=args.accum, max_steps=args.steps,
+                              optim=run.get("optim", "adamw_torch"), learning_rate=1e-2, adam_epsilon=1e-6,
+                              logging_steps=args.steps, **({"ddp_backend": "gloo"} if world > 1 else {}))
+        trainer = FNLTrainer(model=model, args=targs, train_dataset=MLMData(), fd=run["fd"],
+                             fd_optimizer=run.get("fd_optimizer", "adamwfd"))
+        trainer.train()
+        logged = [h for h in trainer.state.log_history if "loss" in h][-1]
+        full = {n: (p.full_tensor() if sharded.is_dtensor(p) else p).detach().clone()
+                for n, p in model.named_parameters()}
+        results[name] = full
+        results[name + "/loss"] = torch.tensor(logged["loss"])
+        results[name + "/fd"] = torch.tensor([logged[f"fnl/{k}/fd"] for k in sorted(FD)])
+        results[name + "/dtensors"] = torch.tensor(sum(sharded.is_dtensor(p) for p in model.parameters()))
+        results[name + "/fd_calls"] = list(CALLS)
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(results, args.out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
