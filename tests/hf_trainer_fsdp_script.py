@@ -3,7 +3,8 @@ parameters (process 0). Run alone (one process, whole parameters) or under ``tor
 CPU), where the patched model is sharded with FSDP2 ``fully_shard`` (each encoder layer, then the root; every
 parameter along dim 0) before it is handed to ``FNLTrainer``.
 
-Two runs in one launch: ``coupled`` (FD in the loss, AdamW) and ``flambe`` (decoupled FD through FLAMBe).
+Three runs in one launch: ``coupled`` (FD in the loss, AdamW), ``flambe`` and ``adamwfd`` (decoupled FD in the
+optimizer); with ``--refusals``, then the refusals (:func:`refusals`).
 ``--batch``/``--accum`` are per process. While FD runs, every torch.distributed collective other than
 ``all_reduce`` raises; each FD call's collectives (from its ``CommLog``) are saved with the results.
 """
@@ -25,6 +26,7 @@ from hf_trainer_helpers import FD, MLMData, quiet, tiny_bert, training_args  # n
 RUNS = {
     "coupled": dict(fd="coupled", optim="adamw_torch"),
     "flambe": dict(fd="decoupled", fd_optimizer="flambe"),
+    "adamwfd": dict(fd="decoupled", fd_optimizer="adamwfd"),
 }
 FORBIDDEN = ("all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "reduce_scatter",
              "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "gather", "scatter")
@@ -54,7 +56,8 @@ def _watch_fd():
             for name, fn in saved.items():
                 setattr(dist, name, fn)
         counts = {str(op): n for op, n in mode.get_comm_counts().items()}
-        CALLS.append(dict(coeffs=dict(coeffs), log=[list(c) for c in comm.log.calls], ops=counts))
+        CALLS.append(dict(coeffs=dict(coeffs), log=[list(c) for c in comm.log.calls], ops=counts,
+                          dry=isinstance(comm, sharded.DryRunComm)))  # FNLTrainer's check of the layouts
         return out
 
     sharded.sharded_fd = watched
@@ -71,12 +74,40 @@ def _shard(model):
     return model
 
 
+def _message(fn) -> str:
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def refusals() -> dict:
+    """What cannot work on a sharded model, each refused with one line: patching or recomposing it, Trainer
+    checkpoints of it, and a sharding that splits a head (BERT with 3 heads of 8 rows: 12 rows per process)."""
+    from fnl_transformers.hf import recompose
+    from fnl_transformers.hf.apply import patch_model
+    from fnl_transformers.hf.config import FNLConfig
+
+    sharded_model = _shard(tiny_bert())
+    out = dict(
+        patch=_message(lambda: patch_model(sharded_model, FNLConfig(rank_scale=0.5))),
+        recompose=_message(lambda: recompose(sharded_model)),
+        checkpoints=_message(lambda: FNLTrainer(model=sharded_model, args=training_args(
+            tempfile.mkdtemp(), save_strategy="steps", ddp_backend="gloo"), train_dataset=MLMData())),
+        head_split=_message(lambda: FNLTrainer(model=_shard(tiny_bert(heads=3)), args=training_args(
+            tempfile.mkdtemp(), ddp_backend="gloo"), train_dataset=MLMData())),
+    )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, help="file for {run: {name: tensor}} (written by process 0)")
     parser.add_argument("--batch", type=int, required=True, help="per-process batch size")
     parser.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--refusals", action="store_true", help="with 2 processes: also record the refusals")
     args = parser.parse_args()
     quiet()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -104,6 +135,8 @@ def main() -> None:
         results[name + "/fd"] = torch.tensor([logged[f"fnl/{k}/fd"] for k in sorted(FD)])
         results[name + "/dtensors"] = torch.tensor(sum(sharded.is_dtensor(p) for p in model.parameters()))
         results[name + "/fd_calls"] = list(CALLS)
+    if world > 1 and args.refusals:
+        results["refusals"] = refusals()
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(results, args.out)
     if world > 1:

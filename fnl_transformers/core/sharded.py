@@ -480,6 +480,23 @@ def model_sharded_fd(model: nn.Module, coeffs: Dict[str, float], comm: Optional[
     return accumulate_sharded_fd_grads(model_specs(model), params.__getitem__, coeffs, None, comm)
 
 
+def check_sharded_forms(model: nn.Module, coeffs: Dict[str, float]) -> None:
+    """Refuse, with :func:`sharded_fd`'s one-line error, a sharding of ``model`` (FSDP2 DTensors) that FD cannot run
+    on (a shard boundary inside a head), before training starts: the same code on meta copies of the shards,
+    nothing computed or sent."""
+    held: Dict[int, Sharded] = {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def shard(key: Any) -> Sharded:
+        p = params[key]
+        if id(p) not in held:
+            s = as_sharded(p)
+            held[id(p)] = Sharded(s.local.to("meta"), s.layout)
+        return held[id(p)]
+
+    sharded_fd(model_specs(model), shard, coeffs, DryRunComm())
+
+
 def holds_dtensors(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a DTensor (the model was sharded by FSDP2 ``fully_shard``)."""
     return any(is_dtensor(p) for p in model.parameters())

@@ -46,6 +46,7 @@ What :class:`FNLTrainer` changes, and why:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional
 
 import torch
@@ -67,7 +68,7 @@ from ..core import (
     frobenius_penalty_by_kind,
     iter_forms,
 )
-from ..core.sharded import holds_dtensors, local_part, model_sharded_fd, model_specs
+from ..core.sharded import check_sharded_forms, holds_dtensors, local_part, model_sharded_fd, model_specs
 from . import guard
 from .config import FNLConfig
 from .loss_scaling import label_count, watch_num_items, zero_with_graph
@@ -200,6 +201,7 @@ class FNLTrainer(Trainer):
                     "its sharded optimizer state): pass save_strategy='no' and save after training with "
                     "torch.distributed.checkpoint"
                 )
+            check_sharded_forms(model, self.fd.coefficients())  # e.g. a head split between two processes
             # Trainer's branch for a model that owns its placement and gradient reduction: no DDP wrap
             self.is_distributed_loading_by_transformers = True
 
@@ -294,6 +296,21 @@ class FNLTrainer(Trainer):
                 else:
                     local_part(p.grad).add_(local_part(g))
         return penalty.detach()
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        """``no_sync`` for a model the user sharded with ``fully_shard`` (Trainer's own version reads the
+        ``DistributedConfig`` of a model sharded at load time): FSDP2 reduce-scatters once, after the last
+        micro-batch of an update."""
+        if getattr(self.model.config, "distributed_config", None) is not None:
+            with super()._defer_fsdp_gradient_reduction():
+                yield
+            return
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     def _report_non_finite(self, model, task: torch.Tensor, fd_parts: Dict[str, torch.Tensor]) -> None:
         step = self.state.global_step
