@@ -99,9 +99,9 @@ def test_what_cannot_work_on_shards_is_refused(launches):
     assert refusals["recompose"].startswith("recompose multiplies whole factors; the model's parameters are FSDP2 "
                                             "shards")
     assert "pass save_strategy='no'" in refusals["checkpoints"]
-    assert re.fullmatch(r"bert\.encoder\.layer\.0\.attention\.self\.query\.weight: the shard of process 0 \(rows 0\.\.12 "
-                        r"of dim 0\) splits head 1 \(8 rows per head\); shard this parameter along dim 1 .* divides its "
-                        r"3 heads", refusals["head_split"])
+    assert re.fullmatch(r"bert\.encoder\.layer\.0\.attention\.self\.query\.weight: the shard of process 0 "
+                        r"\(rows 0\.\.12 of dim 0\) splits head 1 \(8 rows per head\); shard this parameter along "
+                        r"dim 1 .* divides its 3 heads", refusals["head_split"])
 
 
 def test_deepspeed_with_fd_is_refused(monkeypatch, tmp_path):

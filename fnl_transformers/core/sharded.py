@@ -41,13 +41,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .batched import expand_heads, gram, gram_scales, gram_sq_norms
 from .forms import FactorView, FormSpec, module_forms
+
+if TYPE_CHECKING:
+    from typing import TypeGuard
+
+    from torch.distributed.tensor import DTensor
 
 # ---------------------------------------------------------------- layouts
 
@@ -258,8 +263,9 @@ def sharded_fd(
     comm: Comm,
 ) -> Tuple[torch.Tensor, Dict[Hashable, torch.Tensor]]:
     """FD penalty ``sum_forms lambda_kind / 2 ||W||_F^2`` (the same float32 scalar on every process) and
-    ``{key: lambda_kind * dFD/d(local shard)}`` (float32, float64 for float64 shards; shaped as each local shard; keys that name the same
-    local tensor share one gradient tensor), from local shards and one all-reduce of k x k pieces.
+    ``{key: lambda_kind * dFD/d(local shard)}`` (float32, float64 for float64 shards; shaped as each local shard;
+    keys that name the same local tensor share one gradient tensor), from local shards and one all-reduce of k x k
+    pieces.
 
     ``lookup(key)`` returns the :class:`Sharded` parameter a spec names, the same object for keys that name
     one parameter (tied or fused factors: one Gram, one gradient). Every process must call this with the same
@@ -394,7 +400,7 @@ class _Form:
 # ---------------------------------------------------------------- parameters held as DTensors (FSDP2)
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> "TypeGuard[DTensor]":
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 ``fully_shard`` parameter or gradient)."""
     try:
         from torch.distributed.tensor import DTensor
