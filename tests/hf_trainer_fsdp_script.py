@@ -3,8 +3,9 @@ parameters (process 0). Run alone (one process, whole parameters) or under ``tor
 CPU), where the patched model is sharded with FSDP2 ``fully_shard`` (each encoder layer, then the root; every
 parameter along dim 0) before it is handed to ``FNLTrainer``.
 
-Three runs in one launch: ``coupled`` (FD in the loss, AdamW), ``flambe`` and ``adamwfd`` (decoupled FD in the
-optimizer); with ``--refusals``, then the refusals (:func:`refusals`).
+Four runs in one launch: ``coupled`` (FD in the loss, AdamW), ``flambe`` and ``adamwfd`` (decoupled FD in the
+optimizer ``FNLTrainer`` builds), ``flambe_clip`` (a FLAMBe with ``max_grad_norm`` passed in ``optimizers``); with
+``--refusals``, then the refusals (:func:`refusals`).
 ``--batch``/``--accum`` are per process. While FD runs, every torch.distributed collective other than
 ``all_reduce`` raises; each FD call's collectives (from its ``CommLog``) are saved with the results.
 """
@@ -27,7 +28,17 @@ RUNS = {
     "coupled": dict(fd="coupled", optim="adamw_torch"),
     "flambe": dict(fd="decoupled", fd_optimizer="flambe"),
     "adamwfd": dict(fd="decoupled", fd_optimizer="adamwfd"),
+    "flambe_clip": dict(fd="decoupled", own_optimizer=True),  # FLAMBe(param_groups(...), max_grad_norm=0.5) passed in
 }
+
+
+def _own_optimizer(model):
+    """FLAMBe built by the user (on the sharded parameters when sharded), with global gradient pre-normalization
+    (the gradient norm of these runs is about 2: it acts)."""
+    from fnl_transformers.optim import FLAMBe, param_groups
+
+    groups = param_groups(model, fd_linear=FD["linear"], fd_qk=FD["qk"], fd_ov=FD["ov"], weight_decay=0.1)
+    return FLAMBe(groups, lr=1e-2, eps=1e-6, max_grad_norm=0.5)
 FORBIDDEN = ("all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "reduce_scatter",
              "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "gather", "scatter")
 CALLS = []  # per sharded FD call: its coefficients, CommLog calls and the collectives torch saw
@@ -124,8 +135,9 @@ def main() -> None:
                               gradient_accumulation_steps=args.accum, max_steps=args.steps,
                               optim=run.get("optim", "adamw_torch"), learning_rate=1e-2, adam_epsilon=1e-6,
                               logging_steps=args.steps, **({"ddp_backend": "gloo"} if world > 1 else {}))
+        optimizers = (_own_optimizer(model), None) if run.get("own_optimizer") else (None, None)
         trainer = FNLTrainer(model=model, args=targs, train_dataset=MLMData(), fd=run["fd"],
-                             fd_optimizer=run.get("fd_optimizer", "adamwfd"))
+                             fd_optimizer=run.get("fd_optimizer", "adamwfd"), optimizers=optimizers)
         trainer.train()
         logged = [h for h in trainer.state.log_history if "loss" in h][-1]
         full = {n: (p.full_tensor() if sharded.is_dtensor(p) else p).detach().clone()

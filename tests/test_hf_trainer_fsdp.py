@@ -2,11 +2,12 @@
 
 Worker: tests/hf_trainer_fsdp_script.py: the patched tiny BERT is sharded with ``fully_shard`` (each encoder layer,
 then the root; every parameter along dim 0: q/k/v split between their heads, FFN factors and output projections
-along their contracted dimension) and trained 3 updates with coupled FD (AdamW), FLAMBe and AdamWFD. Global batch
-4 = 1 process x 4 = 2 processes x 2 = 2 processes x 1 x 2 accumulation steps.
+along their contracted dimension) and trained 3 updates with coupled FD (AdamW), FLAMBe and AdamWFD built by
+FNLTrainer, and a FLAMBe with ``max_grad_norm`` passed in ``optimizers`` (its pre-normalization changes the result
+by 0.11, so it acts). Global batch 4 = 1 process x 4 = 2 processes x 2 = 2 processes x 1 x 2 accumulation steps.
 
 Tolerances: parameters, max |difference| relative to the single-process run's movement < 1e-3 (measured <= 2.2e-5
-for all three runs, with and without accumulation: the same sums in another order, amplified by Adam in
+for all four runs, with and without accumulation: the same sums in another order, amplified by Adam in
 near-zero gradients; 1e-3 leaves 45x; halving the FD gradient on the shards gives 1.16); logged loss and FD value
 per kind, relative 1e-5 (measured <= 1.2e-7). Every FD call sends exactly one all-reduce of the size the dry run
 (``core.sharded.fd_comm_log`` on the unsharded model) counts, and torch sees no other collective (no all-gather:
@@ -28,7 +29,7 @@ from hf_trainer_helpers import FD, MLMData, max_rel_diff, params, tiny_bert, tra
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "hf_trainer_fsdp_script.py")
 TOL, VALUE_TOL, STEPS = 1e-3, 1e-5, 3
-RUNS = ("coupled", "flambe", "adamwfd")
+RUNS = ("coupled", "flambe", "adamwfd", "flambe_clip")
 
 
 def _free_port() -> int:
