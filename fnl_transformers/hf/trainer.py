@@ -40,6 +40,11 @@ What :class:`FNLTrainer` changes, and why:
 * **Non-finite guard**: a NaN/Inf loss raises :class:`~fnl_transformers.core.NonFiniteError` naming the
   parameter and layer that holds it, or the FD kind / task loss that overflowed (``Trainer``'s own
   ``logging_nan_inf_filter`` would silently hide it). Checkpoints are checked before they are written.
+* **FSDP2** (``fully_shard`` applied to the patched model before ``FNLTrainer``, launched with ``torchrun``; or
+  Trainer's ``fsdp`` arguments with ``fsdp_config={"version": 2}``): FD from the local shards plus one all-reduce
+  of k x k pieces (:mod:`fnl_transformers.core.sharded`), never a gathered factor. Coupled FD adds ``dFD/dp / k``
+  to the shards' gradients before each forward pass (FSDP2 adds the task gradient to it); the optimizers route
+  DTensor parameters there themselves. Logs carry ``fnl/<kind>/fd`` only. DeepSpeed and FSDP1 are refused with FD.
 * **Checkpoints of a patched model are marked** (:mod:`.guard`: its ``save_pretrained`` marks them, so plain
   transformers cannot load them wrongly); resuming (``resume_from_checkpoint``) and ``load_best_model_at_end`` read
   the weights of marked checkpoints through :func:`~fnl_transformers.hf.guard.load_weights`.

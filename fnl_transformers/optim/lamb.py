@@ -21,6 +21,10 @@ Differences from other LAMBs, on purpose:
   ``Lamb`` always applies it (but clamps ``||w||`` to ``clamp_value`` = 10 by default; no clamp here).
 * Decay is decoupled (added to the update inside the trust ratio, AdamW style), never added to the gradient.
 * ``step`` counts per parameter (a tensor without gradient does not advance), as in torch-optimizer.
+
+FSDP2 parameters (DTensors, ``fully_shard``) are updated on their local shards; the norms of the trust ratios
+and of ``max_grad_norm`` are completed by one all-reduce per batch of tensors, and FLAMBe's FD comes from the
+shards (:mod:`fnl_transformers.core.sharded`, one all-reduce of k x k pieces).
 """
 from __future__ import annotations
 
@@ -173,12 +177,8 @@ def _trust_steps(ws: List[torch.Tensor], rs: List[torch.Tensor], lr: float, trus
                  sharded: Optional[List[bool]] = None, group=None) -> None:
     """``w -= lr * q * r`` with the trust ratio ``q = ||w|| / ||r||`` (1 if a norm is 0), ``min(q, trust_clip)``;
     all ratios in one vector operation, no host synchronization (one all-reduce of the norms for shards)."""
-    if sharded is not None and any(sharded):
-        both = tensor_norms(list(ws) + list(rs), list(sharded) * 2, group)
-        w_norm, r_norm = both[: len(ws)], both[len(ws) :]
-    else:
-        w_norm = torch.stack(torch._foreach_norm(ws))
-        r_norm = torch.stack(torch._foreach_norm(rs))
+    both = tensor_norms(list(ws) + list(rs), None if sharded is None else list(sharded) * 2, group)
+    w_norm, r_norm = both[: len(ws)], both[len(ws) :]
     trust = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))
     if trust_clip is not None:
         trust = trust.clamp(max=trust_clip)
