@@ -104,7 +104,7 @@ def test_errors_are_spelled_by_the_converter():
 
 def test_empty_factorize_is_refused_not_a_silent_no_op():
     with pytest.raises(SettingsError, match=r"factorize must name at least one part among \['ffn', 'embedding', "
-                                            r"'attention'\], got \(\)"):
+                                            r"'position', 'attention'\], got \(\)"):
         StructureSpec(rank_scale=0.5, factorize=())
 
 
