@@ -40,7 +40,7 @@ bench: $(STAMP)
 # torch (no venv), installs from .gpu-carry/ into a scratch folder, runs the GPU tests, timings and training,
 # writes bench/results-gpu.json. gpu-check-smoke: the same pipeline on this CPU, tiny sizes.
 GPU_PYTHON ?= python3
-GPU_ARCH   ?= fnl_transformer_tiny
+GPU_ARCH   ?= fnl_transformer_small
 GPU_CHECK_ARGS ?=
 
 gpu-carry: $(STAMP)

@@ -77,7 +77,7 @@ def distill(model, tokenizer, train, targets: torch.Tensor, steps: int, batch: i
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def run(args) -> dict:

@@ -128,7 +128,7 @@ def test_cpu_smoke_pipeline_end_to_end(tmp_path):
     x = trained[("fd-qkov", "fp32")]
     assert x["updates"] == 20 and x["timed_updates"] >= 10 and x["s_per_update"] > 0
     assert x["command"].startswith("fairseq-train ") and "--max-tokens 256" in x["command"]
-    assert "--fd-qk 1e-4" in x["command"] and "--arch fnl_transformer_tiny" in x["command"]
+    assert "--fd-qk 1e-4" in x["command"] and "--arch fnl_transformer_small" in x["command"]
     # the renderer reads the real structure (README blocks refuse smoke results, the table itself renders)
     text = gpu_report.render_table(r)
     assert "| dense, no FD | fp32 |" in text and "| fd-qkov | fp32 | 20 |" in text
