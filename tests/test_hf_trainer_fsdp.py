@@ -120,3 +120,18 @@ def test_deepspeed_with_fd_is_refused(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"^FNLTrainer computes FD from whole or FSDP2-sharded parameters; DeepSpeed "
                                          r"flattens them: train with DDP \(torchrun\) or FSDP2"):
         FNLTrainer(model=tiny_bert(), args=training_args(str(tmp_path)), train_dataset=MLMData())
+
+
+def test_fsdp1_with_fd_is_refused(monkeypatch, tmp_path):
+    """accelerate's FSDP plugin (GPU-only, so simulated here) at version 1 flattens the parameters."""
+    import types
+
+    from accelerate.state import AcceleratorState
+
+    from fnl_transformers.hf.trainer import FNLTrainer
+
+    plugin = types.SimpleNamespace(fsdp_version=1, activation_checkpointing=False, state_dict_type="FULL_STATE_DICT")
+    monkeypatch.setattr(AcceleratorState, "fsdp_plugin", plugin, raising=False)
+    with pytest.raises(ValueError, match=r"^FNLTrainer computes FD on FSDP2 \(DTensor\) shards; FSDP1 flattens the "
+                                         r"parameters: pass fsdp_config=\{'version': 2\}$"):
+        FNLTrainer(model=tiny_bert(), args=training_args(str(tmp_path)), train_dataset=MLMData())
