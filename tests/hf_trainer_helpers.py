@@ -13,15 +13,17 @@ VOCAB, HIDDEN, LAYERS, HEADS, FFN, SEQ = 48, 32, 2, 4, 64, 8
 FD = {"linear": 0.05, "qk": 0.05, "ov": 0.05}  # large enough that FD moves the weights visibly in 3 updates
 
 
-def tiny_bert(seed: int = 0, dropout: float = 0.0, fd_mode: str = "coupled"):
+def tiny_bert(seed: int = 0, dropout: float = 0.0, fd_mode: str = "coupled", heads: int = HEADS):
     """BertForMaskedLM (hidden 32, 2 layers, 4 heads) patched with rank-16 factorized FFN layers (SI), QK/OV
-    forms, and FD coefficients ``FD`` in its FNLConfig (``model.fnl_config``)."""
+    forms, and FD coefficients ``FD`` in its FNLConfig (``model.fnl_config``). ``heads`` other than 4: hidden
+    ``8 * heads``."""
     from transformers import BertConfig, BertForMaskedLM
 
     from fnl_transformers.hf import FNLConfig, patch_model
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+    hidden = HIDDEN if heads == HEADS else 8 * heads
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=heads,
                      intermediate_size=FFN, max_position_embeddings=2 * SEQ, type_vocab_size=1,
                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     fd = {f"fd_{k}": v for k, v in FD.items()}

@@ -105,6 +105,26 @@ def test_target_met_only_when_the_worst_repeat_meets_it():
     assert "1.020 [1.010-1.040, 3 repeats] (ours / baseline) | <= 1.03x | **no** |" in table
 
 
+@pytest.mark.slow
+def test_quick_run_of_fsdp_communication_item(tmp_path):
+    """Item 7 counts bytes from the collectives (2 gloo processes): FD's one all-reduce equals the dry run's count,
+    torch sees no other collective during FD, and the dry-run rows are the README's BERT-base rows."""
+    pytest.importorskip("transformers")
+    from fnl_transformers.core.sharded import comm_table
+
+    results, table = run_all(tmp_path, "7")
+    item = results["items"][0]
+    assert item["error"] is None and item["item"] == 7
+    measured, *dry = item["rows"]
+    assert measured["fd_bytes"] == measured["dry_bytes"] > 0 and measured["fd_ops"] == {"c10d.allreduce_": 1}
+    assert measured["gradient_bytes"] > measured["fd_bytes"]
+    assert abs(measured["ratio"] - 100 * measured["fd_bytes"] / measured["gradient_bytes"]) < 1e-9
+    bert = [r for r in comm_table() if r["model"].startswith("BERT")]
+    assert [r["fd_bytes"] for r in dry] == [r["bytes"] for r in bert]
+    assert "| 7 | FD communication under FSDP2 (bytes per update) |" in table
+    assert "gradient all-reduce / reduce-scatter, 4 bytes x 109,482,240 parameters: 437,928,960 bytes |" in table
+
+
 def test_compress_minilm_compares_both_truncations_before_and_after_fine_tuning(tmp_path):
     """The README's "compress, then fine-tune" command on the real MiniLM at smoke sizes: both variants keep the
     same parameters, fidelity numbers are cosines / fractions, fine-tuning moved the model, and activation-aware

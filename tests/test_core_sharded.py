@@ -208,6 +208,30 @@ def test_replicated_parameters_need_no_communication():
         assert float((grads[n] - g).abs().max()) <= TOL * float(g.abs().max())
 
 
+def test_dtensor_adapter_on_whole_tensors_equals_accumulate_fd_grads():
+    """The adapter the optimizers and FNLTrainer use (``accumulate_sharded_fd_grads``), on plain (replicated)
+    parameters: the same gradients as the core's ``accumulate_fd_grads`` (1e-5 of the largest), added onto buffers
+    already present and created for the others, one buffer per parameter (q/k/v of the fused projection share
+    ``c_attn``), the penalty equal to ``frobenius_penalty``, and nothing sent."""
+    from fnl_transformers.core import accumulate_fd_grads
+    from fnl_transformers.core.sharded import accumulate_sharded_fd_grads
+
+    model = make_model()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    specs = model_specs(model)
+    ref = accumulate_fd_grads(specs, params.__getitem__, COEFFS)
+    first = params["fc.U"]
+    out = {id(first): torch.ones_like(first)}
+    comm = DryRunComm()
+    penalty, got = accumulate_sharded_fd_grads(specs, params.__getitem__, COEFFS, out, comm)
+    assert comm.log.calls == [] and got is out and set(got) == set(ref)
+    scale = max(float(g.abs().max()) for g in ref.values())
+    for pid, g in ref.items():
+        expected = g + 1 if pid == id(first) else g
+        assert float((got[pid] - expected).abs().max()) <= TOL * scale
+    assert abs(float(penalty) - reference(model)[0]) <= TOL * reference(model)[0]
+
+
 def test_bert_base_communication_counted_by_hand():
     """One BERT-base attention under FSDP2's default sharding: QK stays local (q and k heads on the same
     process), OV sends the o Gram (partial sums) and the v Gram (owned heads): 2 x 12 heads x 64 * 65 / 2

@@ -10,7 +10,7 @@ _EXPORTS = {
     ".attention": ("attention_spectral_init",),
     ".checks": ("NonFiniteError", "check_finite"),
     ".forms": ("BoundForm", "FactorView", "FormSpec", "attention_form_specs", "attention_forms",
-               "clear_attention_forms", "form_parameters", "iter_forms", "module_forms", "module_lookup",
+               "clear_attention_forms", "form_parameters", "iter_forms", "iter_specs", "module_forms", "module_lookup",
                "register_attention_forms"),
     ".frobenius": ("accumulate_fd_grads", "fd_grads", "form_diagnostics", "form_grads", "form_sq_norms",
                    "frobenius_penalty", "frobenius_penalty_by_kind"),

@@ -112,17 +112,30 @@ def gram_grads(
     or, with ``accumulate``, added to it by the matrix product itself (``baddbmm_``); then ``None`` is returned
     for that factor.
     """
-    H, G = A.shape[0], B.shape[0]
+    Sa, Sb, dM = gram_scales(Ga, Gb, M, w, need)
+    dA = None if Sa is None else _times(A, Sa, out[0])
+    dB = None if Sb is None else _times(B, Sb, out[1])
+    return dA, dB, dM
+
+
+def gram_scales(
+    Ga: torch.Tensor,
+    Gb: torch.Tensor,
+    M: Optional[torch.Tensor],
+    w: torch.Tensor,
+    need: Tuple[bool, bool, bool] = (True, True, True),
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The k x k matrices of :func:`gram_grads`, from the Grams alone: ``S_a = w M Gb M^T`` per head (H x k x k;
+    ``dA_h = A_h S_a,h``), ``S_b = sum_{h in g} w_h M^T Ga_h M`` per group (G x k x k; ``dB_g = B_g S_b,g``) and the
+    per-head ``dM_h = w_h Ga_h M Gb_g(h)``. Any rows of ``A_h`` / ``B_g`` (a shard of them) times these matrices give
+    those rows' gradients: :mod:`fnl_transformers.core.sharded` uses them on local shards."""
+    H, G = Ga.shape[0], Gb.shape[0]
     w3 = w.reshape(H, 1, 1)
     Gbh = expand_heads(Gb, H)
-    dA = dB = dM = None
-    if need[0]:
-        dA = _times(A, w3 * _sandwich(M, Gbh), out[0])
-    if need[1]:
-        dB = _times(B, group_sum(w3 * _sandwich(M, Ga, transpose=True), G), out[1])
-    if M is not None and need[2]:
-        dM = w3 * (Ga @ M @ Gbh)
-    return dA, dB, dM
+    Sa = w3 * _sandwich(M, Gbh) if need[0] else None
+    Sb = group_sum(w3 * _sandwich(M, Ga, transpose=True), G) if need[1] else None
+    dM = w3 * (Ga @ M @ Gbh) if M is not None and need[2] else None
+    return Sa, Sb, dM
 
 
 def _times(X: torch.Tensor, S: torch.Tensor, out: Optional[Tuple[torch.Tensor, bool]]) -> Optional[torch.Tensor]:

@@ -110,12 +110,19 @@ def module_forms(module: nn.Module) -> List[FormSpec]:
     return specs + list(d[ATTR] if ATTR in d else getattr(cls, ATTR, ()))
 
 
-def iter_forms(model: nn.Module, kinds=KINDS) -> Iterator[Tuple[str, nn.Module, FormSpec, BoundForm]]:
-    """Every form in ``model`` of the given kinds: ``(module_name, module, spec, bound views)``."""
+def iter_specs(model: nn.Module, kinds=KINDS) -> Iterator[Tuple[str, nn.Module, FormSpec]]:
+    """Every form in ``model`` of the given kinds, unbound: ``(module_name, module, spec)`` (no parameter is read,
+    so FSDP2-sharded parameters are never viewed as heads)."""
     for name, module in model.named_modules():
         for spec in module_forms(module):
             if spec.kind in kinds:
-                yield name, module, spec, spec.bind(module_lookup(module))
+                yield name, module, spec
+
+
+def iter_forms(model: nn.Module, kinds=KINDS) -> Iterator[Tuple[str, nn.Module, FormSpec, BoundForm]]:
+    """Every form in ``model`` of the given kinds: ``(module_name, module, spec, bound views)``."""
+    for name, module, spec in iter_specs(model, kinds):
+        yield name, module, spec, spec.bind(module_lookup(module))
 
 
 def form_parameters(model: nn.Module, kinds=KINDS) -> List[Tuple[str, torch.Tensor, str]]:
@@ -123,7 +130,7 @@ def form_parameters(model: nn.Module, kinds=KINDS) -> List[Tuple[str, torch.Tens
     shared by two kinds, such as GPT-2's fused ``c_attn``, is listed once per kind)."""
     out: List[Tuple[str, torch.Tensor, str]] = []
     seen = set()
-    for name, module, spec, _ in iter_forms(model, kinds):
+    for name, module, spec in iter_specs(model, kinds):
         get = module_lookup(module)
         for key in spec.keys():
             p = get(key)

@@ -37,6 +37,7 @@ from .batched import (
 )
 from .forms import KINDS, BoundForm, FormSpec, iter_forms
 from .settings import FDSpec, check_fd_coefficients
+from .sharded import accumulate_sharded_fd_grads, is_dtensor
 from .spectral import qr_core
 
 __all__ = ["accumulate_fd_grads", "fd_grads", "form_diagnostics", "form_grads", "form_sq_norms", "frobenius_penalty",
@@ -138,11 +139,17 @@ def accumulate_fd_grads(
     (fused projections, tied factors) are summed. Buffers already in ``out`` receive the gradients in place
     (added by the matrix products themselves), others are created. All forms run in one batched computation
     (:func:`fnl_transformers.core.batched.spec_plan`, cached). Used by the optimizers for decoupled FD.
+
+    Parameters that are DTensors (FSDP2 ``fully_shard``) go through
+    :func:`fnl_transformers.core.sharded.accumulate_sharded_fd_grads`: local shards plus one all-reduce of k x k
+    pieces, never a gathered factor (every process must then call this with the same specs).
     """
     out = {} if out is None else out
     active = [s for s in specs if coeffs.get(s.kind, 0.0)]
     if not active:
         return out
+    if any(is_dtensor(lookup(k)) for s in active for k in s.keys()):
+        return accumulate_sharded_fd_grads(active, lookup, coeffs, out)[1]
     plan, tensors = spec_plan(active, lookup)
     by_index = {i: out[id(t)] for i, t in enumerate(tensors) if id(t) in out}
     with torch.no_grad():

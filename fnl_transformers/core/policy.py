@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequ
 
 from torch import nn
 
-from .forms import FactorView, FormSpec, form_parameters, iter_forms, module_lookup
+from .forms import FactorView, FormSpec, form_parameters, iter_specs, module_lookup
 from .settings import FDSpec
 
 FD, WEIGHT_DECAY, NO_DECAY = "fd", "weight_decay", "none"
@@ -93,7 +93,7 @@ def form_memberships(model: nn.Module, kinds: Sequence[str]) -> Dict[int, List[d
     """``{id(p): [membership, ...]}`` for every factor of the forms of ``kinds``; a membership is plain data
     ``{"form": id, "kind": kind, "role": "a"|"b"|"m", "view": {heads, transpose, start, stop}}``."""
     out: Dict[int, List[dict]] = {}
-    for index, (name, module, spec, _) in enumerate(iter_forms(model, tuple(kinds))):
+    for index, (name, module, spec) in enumerate(iter_specs(model, tuple(kinds))):
         get = module_lookup(module)
         form_id = f"{name}#{index}"
         roles: List[Tuple[str, Hashable, Optional[FactorView]]] = [("a", spec.a.key, spec.a), ("b", spec.b.key, spec.b)]

@@ -41,12 +41,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from .batched import expand_heads, gram, gram_scales, gram_sq_norms
 from .forms import FactorView, FormSpec, module_forms
+
+if TYPE_CHECKING:
+    from typing import TypeGuard
+
+    from torch.distributed.tensor import DTensor
 
 # ---------------------------------------------------------------- layouts
 
@@ -257,8 +263,9 @@ def sharded_fd(
     comm: Comm,
 ) -> Tuple[torch.Tensor, Dict[Hashable, torch.Tensor]]:
     """FD penalty ``sum_forms lambda_kind / 2 ||W||_F^2`` (the same float32 scalar on every process) and
-    ``{key: lambda_kind * dFD/d(local shard)}`` (float32, shaped as each local shard; keys that name the same
-    local tensor share one gradient tensor), from local shards and one all-reduce of k x k pieces.
+    ``{key: lambda_kind * dFD/d(local shard)}`` (float32, float64 for float64 shards; shaped as each local shard;
+    keys that name the same local tensor share one gradient tensor), from local shards and one all-reduce of k x k
+    pieces.
 
     ``lookup(key)`` returns the :class:`Sharded` parameter a spec names, the same object for keys that name
     one parameter (tied or fused factors: one Gram, one gradient). Every process must call this with the same
@@ -294,7 +301,7 @@ def sharded_fd(
     for ident, (f, sh) in factors.items():
         A = _f32(f.batched(sh.local))
         G = A.new_zeros(f.heads, f.k, f.k)
-        G[f.first : f.last] = A.transpose(1, 2) @ A
+        G[f.first : f.last] = gram(A)
         grams[ident] = G
 
     # what travels: Grams used by a form that is not local to its heads (unless replicated), sharded Ms
@@ -322,7 +329,7 @@ def sharded_fd(
         if form.local:
             fa = factors[form.a][0]
             Ga, Gb = grams[form.a][fa.first : fa.last], grams[form.b][fa.first : fa.last]
-            local_penalty = local_penalty + (Ga * Gb).sum() * (form.lam / 2)
+            local_penalty = local_penalty + gram_sq_norms(Ga, Gb, None).sum() * (form.lam / 2)
     any_local = any(form.local for form in forms)
 
     if travel or m_travel or any_local:
@@ -359,29 +366,24 @@ def sharded_fd(
 
     def grad_buffer(key: Hashable, local: torch.Tensor) -> torch.Tensor:
         if id(local) not in by_tensor:
-            by_tensor[id(local)] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
+            dtype = torch.float64 if local.dtype == torch.float64 else torch.float32
+            by_tensor[id(local)] = torch.zeros(local.shape, dtype=dtype, device=local.device)
         grads[key] = by_tensor[id(local)]
         return grads[key]
 
-    for form in forms:
+    for form in forms:  # the formulas are core.batched's; here they run on the local rows of each factor
         (fa, sa), (fb, sb) = factors[form.a], factors[form.b]
-        n_heads, n_groups = fa.heads, fb.heads
         Ga, Gb = grams[form.a], grams[form.b]
         M = None if form.m is None else ms[id(form.m.local)]
-        per_group = n_heads // n_groups
-        Gbh = Gb if per_group == 1 else Gb.repeat_interleave(per_group, dim=0)  # B's Gram for each query head
-        GbM = _inner(Gbh, M)  # M B^T B M^T
-        GaG = Ga if per_group == 1 else Ga.view(n_groups, per_group, fa.k, fa.k).sum(1)  # summed over each group
-        GaM = _inner(GaG, None if M is None else M.t())  # M^T A^T A M
         if not form.local:
-            penalty = penalty + (Ga * GbM).sum() * (form.lam / 2)
-        dA = _f32(fa.batched(sa.local)) @ GbM[fa.first : fa.last]
-        fa.batched(grad_buffer(form.spec.a.key, sa.local)).add_(dA, alpha=form.lam)
-        dB = _f32(fb.batched(sb.local)) @ GaM[fb.first : fb.last]
-        fb.batched(grad_buffer(form.spec.b.key, sb.local)).add_(dB, alpha=form.lam)
-        if M is not None and form.m is not None:
-            dM = (Ga @ M @ Gbh).sum(0)  # sum_h A_h^T A_h M B^T B
-            grad_buffer(form.spec.m, form.m.local).add_(form.m.layout.take(dM), alpha=form.lam)
+            penalty = penalty + gram_sq_norms(Ga, expand_heads(Gb, fa.heads), M).sum() * (form.lam / 2)
+        w = Ga.new_full((fa.heads,), form.lam)  # gradients of lambda/2 ||W_h||_F^2
+        Sa, Sb, dM = gram_scales(Ga, Gb, M, w)  # dA_h = A_h Sa_h, dB_g = B_g Sb_g, per-head dM
+        assert Sa is not None and Sb is not None
+        fa.batched(grad_buffer(form.spec.a.key, sa.local)).baddbmm_(_f32(fa.batched(sa.local)), Sa[fa.first : fa.last])
+        fb.batched(grad_buffer(form.spec.b.key, sb.local)).baddbmm_(_f32(fb.batched(sb.local)), Sb[fb.first : fb.last])
+        if dM is not None and form.m is not None:
+            grad_buffer(form.spec.m, form.m.local).add_(form.m.layout.take(dM.sum(0)))
     return penalty, grads
 
 
@@ -395,9 +397,115 @@ class _Form:
     local: bool
 
 
-def _inner(G: torch.Tensor, M: Optional[torch.Tensor]) -> torch.Tensor:
-    """``M G M^T`` per head (``G`` when there is no M)."""
-    return G if M is None else M @ G @ M.t()
+# ---------------------------------------------------------------- parameters held as DTensors (FSDP2)
+
+
+def is_dtensor(t: Any) -> "TypeGuard[DTensor]":
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 ``fully_shard`` parameter or gradient)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a view sharing its memory); any other tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def as_sharded(p: torch.Tensor) -> Sharded:
+    """A parameter as :func:`sharded_fd` reads it: a DTensor's local shard and layout, a plain tensor replicated."""
+    p = p.detach()
+    if is_dtensor(p):
+        return Sharded(p.to_local(), ShardLayout.of_dtensor(p))
+    return Sharded(p, ShardLayout.replicated(p.shape))
+
+
+def mesh_group(tensors: Iterable[torch.Tensor]):
+    """The process group of the first DTensor's (1-D) device mesh, or None (the default group) when none is one."""
+    for t in tensors:
+        if is_dtensor(t):
+            return t.device_mesh.get_group()
+    return None
+
+
+def accumulate_sharded_fd_grads(
+    specs: Sequence[FormSpec],
+    lookup: Callable[[Any], torch.Tensor],
+    coeffs: Dict[str, float],
+    out: Optional[Dict[int, torch.Tensor]] = None,
+    comm: Optional[Comm] = None,
+) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+    """:func:`~fnl_transformers.core.frobenius.accumulate_fd_grads` for parameters that are DTensors (FSDP2): the
+    FD penalty and ``out[id(p)] += lambda_kind * dFD/dp``, by :func:`sharded_fd` from the local shards and one
+    all-reduce (``comm``, default: over the parameters' device mesh).
+
+    A buffer already in ``out`` may be a DTensor laid out as its parameter or a tensor of the local shard's shape
+    (e.g. an optimizer's local update direction); the local rows are added in place. Missing buffers are created:
+    a DTensor with the parameter's placements (float32) for a DTensor parameter, else a plain tensor. Every
+    process must call this with the same specs in the same order."""
+    out = {} if out is None else out
+    held: Dict[int, Tuple[torch.Tensor, Sharded]] = {}  # one Sharded per parameter: tied keys share their Gram
+
+    def shard(key: Any) -> Sharded:
+        p = lookup(key)
+        if id(p) not in held:
+            held[id(p)] = (p, as_sharded(p))
+        return held[id(p)][1]
+
+    specs = list(specs)
+    if comm is None:
+        comm = Comm(mesh_group(lookup(k) for spec in specs for k in spec.keys()))
+    with torch.no_grad():
+        penalty, grads = sharded_fd(specs, shard, coeffs, comm)
+        done = set()
+        for key, g in grads.items():
+            p = lookup(key)
+            if id(p) in done:  # keys naming one parameter share one gradient tensor
+                continue
+            done.add(id(p))
+            buf = out.get(id(p))
+            if buf is not None:
+                local_part(buf).add_(g)
+            elif is_dtensor(p):
+                from torch.distributed.tensor import DTensor
+
+                out[id(p)] = DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                                stride=torch.empty(p.shape, device="meta").stride())
+            else:
+                out[id(p)] = g
+    return penalty, out
+
+
+def model_sharded_fd(model: nn.Module, coeffs: Dict[str, float], comm: Optional[Comm] = None
+                     ) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+    """FD penalty of ``model`` (its parameters FSDP2 DTensors, sharded at the time of the call) and
+    ``{id(p): lambda dFD/dp}`` (DTensors laid out as the parameters), from local shards and one all-reduce."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return accumulate_sharded_fd_grads(model_specs(model), params.__getitem__, coeffs, None, comm)
+
+
+def check_sharded_forms(model: nn.Module, coeffs: Dict[str, float]) -> None:
+    """Refuse, with :func:`sharded_fd`'s one-line error, a sharding of ``model`` (FSDP2 DTensors) that FD cannot run
+    on (a shard boundary inside a head), before training starts: the same code on meta copies of the shards,
+    nothing computed or sent."""
+    held: Dict[int, Sharded] = {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def shard(key: Any) -> Sharded:
+        p = params[key]
+        if id(p) not in held:
+            s = as_sharded(p)
+            held[id(p)] = Sharded(s.local.to("meta"), s.layout)
+        return held[id(p)]
+
+    sharded_fd(model_specs(model), shard, coeffs, DryRunComm())
+
+
+def holds_dtensors(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor (the model was sharded by FSDP2 ``fully_shard``)."""
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 # ---------------------------------------------------------------- models

@@ -45,6 +45,7 @@ from ..core.activation import (
     embedding_activation_init,
 )
 from ..core.heads import Tensors, shrink_heads_with_errors
+from ..core.sharded import holds_dtensors
 from .arch import Arch, arch_for, set_submodule
 from .config import FNLConfig
 from .layers import TiedFactorizedHead
@@ -329,6 +330,11 @@ def _finish(model, arch: Arch, plan: Plan, tied: Dict[str, str]) -> None:
 def _check_unpatched(model) -> None:
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"patch_model expects a transformers PreTrainedModel, got {type(model).__name__}")
+    if holds_dtensors(model):
+        raise ValueError(
+            "patch_model cannot factorize a model whose parameters are FSDP2 shards (DTensors): patch first, then "
+            "shard: model = patch_model(model, config), then fully_shard(...) (or FNLTrainer's fsdp arguments)"
+        )
     if is_patched(model):
         raise ValueError("this model is already patched by fnl_transformers; recompose(model) first to re-patch")
 

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..core import clear_attention_forms, pad_heads
+from ..core.sharded import holds_dtensors
 from .arch import ARCHS, set_submodule
 from .persist import forget_plan, plan_of
 
@@ -25,6 +26,11 @@ def recompose(model: PreTrainedModel) -> PreTrainedModel:
     unchanged). The copy has
     the original architecture's parameter names and shapes: plain ``from_pretrained`` loads its
     ``save_pretrained`` output with no missing or unexpected keys. ``model`` itself is not modified."""
+    if holds_dtensors(model):
+        raise ValueError(
+            "recompose multiplies whole factors; the model's parameters are FSDP2 shards (DTensors): load its full "
+            "state dict (torch.distributed.checkpoint) into an unsharded patched model and recompose that"
+        )
     plan = plan_of(model)
     arch = ARCHS[plan.arch]
     out = copy.deepcopy(model)

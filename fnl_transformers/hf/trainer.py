@@ -40,12 +40,18 @@ What :class:`FNLTrainer` changes, and why:
 * **Non-finite guard**: a NaN/Inf loss raises :class:`~fnl_transformers.core.NonFiniteError` naming the
   parameter and layer that holds it, or the FD kind / task loss that overflowed (``Trainer``'s own
   ``logging_nan_inf_filter`` would silently hide it). Checkpoints are checked before they are written.
+* **FSDP2** (``fully_shard`` applied to the patched model before ``FNLTrainer``, launched with ``torchrun``; or
+  Trainer's ``fsdp`` arguments with ``fsdp_config={"version": 2}``): FD from the local shards plus one all-reduce
+  of k x k pieces (:mod:`fnl_transformers.core.sharded`), never a gathered factor. Coupled FD adds ``dFD/dp / k``
+  to the shards' gradients before each forward pass (FSDP2 adds the task gradient to it); the optimizers route
+  DTensor parameters there themselves. Logs carry ``fnl/<kind>/fd`` only. DeepSpeed and FSDP1 are refused with FD.
 * **Checkpoints of a patched model are marked** (:mod:`.guard`: its ``save_pretrained`` marks them, so plain
   transformers cannot load them wrongly); resuming (``resume_from_checkpoint``) and ``load_best_model_at_end`` read
   the weights of marked checkpoints through :func:`~fnl_transformers.hf.guard.load_weights`.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional
 
 import torch
@@ -67,6 +73,7 @@ from ..core import (
     frobenius_penalty_by_kind,
     iter_forms,
 )
+from ..core.sharded import check_sharded_forms, holds_dtensors, local_part, model_sharded_fd, model_specs
 from . import guard
 from .config import FNLConfig
 from .loss_scaling import label_count, watch_num_items, zero_with_graph
@@ -178,11 +185,30 @@ class FNLTrainer(Trainer):
                 "no FD: pass FLAMBe/AdamWFD(fnl_transformers.optim.param_groups(model, ...)), or leave `optimizers` "
                 "unset"
             )
-        if self.fd.active and (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)):
+        if self.fd.active and getattr(self, "is_deepspeed_enabled", False):
             raise ValueError(
-                "FNLTrainer computes FD from whole parameters; FSDP and DeepSpeed shard or flatten them: "
-                "train with DDP (torchrun, no fsdp/deepspeed arguments)"
+                "FNLTrainer computes FD from whole or FSDP2-sharded parameters; DeepSpeed flattens them: train with "
+                "DDP (torchrun) or FSDP2 (fsdp='full_shard', fsdp_config={'version': 2}) instead of deepspeed"
             )
+        fsdp = getattr(self, "is_fsdp_enabled", False)
+        if self.fd.active and fsdp and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                "FNLTrainer computes FD on FSDP2 (DTensor) shards; FSDP1 flattens the parameters: pass "
+                "fsdp_config={'version': 2}"
+            )
+        # FSDP2: by accelerate (fsdp arguments; the model is sharded when training starts) or by the user
+        # (fully_shard applied to the patched model before FNLTrainer): FD from local shards, core.sharded
+        self.fd_sharded = fsdp or holds_dtensors(model)
+        if holds_dtensors(model) and not fsdp:
+            if self.args.save_strategy != "no":
+                raise ValueError(
+                    "FNLTrainer on a model sharded with fully_shard writes no checkpoints (Trainer has no format for "
+                    "its sharded optimizer state): pass save_strategy='no' and save after training with "
+                    "torch.distributed.checkpoint"
+                )
+            check_sharded_forms(model, self.fd.coefficients())  # e.g. a head split between two processes
+            # Trainer's branch for a model that owns its placement and gradient reduction: no DDP wrap
+            self.is_distributed_loading_by_transformers = True
 
     @property
     def fd_mode(self) -> str:
@@ -225,6 +251,8 @@ class FNLTrainer(Trainer):
         if not model.training:  # evaluation / prediction: the task loss, a per-batch mean for every model
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch if custom else None)
         k = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        if self.coupled and self.fd_sharded:  # before the forward pass: the parameters are sharded
+            fd_value = self._add_sharded_fd(_unwrap(model), k)
         if custom:
             # user-defined loss: Trainer's own normalization rule applies to it
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
@@ -244,7 +272,9 @@ class FNLTrainer(Trainer):
         task = loss if scaled else loss / k
         total = task
         fd_parts: Dict[str, torch.Tensor] = {}
-        if self.coupled:
+        if self.coupled and self.fd_sharded:
+            total = task + fd_value.to(task.dtype) / k  # the objective, as logged; its gradient is already added
+        elif self.coupled:
             with torch.autocast(total.device.type, enabled=False):  # FD in float32 even under mixed precision
                 fd_parts = frobenius_penalty_by_kind(_unwrap(model), **self.fd.coefficients())  # Definition 3.2
             if fd_parts:
@@ -253,6 +283,39 @@ class FNLTrainer(Trainer):
             self._report_non_finite(model, task, fd_parts)
         # Trainer must not divide again: report the loss as already scaled for this call
         return (total, outputs) if return_outputs else total
+
+    def _add_sharded_fd(self, model: nn.Module, k: int) -> torch.Tensor:
+        """Coupled FD on FSDP2-sharded parameters: the penalty (the same on every process) and ``dFD/dp / k``
+        added to each parameter's local gradient, from local shards and one all-reduce of k x k pieces
+        (:func:`~fnl_transformers.core.sharded.model_sharded_fd`). FSDP2 adds the reduce-scattered task gradient
+        to a gradient already present, so FD counts once per update whatever the accumulation, and is not
+        averaged over processes (each shard's FD gradient is complete on the process that holds it)."""
+        penalty, grads = model_sharded_fd(model, self.fd.coefficients())
+        params = {id(p): p for p in model.parameters()}
+        with torch.no_grad():
+            for pid, g in grads.items():
+                p = params[pid]
+                g = g.to(p.dtype) / k
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    local_part(p.grad).add_(local_part(g))
+        return penalty.detach()
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        """``no_sync`` for a model the user sharded with ``fully_shard`` (Trainer's own version reads the
+        ``DistributedConfig`` of a model sharded at load time): FSDP2 reduce-scatters once, after the last
+        micro-batch of an update."""
+        if getattr(self.model.config, "distributed_config", None) is not None:
+            with super()._defer_fsdp_gradient_reduction():
+                yield
+            return
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     def _report_non_finite(self, model, task: torch.Tensor, fd_parts: Dict[str, torch.Tensor]) -> None:
         step = self.state.global_step
@@ -278,7 +341,15 @@ class FNLTrainer(Trainer):
     # ---- logging and checkpoints --------------------------------------------------------------------
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
-        if self.fnl_diagnostics and "loss" in logs and self.model is not None:
+        if self.fnl_diagnostics and "loss" in logs and self.model is not None and self.fd_sharded:
+            # sharded: the FD value per kind from local shards (one all-reduce each); the norm diagnostics
+            # (nuclear norms, ...) would need whole factors and are left out
+            coeffs, model = self.fd.coefficients(), _unwrap(self.model)
+            present = {spec.kind for spec in model_specs(model)}
+            for kind in (k for k in self.fd.active if k in present):
+                penalty, _ = model_sharded_fd(model, {kind: coeffs[kind]})
+                logs[f"fnl/{kind}/fd"] = float(penalty)
+        elif self.fnl_diagnostics and "loss" in logs and self.model is not None:
             lr = logs.get("learning_rate")
             diag = form_diagnostics(_unwrap(self.model), lr=lr if isinstance(lr, (int, float)) else None)
             logs.update({f"fnl/{k}": v for k, v in diag.items()})

@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 from torch import nn
 
-from ..core import FD, NO_DECAY, DecayPolicy, FDSpec, default_no_decay, iter_forms, module_lookup
+from ..core import FD, NO_DECAY, DecayPolicy, FDSpec, default_no_decay, iter_specs, module_lookup
 from ._fd import check_number, encode_forms
 
 NoDecay = Union[Callable[[str, nn.Parameter, nn.Module], bool], Iterable[str]]
@@ -75,7 +75,7 @@ def param_groups(
     # FD forms: those of active kinds with at least one wanted factor (all their factors join the FD group)
     fd_ids: List[int] = []
     forms = []  # (spec, lookup)
-    for _, module, spec, _ in iter_forms(model, fd.active):
+    for _, module, spec in iter_specs(model, fd.active):
         get = module_lookup(module)
         ids = [id(get(key)) for key in spec.keys()]
         if not any(i in wanted for i in ids):

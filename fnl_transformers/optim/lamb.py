@@ -21,6 +21,10 @@ Differences from other LAMBs, on purpose:
   ``Lamb`` always applies it (but clamps ``||w||`` to ``clamp_value`` = 10 by default; no clamp here).
 * Decay is decoupled (added to the update inside the trust ratio, AdamW style), never added to the gradient.
 * ``step`` counts per parameter (a tensor without gradient does not advance), as in torch-optimizer.
+
+FSDP2 parameters (DTensors, ``fully_shard``) are updated on their local shards; the norms of the trust ratios
+and of ``max_grad_norm`` are completed by one all-reduce per batch of tensors, and FLAMBe's FD comes from the
+shards (:mod:`fnl_transformers.core.sharded`, one all-reduce of k x k pieces).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..core.sharded import is_dtensor, local_part, mesh_group
 from ._fd import GroupForms, check_number, group_forms
 from .base import FDOptimizer, working_copy, write_back
 
@@ -68,15 +73,20 @@ def lamb_update(
     small: List[int] = []
     large: List[int] = []
     factors: List[int] = []
-    for i, w in enumerate(params):
+    for i, w in enumerate(params):  # by the whole tensor's size: every process batches alike
         (factors if id(w) in fd_ids else small if w.numel() <= FOREACH_MAX_ELEMENTS else large).append(i)
-    tensors = (work, grads, exp_avgs, exp_avg_sqs, steps, [id(w) for w in params])
+    # FSDP2 parameters (DTensors): the update runs on the local shards; norms are completed by an all-reduce
+    sharded = [is_dtensor(w) for w in params]
+    hyper["group"] = mesh_group(params) if any(sharded) else None
+    local = [local_part(w) for w in work]
+    tensors = (local, [local_part(g) for g in grads], [local_part(m) for m in exp_avgs],
+               [local_part(v) for v in exp_avg_sqs], steps, [id(w) for w in params], sharded)
     if small:  # together: one foreach call per operation, directions in fresh (small) tensors
         _lamb_batch([[t[i] for i in small] for t in tensors], None, weight_decay, None, **hyper)
-    for i, r in zip(large, _buffers(workspace, "large", [work[i] for i in large], one_at_a_time=True)):
+    for i, r in zip(large, _buffers(workspace, "large", [local[i] for i in large], one_at_a_time=True)):
         _lamb_batch([[t[i]] for t in tensors], [r], weight_decay, None, **hyper)  # one at a time, in the workspace
     if factors:  # FLAMBe: r += lambda dFD/dw (paper Sec. 6, Table 4) where LAMB puts weight decay
-        rs = _buffers(workspace, "factors", [work[i] for i in factors])
+        rs = _buffers(workspace, "factors", [local[i] for i in factors])
         _lamb_batch([[t[i] for i in factors] for t in tensors], rs, 0.0, fd, **hyper)
     for w, w32 in zip(params, work):
         write_back(w, w32)
@@ -106,11 +116,12 @@ def _buffers(workspace: Optional[Dict], name: str, like: List[torch.Tensor], one
 
 
 def _lamb_batch(tensors, rs: Optional[List[torch.Tensor]], weight_decay: float, fd: Optional[GroupForms], *, lr,
-                beta1, beta2, eps, bias_correction, trust_clip, scale) -> None:
+                beta1, beta2, eps, bias_correction, trust_clip, scale, group=None) -> None:
     """LAMB on a list of tensors, the update directions in ``rs`` (or fresh tensors when None). Every element
     goes through the same operations whether the list holds one tensor or many (``torch._foreach_*``), so a
-    tensor's result does not depend on its batch."""
-    ws, gs, ms, vs, ts, ids = tensors
+    tensor's result does not depend on its batch. Tensors flagged sharded are local shards of DTensors: their
+    norms are summed over ``group``'s processes."""
+    ws, gs, ms, vs, ts, ids, sharded = tensors
     gs = [g.to(m.dtype) for g, m in zip(gs, ms)]  # float32 gradients for half-precision parameters
     if scale is not None:  # global pre-normalization g / scale, held in r until the moments are updated
         if rs is None:
@@ -144,14 +155,30 @@ def _lamb_batch(tensors, rs: Optional[List[torch.Tensor]], weight_decay: float, 
         fd.add_to(dict(zip(ids, r_list)))  # + lambda dFD/dw, added inside the Gram products
     elif weight_decay != 0:
         torch._foreach_add_(r_list, ws, alpha=weight_decay)  # LAMB: + wd * w
-    _trust_steps(ws, r_list, lr, trust_clip)
+    _trust_steps(ws, r_list, lr, trust_clip, sharded, group)
 
 
-def _trust_steps(ws: List[torch.Tensor], rs: List[torch.Tensor], lr: float, trust_clip: Optional[float]) -> None:
+def tensor_norms(ts: List[torch.Tensor], sharded: Optional[List[bool]] = None, group=None,
+                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The 2-norm of each tensor; for those flagged ``sharded`` (local shards of one tensor each), of the whole
+    tensor: squared local norms summed over ``group`` by one all-reduce."""
+    norms = torch.stack(torch._foreach_norm(ts, 2, dtype=dtype) if dtype is not None else torch._foreach_norm(ts))
+    if sharded is None or not any(sharded):
+        return norms
+    import torch.distributed as dist
+
+    mask = torch.tensor(sharded, device=norms.device)
+    sq = torch.where(mask, norms.square(), torch.zeros_like(norms))
+    dist.all_reduce(sq, group=group)
+    return torch.where(mask, sq.sqrt(), norms)
+
+
+def _trust_steps(ws: List[torch.Tensor], rs: List[torch.Tensor], lr: float, trust_clip: Optional[float],
+                 sharded: Optional[List[bool]] = None, group=None) -> None:
     """``w -= lr * q * r`` with the trust ratio ``q = ||w|| / ||r||`` (1 if a norm is 0), ``min(q, trust_clip)``;
-    all ratios in one vector operation, no host synchronization."""
-    w_norm = torch.stack(torch._foreach_norm(ws))
-    r_norm = torch.stack(torch._foreach_norm(rs))
+    all ratios in one vector operation, no host synchronization (one all-reduce of the norms for shards)."""
+    both = tensor_norms(list(ws) + list(rs), None if sharded is None else list(sharded) * 2, group)
+    w_norm, r_norm = both[: len(ws)], both[len(ws) :]
     trust = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))
     if trust_clip is not None:
         trust = trust.clamp(max=trust_clip)
@@ -206,7 +233,9 @@ class Lamb(FDOptimizer):
         if not grads:
             return None
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32  # >= float32
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)))
+        sharded = [is_dtensor(g) for g in grads]  # FSDP2: local shards, norms summed over the processes
+        norms = tensor_norms([local_part(g) for g in grads], sharded, mesh_group(grads), dtype)
+        total = torch.linalg.vector_norm(norms)
         return torch.clamp(total / self.max_grad_norm, min=1.0)
 
     def _workspace(self) -> Dict:
