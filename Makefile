@@ -27,9 +27,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# ruff (rules and formatter settings in pyproject.toml) on the whole tree, mypy on the torch-only layers
+# ruff (rules and formatter settings in pyproject.toml) on the whole tree, mypy on the torch-only layers;
+# `.venv/bin/ruff format .` rewrites what `ruff format --check` refuses
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy fnl_transformers/core fnl_transformers/optim
 
 bench: $(STAMP)

@@ -4,6 +4,7 @@ A script defines ``run(quick: bool) -> list of rows`` and ends with ``main(ITEM,
 ``python -m bench.<script> [--quick] [--json PATH]``. A row is a dict (see :func:`row`); a question that cannot
 run on this machine returns :func:`skipped` rows, never made-up numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,12 +69,18 @@ def repeats_summary(ratios: List[float], higher_is_better: bool, limit: Optional
     meets ``limit`` (a lower bound for speed-ups, an upper bound for slowdowns), None without a limit."""
     worst = min(ratios) if higher_is_better else max(ratios)
     met = None if limit is None else (worst >= limit if higher_is_better else worst <= limit)
-    return dict(ratio=statistics.median(ratios), repeats=list(ratios), spread=[min(ratios), max(ratios)],
-                worst=worst, met=met)
+    return dict(
+        ratio=statistics.median(ratios), repeats=list(ratios), spread=[min(ratios), max(ratios)], worst=worst, met=met
+    )
 
 
-def repeated(make: Callable[[], Dict[str, Callable[[], object]]], repeats: int, rounds: int, warmup: int = 1,
-             teardown: Optional[Callable[[], None]] = None) -> List[Dict[str, float]]:
+def repeated(
+    make: Callable[[], Dict[str, Callable[[], object]]],
+    repeats: int,
+    rounds: int,
+    warmup: int = 1,
+    teardown: Optional[Callable[[], None]] = None,
+) -> List[Dict[str, float]]:
     """``repeats`` independent measurements: each builds fresh callables with ``make()`` (new models, new
     optimizers: new memory), runs ``warmup`` untimed rounds, then :func:`median_times` over ``rounds``
     alternating rounds. Returns one ``{name: median seconds}`` per repeat."""
@@ -88,16 +95,47 @@ def repeated(make: Callable[[], Dict[str, Callable[[], object]]], repeats: int, 
     return out
 
 
-def row(case: str, baseline: str, baseline_s: Optional[float], ours: str, ours_s: Optional[float],
-        ratio: Optional[float], ratio_def: str, target: str, met: Optional[bool], **extra) -> dict:
+def row(
+    case: str,
+    baseline: str,
+    baseline_s: Optional[float],
+    ours: str,
+    ours_s: Optional[float],
+    ratio: Optional[float],
+    ratio_def: str,
+    target: str,
+    met: Optional[bool],
+    **extra,
+) -> dict:
     """One measured comparison. ``ratio_def`` says how ``ratio`` is formed (e.g. "baseline / ours")."""
-    return dict(case=case, baseline=baseline, baseline_s=baseline_s, ours=ours, ours_s=ours_s, ratio=ratio,
-                ratio_def=ratio_def, target=target, met=met, status="ok", **extra)
+    return dict(
+        case=case,
+        baseline=baseline,
+        baseline_s=baseline_s,
+        ours=ours,
+        ours_s=ours_s,
+        ratio=ratio,
+        ratio_def=ratio_def,
+        target=target,
+        met=met,
+        status="ok",
+        **extra,
+    )
 
 
 def skipped(case: str, target: str, reason: str) -> dict:
-    return dict(case=case, baseline=None, baseline_s=None, ours=None, ours_s=None, ratio=None, ratio_def="",
-                target=target, met=None, status=f"skipped: {reason}")
+    return dict(
+        case=case,
+        baseline=None,
+        baseline_s=None,
+        ours=None,
+        ours_s=None,
+        ratio=None,
+        ratio_def="",
+        target=target,
+        met=None,
+        status=f"skipped: {reason}",
+    )
 
 
 def machine() -> str:
@@ -111,8 +149,10 @@ def machine() -> str:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+    return (
+        f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
 
 
 def main(item: int, question: str, run: Callable[[bool], List[dict]]) -> None:
@@ -129,8 +169,16 @@ def main(item: int, question: str, run: Callable[[bool], List[dict]]) -> None:
         error = None
     except Exception as e:  # reported as an error row by run_all, with the traceback
         rows, error = [], f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-    out = dict(item=item, question=question, quick=args.quick, threads=torch.get_num_threads(), clock=clock()[1],
-               seconds=time.perf_counter() - t0, rows=rows, error=error)
+    out = dict(
+        item=item,
+        question=question,
+        quick=args.quick,
+        threads=torch.get_num_threads(),
+        clock=clock()[1],
+        seconds=time.perf_counter() - t0,
+        rows=rows,
+        error=error,
+    )
     text = json.dumps(out, indent=1)
     if args.json:
         with open(args.json, "w") as f:
@@ -156,8 +204,14 @@ def bert_config(quick: bool):
     from transformers import BertConfig
 
     if quick:
-        return BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=128, max_position_embeddings=64)
+        return BertConfig(
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+        )
     return BertConfig()  # BERT-base: 12 layers, 768 wide, 12 heads of 64, FFN 3072, vocab 30522
 
 
@@ -173,9 +227,16 @@ def bert_model(quick: bool, seed: int = 0):
     model = BertModel(config, add_pooling_layer=False)
     model.fnl_build_seconds = time.perf_counter() - t0  # random initialization time, for item 4
     for layer in model.encoder.layer:
-        register_attention_forms(layer.attention, attention_form_specs(
-            "self.query.weight", "self.key.weight", "self.value.weight", "output.dense.weight",
-            config.num_attention_heads))
+        register_attention_forms(
+            layer.attention,
+            attention_form_specs(
+                "self.query.weight",
+                "self.key.weight",
+                "self.value.weight",
+                "output.dense.weight",
+                config.num_attention_heads,
+            ),
+        )
     return model
 
 

@@ -16,6 +16,7 @@ compressed model's and the original's mean-pooled embeddings, on other generated
 generated (:mod:`bench.sentences`): calibration, distillation and evaluation sentences are disjoint. ``--model``
 runs another ``save_pretrained`` directory with a tokenizer (the smoke test uses a tiny random BERT).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,11 @@ def fidelity(reference, model, tokenizer, evaluation) -> dict:
     from fnl_transformers.hf.fidelity import fidelity_report
 
     report = fidelity_report(reference, model, tokenizer, evaluation)
-    return {"cosine_mean": report["cosine"]["mean"], "cosine_min": report["cosine"]["min"],
-            "neighbours": report["neighbours"]}
+    return {
+        "cosine_mean": report["cosine"]["mean"],
+        "cosine_min": report["cosine"]["min"],
+        "neighbours": report["neighbours"],
+    }
 
 
 def distill(model, tokenizer, train, targets: torch.Tensor, steps: int, batch: int, lr: float, seed: int) -> float:
@@ -94,18 +98,30 @@ def run(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     calibration, train, evaluation = texts(args.calibration, args.train, args.eval, args.seed)
     targets = mean_pooled(reference, tokenizer, train)
-    out = {"model": "all-MiniLM-L6-v2" if args.model is None else path, "rank_scale": args.rank_scale,
-           "head_dim": args.head_dim, "calibration_texts": len(calibration), "train_texts": len(train),
-           "eval_texts": len(evaluation), "steps": args.steps, "batch": args.batch, "lr": args.lr,
-           "threads": torch.get_num_threads(), "variants": {}}
+    out = {
+        "model": "all-MiniLM-L6-v2" if args.model is None else path,
+        "rank_scale": args.rank_scale,
+        "head_dim": args.head_dim,
+        "calibration_texts": len(calibration),
+        "train_texts": len(train),
+        "eval_texts": len(evaluation),
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "threads": torch.get_num_threads(),
+        "variants": {},
+    }
     for name, aware in (("weight-only SI", False), ("activation-aware", True)):
         t0 = time.time()
         model = copy.deepcopy(reference)
         config = FNLConfig(rank_scale=args.rank_scale, head_dim=args.head_dim, activation_aware=aware)
         patch_model(model, config, calibration=(tokenizer, calibration) if aware else None)
         plan = model.config.fnl_config
-        row = {"param_ratio": plan["params_after"] / plan["params_before"], "patch_s": time.time() - t0,
-               "before": fidelity(reference, model, tokenizer, evaluation)}
+        row = {
+            "param_ratio": plan["params_after"] / plan["params_before"],
+            "patch_s": time.time() - t0,
+            "before": fidelity(reference, model, tokenizer, evaluation),
+        }
         t0 = time.time()
         row["final_loss"] = distill(model, tokenizer, train, targets, args.steps, args.batch, args.lr, args.seed)
         row["train_s"] = time.time() - t0
@@ -115,16 +131,20 @@ def run(args) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['model']}: rank_scale={result['rank_scale']}, head_dim={result['head_dim']}; calibration "
-             f"{result['calibration_texts']} sentences, evaluation {result['eval_texts']} held-out sentences, "
-             f"fine-tuning {result['steps']} steps x {result['batch']} sentences (distilling the original's "
-             f"mean-pooled embeddings, AdamW lr {result['lr']:g})",
-             "variant           params  cosine before (min)  neighbours before  cosine after (min)  neighbours after"]
+    lines = [
+        f"{result['model']}: rank_scale={result['rank_scale']}, head_dim={result['head_dim']}; calibration "
+        f"{result['calibration_texts']} sentences, evaluation {result['eval_texts']} held-out sentences, "
+        f"fine-tuning {result['steps']} steps x {result['batch']} sentences (distilling the original's "
+        f"mean-pooled embeddings, AdamW lr {result['lr']:g})",
+        "variant           params  cosine before (min)  neighbours before  cosine after (min)  neighbours after",
+    ]
     for name, r in result["variants"].items():
         b, a = r["before"], r["after"]
-        lines.append(f"{name:<17} {r['param_ratio']:.3f}   {b['cosine_mean']:.3f} ({b['cosine_min']:.3f})        "
-                     f"{b['neighbours']:.2f}               {a['cosine_mean']:.3f} ({a['cosine_min']:.3f})       "
-                     f"{a['neighbours']:.2f}")
+        lines.append(
+            f"{name:<17} {r['param_ratio']:.3f}   {b['cosine_mean']:.3f} ({b['cosine_min']:.3f})        "
+            f"{b['neighbours']:.2f}               {a['cosine_mean']:.3f} ({a['cosine_min']:.3f})       "
+            f"{a['neighbours']:.2f}"
+        )
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ The fnl model: FFN and embeddings at rank scale 0.5, one training update (random
 comparison is of function, not quality). Every hypothesis is forced to the same length (``min_len = max_len``),
 so every model does the same decoding work. Target: time ratio 1.00 +- 0.05 and identical outputs.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,9 @@ class Generator:
         # every hypothesis exactly LENGTH tokens: the same decoding work for every model, whatever its weights
         cfg.generation.max_len_a, cfg.generation.max_len_b, cfg.generation.min_len = 0, LENGTH, LENGTH
         self.generator = task.build_generator(models, cfg.generation)
-        itr = task.get_batch_iterator(dataset=task.dataset("test"), max_sentences=max_sentences,
-                                      max_tokens=None).next_epoch_itr(shuffle=False)
+        itr = task.get_batch_iterator(
+            dataset=task.dataset("test"), max_sentences=max_sentences, max_tokens=None
+        ).next_epoch_itr(shuffle=False)
         self.batches = list(itr)
 
     @torch.no_grad()
@@ -66,30 +68,57 @@ def run(quick: bool):
     s = setting(quick)
     with tempfile.TemporaryDirectory(prefix="fnl_bench_") as root:
         data = make_data(root, s["n_train"], n_test=16, mean_len=s["mean_len"], vocab=s["vocab"])
-        fnl = checkpoint(train_argv(data, root + "/ck1", ARCH, "--rank-scale", "0.5", *s["dims"],
-                                    max_tokens=s["max_tokens"]), os.path.join(root, "fnl.pt"))
-        stock = checkpoint(train_argv(data, root + "/ck2", "transformer_iwslt_de_en", *s["dims"],
-                                      max_tokens=s["max_tokens"]), os.path.join(root, "stock.pt"))
+        fnl = checkpoint(
+            train_argv(data, root + "/ck1", ARCH, "--rank-scale", "0.5", *s["dims"], max_tokens=s["max_tokens"]),
+            os.path.join(root, "fnl.pt"),
+        )
+        stock = checkpoint(
+            train_argv(data, root + "/ck2", "transformer_iwslt_de_en", *s["dims"], max_tokens=s["max_tokens"]),
+            os.path.join(root, "stock.pt"),
+        )
         recomposed = os.path.join(root, "recomposed.pt")
         fairseq_cli("fnl_transformers.cli", ["recompose", fnl, recomposed])
-        gens = {k: Generator(p, max_sentences=8 if quick else 16)
-                for k, p in (("stock", stock), ("recomposed", recomposed), ("fnl", fnl))}
+        gens = {
+            k: Generator(p, max_sentences=8 if quick else 16)
+            for k, p in (("stock", stock), ("recomposed", recomposed), ("fnl", fnl))
+        }
         outs = {k: g() for k, g in gens.items()}
         t = median_times(gens, repeats=2 if quick else 3)
-        shapes = {k: sorted((n, tuple(p.shape)) for n, p in g.model.named_parameters())
-                  for k, g in gens.items() if k != "fnl"}
+        shapes = {
+            k: sorted((n, tuple(p.shape)) for n, p in g.model.named_parameters()) for k, g in gens.items() if k != "fnl"
+        }
     same_shape = [shape for _, shape in shapes["stock"]] == [shape for _, shape in shapes["recomposed"]]
     identical = sum(outs["recomposed"][i] == outs["fnl"][i] for i in outs["fnl"])
     n = len(outs["fnl"])
     ratio = t["recomposed"] / t["stock"]
     met = bool(abs(ratio - 1) <= 0.05 and identical == n and same_shape)
     return [
-        row(f"{CASE}: {n} sentences, {identical}/{n} translations identical to the factorized model's; "
-            f"same parameter shapes as stock: {same_shape}", "stock transformer", t["stock"], "recomposed",
-            t["recomposed"], ratio, "ours / baseline (time)", TARGET, met, identical=identical, sentences=n,
-            same_shape=same_shape),
-        row("factorized fnl model (before recompose) vs recomposed, beam 4", "recomposed", t["recomposed"],
-            "fnl (factorized)", t["fnl"], t["fnl"] / t["recomposed"], "ours / baseline (time)", "report", None),
+        row(
+            f"{CASE}: {n} sentences, {identical}/{n} translations identical to the factorized model's; "
+            f"same parameter shapes as stock: {same_shape}",
+            "stock transformer",
+            t["stock"],
+            "recomposed",
+            t["recomposed"],
+            ratio,
+            "ours / baseline (time)",
+            TARGET,
+            met,
+            identical=identical,
+            sentences=n,
+            same_shape=same_shape,
+        ),
+        row(
+            "factorized fnl model (before recompose) vs recomposed, beam 4",
+            "recomposed",
+            t["recomposed"],
+            "fnl (factorized)",
+            t["fnl"],
+            t["fnl"] / t["recomposed"],
+            "ours / baseline (time)",
+            "report",
+            None,
+        ),
     ]
 
 

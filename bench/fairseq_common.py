@@ -4,6 +4,7 @@ The data are synthetic (no corpus is downloaded): sentences of Zipf-distributed 
 ``VOCAB``-word dictionary (IWSLT'14 de-en's BPE vocabularies have 6.6k-8.8k types), binarized with
 ``fairseq-preprocess``; timing only, nothing is learned from them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,11 @@ def plugin_status() -> Optional[str]:
         import fnl_transformers.fairseq_plugin  # noqa: F401  (registers the plugin)
     except Exception as e:  # ImportError, or a plugin that fails to import
         return f"plugin not available ({type(e).__name__}: {e})"
-    missing = [n for n, reg in ((MODEL, MODEL_REGISTRY), (ARCH, ARCH_MODEL_REGISTRY), (CRITERION, CRITERION_REGISTRY))
-               if n not in reg]
+    missing = [
+        n
+        for n, reg in ((MODEL, MODEL_REGISTRY), (ARCH, ARCH_MODEL_REGISTRY), (CRITERION, CRITERION_REGISTRY))
+        if n not in reg
+    ]
     try:
         from fnl_transformers.fairseq_plugin.recompose import recompose_checkpoint  # noqa: F401
     except Exception:
@@ -51,8 +55,7 @@ def quiet():
         root.setLevel(old)
 
 
-def make_data(root: str, n_train: int, n_test: int = 32, mean_len: int = 24, vocab: int = VOCAB,
-              seed: int = 0) -> str:
+def make_data(root: str, n_train: int, n_test: int = 32, mean_len: int = 24, vocab: int = VOCAB, seed: int = 0) -> str:
     """Write and binarize a synthetic src->tgt corpus under ``root``; returns the data-bin folder.
     Sentence lengths are ``N(mean_len, (mean_len / 6)^2)``, so ``--max-tokens`` batches carry little padding."""
     data_bin = os.path.join(root, "data-bin")
@@ -76,10 +79,28 @@ def make_data(root: str, n_train: int, n_test: int = 32, mean_len: int = 24, voc
     from fairseq_cli import preprocess
 
     d = os.path.join(raw, "dict.txt")
-    args = options.get_preprocessing_parser().parse_args([
-        "--source-lang", "src", "--target-lang", "tgt", "--trainpref", os.path.join(raw, "train"),
-        "--validpref", os.path.join(raw, "valid"), "--testpref", os.path.join(raw, "test"), "--destdir", data_bin,
-        "--srcdict", d, "--tgtdict", d, "--workers", "1"])
+    args = options.get_preprocessing_parser().parse_args(
+        [
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            "--trainpref",
+            os.path.join(raw, "train"),
+            "--validpref",
+            os.path.join(raw, "valid"),
+            "--testpref",
+            os.path.join(raw, "test"),
+            "--destdir",
+            data_bin,
+            "--srcdict",
+            d,
+            "--tgtdict",
+            d,
+            "--workers",
+            "1",
+        ]
+    )
     with quiet():
         preprocess.main(args)
     open(os.path.join(data_bin, "DONE"), "w").close()
@@ -95,13 +116,52 @@ def user_dir() -> str:
 def train_argv(data_bin: str, save_dir: str, arch: str, *extra: str, max_tokens: int = 2048) -> List[str]:
     """fairseq-train flags of the IWSLT'14 de-en recipe (CPU, no dropout so runs are comparable)."""
     return [
-        data_bin, "--task", "translation", "--source-lang", "src", "--target-lang", "tgt", "--arch", arch,
-        "--share-decoder-input-output-embed", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
-        "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",
-        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-tokens", str(max_tokens),
-        "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0", "--seed", "1", "--cpu",
-        "--num-workers", "0", "--save-dir", save_dir, "--no-progress-bar", "--log-interval", "1",
-        "--no-epoch-checkpoints", "--user-dir", user_dir(), *extra,
+        data_bin,
+        "--task",
+        "translation",
+        "--source-lang",
+        "src",
+        "--target-lang",
+        "tgt",
+        "--arch",
+        arch,
+        "--share-decoder-input-output-embed",
+        "--optimizer",
+        "adam",
+        "--adam-betas",
+        "(0.9, 0.98)",
+        "--lr",
+        "5e-4",
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        "4000",
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        "--max-tokens",
+        str(max_tokens),
+        "--dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--activation-dropout",
+        "0",
+        "--seed",
+        "1",
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--save-dir",
+        save_dir,
+        "--no-progress-bar",
+        "--log-interval",
+        "1",
+        "--no-epoch-checkpoints",
+        "--user-dir",
+        user_dir(),
+        *extra,
     ]
 
 
@@ -112,7 +172,7 @@ def with_flags(argv: Sequence[str], **flags) -> List[str]:
         flag = "--" + name.replace("_", "-")
         if flag in argv:
             i = argv.index(flag)
-            del argv[i:i + 2]
+            del argv[i : i + 2]
         if value is not None:
             argv += [flag, str(value)]
     return argv
@@ -172,17 +232,33 @@ def train_flops(run: Run, sample) -> int:
 
 def fairseq_cli(module: str, argv: Sequence[str], timeout: float = 900) -> str:
     """``python -m <module> argv`` in a subprocess (fresh fairseq registries); returns its output."""
-    res = subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True,
-                         timeout=timeout)
+    res = subprocess.run(
+        [sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True, timeout=timeout
+    )
     if res.returncode != 0:
         raise RuntimeError(f"{module} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-4000:]}")
     return res.stdout + res.stderr
 
 
 # model size per mode: the IWSLT'14 de-en architecture (d 512, FFN 1024, 4 heads, 6 + 6 layers), or a tiny one
-QUICK_DIMS = ["--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--encoder-layers", "1",
-              "--encoder-attention-heads", "4", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
-              "--decoder-layers", "1", "--decoder-attention-heads", "4"]
+QUICK_DIMS = [
+    "--encoder-embed-dim",
+    "32",
+    "--encoder-ffn-embed-dim",
+    "64",
+    "--encoder-layers",
+    "1",
+    "--encoder-attention-heads",
+    "4",
+    "--decoder-embed-dim",
+    "32",
+    "--decoder-ffn-embed-dim",
+    "64",
+    "--decoder-layers",
+    "1",
+    "--decoder-attention-heads",
+    "4",
+]
 
 
 def setting(quick: bool) -> dict:

@@ -10,6 +10,7 @@ baseline (``W_h = A_h B_h^T`` formed per head, ``1/2 sum ||W_h||^2``, autograd b
 Where a form's rank exceeds ``m n / (m + n)`` the core itself forms the product (it is cheaper), so the
 ratio there is about 1 by design. Target: at least 10x at d = 1024, head dim 64 (coupled).
 """
+
 from __future__ import annotations
 
 import torch
@@ -94,25 +95,47 @@ def run(quick: bool):
     torch.manual_seed(0)
     rows = []
     head_dim = 16 if quick else 64
-    for d in ((64,) if quick else (512, 1024)):
+    for d in (64,) if quick else (512, 1024):
         heads = d // head_dim
         t, err = measure(Attention(d, heads), "attention", repeats)
         target = ">= 10x" if d == 1024 else "report"
         for name, key in (("coupled (penalty + backward)", "ours"), ("decoupled (accumulate_fd_grads)", "decoupled")):
             ratio = t["naive"] / t[key]
             met = (ratio >= 10) if (d == 1024 and key == "ours") else None
-            rows.append(row(f"attention d={d}, {heads} heads x {head_dim}, QK+OV, {name}", "dense products",
-                            t["naive"], "Gram", t[key], ratio, "baseline / ours (speed-up)",
-                            target if key == "ours" else "report", met, grad_rel_err=err))
+            rows.append(
+                row(
+                    f"attention d={d}, {heads} heads x {head_dim}, QK+OV, {name}",
+                    "dense products",
+                    t["naive"],
+                    "Gram",
+                    t[key],
+                    ratio,
+                    "baseline / ours (speed-up)",
+                    target if key == "ours" else "report",
+                    met,
+                    grad_rel_err=err,
+                )
+            )
     d = 64 if quick else 1024
     for scale in (0.25, 0.5, 1.0, 2.0):
         rank = int(round(scale * d))
         layer = FactorizedLinear(d, d, rank, bias=False)
         t, err = measure(layer, "linear", repeats)
         route = "dense (cheaper)" if rank * 2 * d > d * d else "Gram"
-        rows.append(row(f"linear {d}x{d}, rank scale {scale} (rank {rank}), coupled", "dense product", t["naive"],
-                        f"core ({route})", t["ours"], t["naive"] / t["ours"], "baseline / ours (speed-up)",
-                        "report", None, grad_rel_err=err))
+        rows.append(
+            row(
+                f"linear {d}x{d}, rank scale {scale} (rank {rank}), coupled",
+                "dense product",
+                t["naive"],
+                f"core ({route})",
+                t["ours"],
+                t["naive"] / t["ours"],
+                "baseline / ours (speed-up)",
+                "report",
+                None,
+                grad_rel_err=err,
+            )
+        )
     return rows
 
 

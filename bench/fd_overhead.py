@@ -18,6 +18,7 @@ of the step's FLOPs (``torch.utils.flop_counter``), the floor of its share of th
 Scaling rows: the FD computation alone (penalty and its backward) of ``fnl_transformer_iwslt_de_en`` with 6, 12
 and 24 layers (half encoder, half decoder), per layer relative to 6 layers: linear means 1.
 """
+
 from __future__ import annotations
 
 import gc
@@ -44,15 +45,18 @@ REPEATS = 3
 ROUNDS = 7  # per repeat: one step of each trainer per round, after one warm-up round; a repeat's ratio is the
 # median of its rounds' ratios (a single step's ratio scatters by a few percent on a shared machine)
 MODELS = {  # name -> (arch, dims)
-    "fnl_transformer_small (the paper's IWSLT model: 2+2 layers, d 256, 4 heads of 64, pre-norm)":
-        ("fnl_transformer_small", []),
+    "fnl_transformer_small (the paper's IWSLT model: 2+2 layers, d 256, 4 heads of 64, pre-norm)": (
+        "fnl_transformer_small",
+        [],
+    ),
     "fnl_transformer_iwslt_de_en (6+6 layers, d 512)": (ARCH, []),
 }
 VARIANTS = {  # name -> (model flags, FD flags)
     "dense FFN/embeddings, FD on every QK and OV form": ([], ["--fd-qk", "1e-4", "--fd-ov", "1e-4"]),
-    "FFN + embeddings at rank scale 0.5, FD on QK, OV, linear, embedding":
-        (["--rank-scale", "0.5"],
-         ["--fd-qk", "1e-4", "--fd-ov", "1e-4", "--fd-linear", "1e-4", "--fd-embedding", "1e-4"]),
+    "FFN + embeddings at rank scale 0.5, FD on QK, OV, linear, embedding": (
+        ["--rank-scale", "0.5"],
+        ["--fd-qk", "1e-4", "--fd-ov", "1e-4", "--fd-linear", "1e-4", "--fd-embedding", "1e-4"],
+    ),
 }
 BATCHES = {1500: 0.03, 4000: 0.015}  # target tokens per update -> largest allowed slowdown
 FD_ALL = dict(qk=1e-4, ov=1e-4, linear=1e-4, embedding=1e-4)
@@ -60,12 +64,12 @@ FD_ALL = dict(qk=1e-4, ov=1e-4, linear=1e-4, embedding=1e-4)
 
 def with_criterion(argv, criterion, flags):
     i = argv.index("--criterion")
-    return argv[:i] + ["--criterion", criterion, *flags] + argv[i + 2:]
+    return argv[:i] + ["--criterion", criterion, *flags] + argv[i + 2 :]
 
 
 def with_max_tokens(argv, max_tokens: int):
     i = argv.index("--max-tokens")
-    return argv[:i] + ["--max-tokens", str(max_tokens)] + argv[i + 2:]
+    return argv[:i] + ["--max-tokens", str(max_tokens)] + argv[i + 2 :]
 
 
 def pick_sample(run: Run, tokens: int, n: int = 8):
@@ -106,11 +110,15 @@ def overhead_rows(data: str, root: str, quick: bool):
             runs = {"no FD": Run(argv), "FD": Run(with_criterion(argv, CRITERION, fd_flags))}
             sample = pick_sample(runs["no FD"], tokens)
             if i not in info:
-                info[i] = dict(tokens=int(sample["ntokens"]), step_flops=train_flops(runs["no FD"], sample),
-                               fd_flops=fd_flops(runs["FD"].model))
+                info[i] = dict(
+                    tokens=int(sample["ntokens"]),
+                    step_flops=train_flops(runs["no FD"], sample),
+                    fd_flops=fd_flops(runs["FD"].model),
+                )
             run_base, run_fd = runs["no FD"], runs["FD"]
-            ratios, (base_s, fd_s) = paired_ratios(lambda r=run_base, s=sample: r.step(s),
-                                                   lambda r=run_fd, s=sample: r.step(s), rounds)
+            ratios, (base_s, fd_s) = paired_ratios(
+                lambda r=run_base, s=sample: r.step(s), lambda r=run_fd, s=sample: r.step(s), rounds
+            )
             results[i].append(dict(ratio=statistics.median(ratios), base=base_s, fd=fd_s))
             del runs, sample, run_base, run_fd
             gc.collect()
@@ -122,11 +130,25 @@ def overhead_rows(data: str, root: str, quick: bool):
         share = info[i]["fd_flops"] / info[i]["step_flops"]
         base_s = statistics.median(t["base"] for t in results[i])
         ours_s = statistics.median(t["fd"] for t in results[i])
-        rows.append(row(f"{model_name}, {variant}: {info[i]['tokens']} target tokens (FD = {100 * share:.1f}% of the "
-                        "step's FLOPs)", "no FD", base_s, "FD (coupled, in the loss)", ours_s, summary["ratio"],
-                        "ours / baseline (slowdown)", f"<= {limit:.3f}x", summary["met"],
-                        repeats=summary["repeats"], spread=summary["spread"], worst=summary["worst"],
-                        fd_flop_share=share, **info[i]))
+        rows.append(
+            row(
+                f"{model_name}, {variant}: {info[i]['tokens']} target tokens (FD = {100 * share:.1f}% of the "
+                "step's FLOPs)",
+                "no FD",
+                base_s,
+                "FD (coupled, in the loss)",
+                ours_s,
+                summary["ratio"],
+                "ours / baseline (slowdown)",
+                f"<= {limit:.3f}x",
+                summary["met"],
+                repeats=summary["repeats"],
+                spread=summary["spread"],
+                worst=summary["worst"],
+                fd_flop_share=share,
+                **info[i],
+            )
+        )
     return rows
 
 
@@ -139,8 +161,9 @@ def scaling_rows(data: str, root: str, quick: bool):
     times = {L: [] for L in depths}
     for _ in range(2 if quick else REPEATS):
         for L in depths:
-            argv = train_argv(data, root + "/ck", ARCH, *dims, "--encoder-layers", str(L // 2), "--decoder-layers",
-                              str(L // 2))
+            argv = train_argv(
+                data, root + "/ck", ARCH, *dims, "--encoder-layers", str(L // 2), "--decoder-layers", str(L // 2)
+            )
             model = Run(argv).model
 
             def fd(model=model):
@@ -157,12 +180,24 @@ def scaling_rows(data: str, root: str, quick: bool):
         ratios = [p / (sorted(times[L0])[len(times[L0]) // 2] / L0) for p in per_layer]
         summary = repeats_summary(ratios, higher_is_better=False, limit=None if L == L0 else 1.15)
         med = sorted(times[L])[len(times[L]) // 2]
-        rows.append(row(f"scaling: FD alone (penalty + backward, QK and OV forms) of {ARCH} with {L} layers "
-                        f"({L // 2}+{L // 2}): {1e3 * med / L:.2f} ms per layer", f"{L0} layers, per layer",
-                        sorted(times[L0])[len(times[L0]) // 2] / L0 * L, f"{L} layers", med, summary["ratio"],
-                        "per-layer FD time / per-layer FD time at the shallowest depth (linear: 1)",
-                        "report" if L == L0 else "<= 1.15 (linear)", summary["met"], repeats=summary["repeats"],
-                        spread=summary["spread"], worst=summary["worst"], layers=L))
+        rows.append(
+            row(
+                f"scaling: FD alone (penalty + backward, QK and OV forms) of {ARCH} with {L} layers "
+                f"({L // 2}+{L // 2}): {1e3 * med / L:.2f} ms per layer",
+                f"{L0} layers, per layer",
+                sorted(times[L0])[len(times[L0]) // 2] / L0 * L,
+                f"{L} layers",
+                med,
+                summary["ratio"],
+                "per-layer FD time / per-layer FD time at the shallowest depth (linear: 1)",
+                "report" if L == L0 else "<= 1.15 (linear)",
+                summary["met"],
+                repeats=summary["repeats"],
+                spread=summary["spread"],
+                worst=summary["worst"],
+                layers=L,
+            )
+        )
     return rows
 
 

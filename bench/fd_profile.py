@@ -15,6 +15,7 @@ The older version is loaded from ``<path>/fnl_transformers/core`` under another 
 public functions (``frobenius_penalty``, ``accumulate_fd_grads``) on the same model and forms (keyed by
 number, as an optimizer group keys them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ STEPS, ROUNDS = 3, 7
 def load_core(checkout: str, name: str = "fnl_before_core"):
     """``<checkout>/fnl_transformers/core`` imported as the package ``name`` (the core imports only itself)."""
     path = os.path.join(checkout, "fnl_transformers", "core")
-    spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
-                                                  submodule_search_locations=[path])
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(path, "__init__.py"), submodule_search_locations=[path]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -98,25 +100,34 @@ def run(before: str = None, quick: bool = False) -> Dict:
             for p in params:
                 p.grad = None
             core.frobenius_penalty(model, qk=1e-4, ov=1e-4).backward()
+
         return fn
 
     def decoupled(core):
         @torch.no_grad()
         def fn():
             core.accumulate_fd_grads(specs, table.__getitem__, coeffs, {})
+
         return fn
 
-    return dict(model=f"{ARCH}{' (quick dims)' if quick else ''} with FD on every QK and OV form",
-                torch=torch.__version__, threads=torch.get_num_threads(), before=before,
-                coupled=measure({k: coupled(c) for k, c in cores.items()}),
-                decoupled=measure({k: decoupled(c) for k, c in cores.items()}))
+    return dict(
+        model=f"{ARCH}{' (quick dims)' if quick else ''} with FD on every QK and OV form",
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        before=before,
+        coupled=measure({k: coupled(c) for k, c in cores.items()}),
+        decoupled=measure({k: decoupled(c) for k, c in cores.items()}),
+    )
 
 
 def table(result: Dict, top: int = 8) -> str:
     labels = list(result["coupled"])
-    lines = [f"FD work per update of {result['model']}: `python -m bench.fd_profile` (torch.profiler, CPU, "
-             f"{result['threads']} thread; versions alternating in one process). Operators by self time, calls and "
-             "self ms per update under the profiler; last row: median ms per update without it.", ""]
+    lines = [
+        f"FD work per update of {result['model']}: `python -m bench.fd_profile` (torch.profiler, CPU, "
+        f"{result['threads']} thread; versions alternating in one process). Operators by self time, calls and "
+        "self ms per update under the profiler; last row: median ms per update without it.",
+        "",
+    ]
     for mode, what in (("coupled", "penalty + backward, in the loss"), ("decoupled", "an optimizer group's FD term")):
         r = result[mode]
         head = " | ".join(f"{lab}: calls | {lab}: ms" for lab in labels)

@@ -16,6 +16,7 @@ collectives the code issues (no formula).
 
 Target: FD's all-reduce at most 1% of the gradient's bytes for BERT-base under FSDP2's default placement.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,14 @@ def _config(quick: bool):
     from transformers import BertConfig
 
     if quick:
-        return BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=128, max_position_embeddings=32)
+        return BertConfig(
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=32,
+        )
     return BertConfig()
 
 
@@ -85,9 +92,17 @@ def _worker(rank: int, world: int, port: int, out: str, quick: bool) -> None:
             dist.reduce_scatter_single = original
         if rank == 0:
             with open(out, "w") as f:
-                json.dump(dict(fd_calls=[list(c) for c in comm.log.calls], fd_bytes=comm.log.bytes, fd_ops=fd_ops,
-                               scatter_calls=len(scattered), scatter_bytes=sum(scattered),
-                               params=sum(p.numel() for p in model.parameters())), f)
+                json.dump(
+                    dict(
+                        fd_calls=[list(c) for c in comm.log.calls],
+                        fd_bytes=comm.log.bytes,
+                        fd_ops=fd_ops,
+                        scatter_calls=len(scattered),
+                        scatter_bytes=sum(scattered),
+                        params=sum(p.numel() for p in model.parameters()),
+                    ),
+                    f,
+                )
     finally:
         dist.destroy_process_group()
 
@@ -126,29 +141,48 @@ def run(quick: bool) -> List[dict]:
     rows = []
     m = measured(quick)
     name = "BERT (2 layers, 64 wide; quick)" if quick else "BERT-base MLM (12 layers, 12 heads x 64)"
-    ok = (m["fd_bytes"] == m["dry_bytes"] and m["fd_ops"] == {"c10d.allreduce_": 1}
-          and len(m["fd_calls"]) == 1)
+    ok = m["fd_bytes"] == m["dry_bytes"] and m["fd_ops"] == {"c10d.allreduce_": 1} and len(m["fd_calls"]) == 1
     share = 100 * m["fd_bytes"] / m["scatter_bytes"]
-    rows.append(row(
-        f"{name}, FD on QK + OV, FSDP2 default placement, 2 gloo processes, measured: FD {len(m['fd_calls'])} "
-        f"all-reduce(s) (torch saw {m['fd_ops']}; dry run {m['dry_bytes']:,} bytes) vs {m['scatter_calls']} "
-        f"gradient reduce-scatters of {m['params']:,} parameters",
-        f"gradient reduce-scatter input per process: {m['scatter_bytes']:,} bytes", None,
-        f"FD all-reduce: {m['fd_bytes']:,} bytes", None, share, "FD bytes / gradient bytes, %",
-        "<= 1% of the gradient's bytes, one all-reduce, equal to the dry run", ok and share <= 1.0,
-        fd_bytes=m["fd_bytes"], gradient_bytes=m["scatter_bytes"], dry_bytes=m["dry_bytes"], fd_ops=m["fd_ops"]))
+    rows.append(
+        row(
+            f"{name}, FD on QK + OV, FSDP2 default placement, 2 gloo processes, measured: FD {len(m['fd_calls'])} "
+            f"all-reduce(s) (torch saw {m['fd_ops']}; dry run {m['dry_bytes']:,} bytes) vs {m['scatter_calls']} "
+            f"gradient reduce-scatters of {m['params']:,} parameters",
+            f"gradient reduce-scatter input per process: {m['scatter_bytes']:,} bytes",
+            None,
+            f"FD all-reduce: {m['fd_bytes']:,} bytes",
+            None,
+            share,
+            "FD bytes / gradient bytes, %",
+            "<= 1% of the gradient's bytes, one all-reduce, equal to the dry run",
+            ok and share <= 1.0,
+            fd_bytes=m["fd_bytes"],
+            gradient_bytes=m["scatter_bytes"],
+            dry_bytes=m["dry_bytes"],
+            fd_ops=m["fd_ops"],
+        )
+    )
     with torch.device("meta"):
         grad = 4 * sum(p.numel() for p in BertModel(BertConfig()).parameters())
     for r in comm_table():
         if not r["model"].startswith("BERT"):
             continue
         default = "default" in r["sharding"]
-        rows.append(row(
-            f"{r['model']}, {r['sharding']}, dry run of the same code on meta tensors ({r['calls']} all-reduce)",
-            f"gradient all-reduce / reduce-scatter, 4 bytes x {grad // 4:,} parameters: {grad:,} bytes", None,
-            f"FD all-reduce: {r['bytes']:,} bytes", None, 100 * r["bytes"] / grad, "FD bytes / gradient bytes, %",
-            "<= 1%" if default else "report", (r["bytes"] <= grad / 100) if default else None,
-            fd_bytes=r["bytes"], gradient_bytes=grad))
+        rows.append(
+            row(
+                f"{r['model']}, {r['sharding']}, dry run of the same code on meta tensors ({r['calls']} all-reduce)",
+                f"gradient all-reduce / reduce-scatter, 4 bytes x {grad // 4:,} parameters: {grad:,} bytes",
+                None,
+                f"FD all-reduce: {r['bytes']:,} bytes",
+                None,
+                100 * r["bytes"] / grad,
+                "FD bytes / gradient bytes, %",
+                "<= 1%" if default else "report",
+                (r["bytes"] <= grad / 100) if default else None,
+                fd_bytes=r["bytes"],
+                gradient_bytes=grad,
+            )
+        )
     return rows
 
 

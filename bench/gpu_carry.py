@@ -13,6 +13,7 @@ It downloads, for CPython ``--python-version`` (default 3.12) on manylinux x86_6
 Files already present are kept; ``MANIFEST.txt`` lists each file with its size and sha256. The folder is ignored
 by git and travels with the working tree (64 MiB in all); the total is printed and checked.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,13 @@ PACKAGES: List[Tuple[str, str]] = [
     ("bitarray==3.12.3", "wheel"),
     ("transformers==5.24.0", "wheel"),
 ]
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64"]
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 
 
 def _name(requirement: str) -> str:
@@ -57,8 +63,15 @@ def fetch(requirement: str, how: str, dest: str, python_version: str) -> None:
     elif how == "build":
         cmd = pip + ["wheel", "--no-deps", "--no-binary=:all:", "-w", dest, requirement]
     else:
-        cmd = pip + ["download", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
-                     "--implementation", "cp"]
+        cmd = pip + [
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            python_version,
+            "--implementation",
+            "cp",
+        ]
         for p in PLATFORMS:
             cmd += ["--platform", p]
         cmd += ["-d", dest, requirement]
@@ -93,8 +106,11 @@ def main(argv=None) -> int:
         f.write("\n".join(lines) + "\n")
     print(f"{len(files)} files, {total / 2**20:.1f} MiB in {args.dest}")
     if total > LIMIT_MIB * 2**20:
-        print(f"gpu_carry: error: {total / 2**20:.1f} MiB is over {LIMIT_MIB} MiB; remove stale versions from "
-              f"{args.dest}", file=sys.stderr)
+        print(
+            f"gpu_carry: error: {total / 2**20:.1f} MiB is over {LIMIT_MIB} MiB; remove stale versions from "
+            f"{args.dest}",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -22,6 +22,7 @@ the GPU hours in ``recipes/README.md`` from it (``bench.gpu_report``). ``--cpu-s
 on the CPU with tiny sizes (a minute) and writes ``bench/results-gpu-smoke.json``, touching no README.
 Exit code 0 when every stage ran and no test failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,9 +56,11 @@ SCHEMA = 1
 # architecture defaults are the model, so no flags
 ARCH = "fnl_transformer_small"
 MODEL_FLAGS = ""
-SMOKE_MODEL_FLAGS = ("--encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim 64 "
-                     "--decoder-ffn-embed-dim 64 --encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 4 "
-                     "--decoder-attention-heads 4 --encoder-normalize-before --decoder-normalize-before")
+SMOKE_MODEL_FLAGS = (
+    "--encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim 64 "
+    "--decoder-ffn-embed-dim 64 --encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 4 "
+    "--decoder-attention-heads 4 --encoder-normalize-before --decoder-normalize-before"
+)
 FD_FLAGS = ["--fd-qk", "1e-4", "--fd-ov", "1e-4"]
 FP16_FLAGS = ["--fp16", "--fp16-no-flatten-grads"]
 # training variants VARIANT[:PRECISION]: the fairseq-train flags of each precision (bf16: the plugin trains it on the
@@ -135,10 +138,24 @@ def setup_environment(work: str, carry: str, force: bool) -> dict:
             wheels = [w for w in wheels if os.path.basename(w).startswith("transformers-")]
         sdists = glob.glob(os.path.join(carry, "fairseq_fixed-*.tar.gz"))
         if not wheels or (need_fairseq and not sdists):
-            raise SystemExit(f"gpu-check: error: fairseq or transformers >= 5.19 is missing and {carry} does not "
-                             "hold them; run `make gpu-carry` on a machine with network access first")
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-               "--no-cache-dir", "--upgrade", "--target", site] + wheels
+            raise SystemExit(
+                f"gpu-check: error: fairseq or transformers >= 5.19 is missing and {carry} does not "
+                "hold them; run `make gpu-carry` on a machine with network access first"
+            )
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            site,
+        ] + wheels
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"installing carried wheels failed:\n{(res.stdout + res.stderr)[-3000:]}")
@@ -151,8 +168,7 @@ def setup_environment(work: str, carry: str, force: bool) -> dict:
                     safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.12
                     tar.extractall(work, **safe)
                 os.rename(os.path.join(work, top), src)
-                res = subprocess.run([sys.executable, "-c", BUILD_EXTENSIONS], cwd=src, capture_output=True,
-                                     text=True)
+                res = subprocess.run([sys.executable, "-c", BUILD_EXTENSIONS], cwd=src, capture_output=True, text=True)
                 if res.returncode != 0:
                     raise RuntimeError(f"building fairseq's extensions failed:\n{(res.stdout + res.stderr)[-3000:]}")
                 open(os.path.join(src, ".built"), "w").close()
@@ -173,20 +189,24 @@ def setup_environment(work: str, carry: str, force: bool) -> dict:
 
 
 def software_versions() -> dict:
-    code = ("import json, importlib.metadata as m, platform, torch\n"
-            "v = lambda n: (m.version(n) if n else None)\n"
-            "out = {'python': platform.python_version(), 'torch': torch.__version__, 'cuda': torch.version.cuda,\n"
-            "       'cudnn': torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}\n"
-            "for n in ('transformers', 'accelerate', 'fairseq-fixed', 'hydra-core', 'omegaconf'):\n"
-            "    try: out[n] = m.version(n)\n"
-            "    except m.PackageNotFoundError: out[n] = None\n"
-            "import fairseq; out['fairseq'] = fairseq.__version__\n"
-            "print(json.dumps(out))\n")
+    code = (
+        "import json, importlib.metadata as m, platform, torch\n"
+        "v = lambda n: (m.version(n) if n else None)\n"
+        "out = {'python': platform.python_version(), 'torch': torch.__version__, 'cuda': torch.version.cuda,\n"
+        "       'cudnn': torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}\n"
+        "for n in ('transformers', 'accelerate', 'fairseq-fixed', 'hydra-core', 'omegaconf'):\n"
+        "    try: out[n] = m.version(n)\n"
+        "    except m.PackageNotFoundError: out[n] = None\n"
+        "import fairseq; out['fairseq'] = fairseq.__version__\n"
+        "print(json.dumps(out))\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     out = json.loads(res.stdout) if res.returncode == 0 else {"error": res.stderr[-500:]}
     try:
-        out["fnl_transformers_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                                        text=True).stdout.strip() or None
+        out["fnl_transformers_commit"] = (
+            subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+            or None
+        )
     except OSError:
         out["fnl_transformers_commit"] = None
     return out
@@ -198,12 +218,19 @@ def device_info(cpu: bool) -> dict:
     if cpu:
         return {"name": platform.processor() or platform.machine(), "type": "cpu", "count": 0}
     p = torch.cuda.get_device_properties(0)
-    return {"name": torch.cuda.get_device_name(0), "type": "cuda", "count": torch.cuda.device_count(),
-            "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
-            "multiprocessors": p.multi_processor_count, "bf16": bool(torch.cuda.is_bf16_supported())}
+    return {
+        "name": torch.cuda.get_device_name(0),
+        "type": "cuda",
+        "count": torch.cuda.device_count(),
+        "capability": f"{p.major}.{p.minor}",
+        "memory_gib": round(p.total_memory / 2**30, 1),
+        "multiprocessors": p.multi_processor_count,
+        "bf16": bool(torch.cuda.is_bf16_supported()),
+    }
 
 
 # ---------------------------------------------------------------- stage 2: tests
+
 
 def _save_log(log_dir: Optional[str], name: str, text: str) -> None:
     if log_dir:
@@ -230,12 +257,18 @@ def run_tests(smoke: bool, timeout: float, log_dir: Optional[str] = None) -> dic
         for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", last[-1]):
             counts["errors" if k.startswith("error") else k] = int(n)
     skips = sorted({re.sub(r"^SKIPPED \[\d+\] ", "", line) for line in out.splitlines() if line.startswith("SKIPPED")})
-    return {"command": "python -m pytest " + " ".join(shlex.quote(a) for a in cmd[3:]), "exit_code": rc,
-            "seconds": round(time.perf_counter() - t0, 1), **counts, "skip_reasons": skips,
-            "output_tail": out[-3000:]}
+    return {
+        "command": "python -m pytest " + " ".join(shlex.quote(a) for a in cmd[3:]),
+        "exit_code": rc,
+        "seconds": round(time.perf_counter() - t0, 1),
+        **counts,
+        "skip_reasons": skips,
+        "output_tail": out[-3000:],
+    }
 
 
 # ---------------------------------------------------------------- stage 3: timings
+
 
 def _sync():
     import torch
@@ -254,12 +287,19 @@ def run_timings(work: str, smoke: bool, arch: str, model_flags: List[str], max_t
     if not smoke:
         base.remove("--cpu")
     cases = {  # name: (precision, rank scale, FD)
-        "dense": ("fp32", None, False), "dense+fd": ("fp32", None, True),
-        "rank0.5": ("fp32", 0.5, False), "rank0.25": ("fp32", 0.25, False),
+        "dense": ("fp32", None, False),
+        "dense+fd": ("fp32", None, True),
+        "rank0.5": ("fp32", 0.5, False),
+        "rank0.25": ("fp32", 0.25, False),
     }
     if not smoke:  # half precision only where it is fast (fairseq's --fp16 on a CPU runs, slowly)
-        cases.update({"dense-fp16": ("fp16", None, False), "dense+fd-fp16": ("fp16", None, True),
-                      "rank0.5-fp16": ("fp16", 0.5, False)})
+        cases.update(
+            {
+                "dense-fp16": ("fp16", None, False),
+                "dense+fd-fp16": ("fp16", None, True),
+                "rank0.5-fp16": ("fp16", 0.5, False),
+            }
+        )
     runs, errors = {}, {}
     for name, (prec, rank, fd) in cases.items():
         argv = list(base) + (FP16_FLAGS if prec == "fp16" else [])
@@ -295,46 +335,107 @@ def run_timings(work: str, smoke: bool, arch: str, model_flags: List[str], max_t
     rows = []
     for name, (prec, rank, fd) in cases.items():
         if name not in med:
-            rows.append({"case": name, "precision": prec, "rank_scale": rank, "fd": "qk+ov coupled" if fd else "none",
-                         "error": errors.get(name)})
+            rows.append(
+                {
+                    "case": name,
+                    "precision": prec,
+                    "rank_scale": rank,
+                    "fd": "qk+ov coupled" if fd else "none",
+                    "error": errors.get(name),
+                }
+            )
             continue
-        rows.append({"case": name, "precision": prec, "rank_scale": rank, "fd": "qk+ov coupled" if fd else "none",
-                     "step_s": med[name], "tokens_per_s": tokens / med[name], "repeats": repeats,
-                     "flops": flops.get(name)})
+        rows.append(
+            {
+                "case": name,
+                "precision": prec,
+                "rank_scale": rank,
+                "fd": "qk+ov coupled" if fd else "none",
+                "step_s": med[name],
+                "tokens_per_s": tokens / med[name],
+                "repeats": repeats,
+                "flops": flops.get(name),
+            }
+        )
     ratio = lambda a, b: med[a] / med[b] if a in med and b in med else None  # noqa: E731
     return {
-        "target_tokens": tokens, "max_tokens": max_tokens, "sentences": int(sample["nsentences"]),
-        "data": f"synthetic, {vocab}-word vocabulary, mean length {mean_len}", "rows": rows,
+        "target_tokens": tokens,
+        "max_tokens": max_tokens,
+        "sentences": int(sample["nsentences"]),
+        "data": f"synthetic, {vocab}-word vocabulary, mean length {mean_len}",
+        "rows": rows,
         "fd_overhead": {"fp32": ratio("dense+fd", "dense"), "fp16": ratio("dense+fd-fp16", "dense-fp16")},
-        "lowrank_speedup": {"0.5": ratio("dense", "rank0.5"), "0.25": ratio("dense", "rank0.25"),
-                            "0.5-fp16": ratio("dense-fp16", "rank0.5-fp16")},
-        "predicted_speedup": {r: flops["dense"] / flops[f"rank{r}"] for r in ("0.5", "0.25")
-                              if "dense" in flops and f"rank{r}" in flops},
+        "lowrank_speedup": {
+            "0.5": ratio("dense", "rank0.5"),
+            "0.25": ratio("dense", "rank0.25"),
+            "0.5-fp16": ratio("dense-fp16", "rank0.5-fp16"),
+        },
+        "predicted_speedup": {
+            r: flops["dense"] / flops[f"rank{r}"] for r in ("0.5", "0.25") if "dense" in flops and f"rank{r}" in flops
+        },
         "errors": errors,
     }
 
 
 # ---------------------------------------------------------------- stage 4: training
 
+
 def prepare_smoke_corpus(work: str) -> str:
     out = os.path.join(work, "iwslt14-smoke")
     env = dict(os.environ, PYTHON=sys.executable)
-    cmd = ["bash", os.path.join(ROOT, "recipes", "iwslt14", "prepare.sh"), "--smoke", "--out", out,
-           "--workers", str(min(8, os.cpu_count() or 1))]
+    cmd = [
+        "bash",
+        os.path.join(ROOT, "recipes", "iwslt14", "prepare.sh"),
+        "--smoke",
+        "--out",
+        out,
+        "--workers",
+        str(min(8, os.cpu_count() or 1)),
+    ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"prepare.sh --smoke failed:\n{(res.stdout + res.stderr)[-3000:]}")
     return os.path.join(out, "bin")
 
 
-def recipe_command(variant: str, data: str, save_dir: str, arch: str, model_flags: List[str], max_tokens: int,
-                   updates: int, log_interval: int, extra: List[str]) -> List[str]:
+def recipe_command(
+    variant: str,
+    data: str,
+    save_dir: str,
+    arch: str,
+    model_flags: List[str],
+    max_tokens: int,
+    updates: int,
+    log_interval: int,
+    extra: List[str],
+) -> List[str]:
     """The fairseq-train command recipes/iwslt14/train.sh runs for VARIANT (its --dry-run), as argv."""
-    cmd = ["bash", os.path.join(ROOT, "recipes", "iwslt14", "train.sh"), variant, "--data", data, "--save-dir",
-           save_dir, "--arch", arch, "--max-tokens", str(max_tokens), "--max-update", str(updates), "--dry-run", "--",
-           *model_flags,
-           "--disable-validation", "--no-save", "--log-format", "json", "--log-interval", str(log_interval),
-           "--no-progress-bar", *extra]
+    cmd = [
+        "bash",
+        os.path.join(ROOT, "recipes", "iwslt14", "train.sh"),
+        variant,
+        "--data",
+        data,
+        "--save-dir",
+        save_dir,
+        "--arch",
+        arch,
+        "--max-tokens",
+        str(max_tokens),
+        "--max-update",
+        str(updates),
+        "--dry-run",
+        "--",
+        *model_flags,
+        "--disable-validation",
+        "--no-save",
+        "--log-format",
+        "json",
+        "--log-interval",
+        str(log_interval),
+        "--no-progress-bar",
+        *extra,
+    ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable))
     if res.returncode != 0:
         raise RuntimeError(f"train.sh --dry-run failed:\n{(res.stdout + res.stderr)[-2000:]}")
@@ -343,8 +444,19 @@ def recipe_command(variant: str, data: str, save_dir: str, arch: str, model_flag
     return argv
 
 
-def train_variant(spec: str, data: str, work: str, arch: str, model_flags: List[str], max_tokens: int, updates: int,
-                  log_interval: int, stop_s: float, smoke: bool, log_dir: Optional[str] = None) -> dict:
+def train_variant(
+    spec: str,
+    data: str,
+    work: str,
+    arch: str,
+    model_flags: List[str],
+    max_tokens: int,
+    updates: int,
+    log_interval: int,
+    stop_s: float,
+    smoke: bool,
+    log_dir: Optional[str] = None,
+) -> dict:
     variant, _, prec = spec.partition(":")
     prec = prec or "fp32"
     extra = PRECISION_FLAGS[prec]
@@ -354,8 +466,9 @@ def train_variant(spec: str, data: str, work: str, arch: str, model_flags: List[
     argv = [a for a in argv if a != "--cpu"] + (["--cpu"] if smoke else [])
     argv += ["--stop-time-hours", f"{max(stop_s, 30) / 3600:.4f}"]  # the time budget, fairseq stops cleanly
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *argv[1:]], cwd=ROOT, capture_output=True,
-                         text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.train", *argv[1:]], cwd=ROOT, capture_output=True, text=True
+    )
     wall = time.perf_counter() - t0
     text = res.stdout + res.stderr
     _save_log(log_dir, f"train-{spec.replace(':', '-')}.log", text)
@@ -382,9 +495,14 @@ def train_variant(spec: str, data: str, work: str, arch: str, model_flags: List[
     n = sum(counts)
     s_per_update = sum(seconds) / n
     return {
-        "variant": variant, "precision": prec, "updates": int(last["num_updates"]), "timed_updates": n,
-        "s_per_update": s_per_update, "process_wall_s": round(wall, 1),
-        "loss_first": float(first["loss"]), "loss_last": float(last["loss"]),
+        "variant": variant,
+        "precision": prec,
+        "updates": int(last["num_updates"]),
+        "timed_updates": n,
+        "s_per_update": s_per_update,
+        "process_wall_s": round(wall, 1),
+        "loss_first": float(first["loss"]),
+        "loss_last": float(last["loss"]),
         "words_per_update": float(last.get("wpb", 0)) or None,
         "recipe_gpu_hours": None if smoke else RECIPE_MAX_UPDATE * s_per_update / 3600,
         "command": "fairseq-train " + " ".join(shlex.quote(a) for a in argv[1:]),
@@ -392,6 +510,7 @@ def train_variant(spec: str, data: str, work: str, arch: str, model_flags: List[
 
 
 # ---------------------------------------------------------------- driver
+
 
 @contextlib.contextmanager
 def stage(results: dict, name: str):
@@ -401,8 +520,11 @@ def stage(results: dict, name: str):
         yield
         results["stages"][name] = {"status": "ok", "seconds": round(time.perf_counter() - t0, 1)}
     except Exception as e:  # recorded; later stages still run
-        results["stages"][name] = {"status": "error", "seconds": round(time.perf_counter() - t0, 1),
-                                   "error": f"{type(e).__name__}: {e}"[-3000:]}
+        results["stages"][name] = {
+            "status": "error",
+            "seconds": round(time.perf_counter() - t0, 1),
+            "error": f"{type(e).__name__}: {e}"[-3000:],
+        }
         results["errors"].append(f"{name}: {type(e).__name__}: {str(e)[-800:]}")
         traceback.print_exc()
     log(f"{name}: {results['stages'][name]['status']} ({results['stages'][name]['seconds']} s)")
@@ -415,17 +537,26 @@ def main(argv=None) -> int:
     ap.add_argument("--model-flags", default=None, help="model flags (default: the paper's IWSLT shape)")
     ap.add_argument("--max-tokens", type=int, default=None, help="target tokens per batch (default 4000)")
     ap.add_argument("--updates", type=int, default=None, help="training updates per variant (default 2000)")
-    ap.add_argument("--variants", default=None, help="recipe variants to train, VARIANT[:fp16|bf16|amp], "
-                                                     f"comma-separated (default {DEFAULT_VARIANTS}; smoke: "
-                                                     f"{SMOKE_VARIANTS})")
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="recipe variants to train, VARIANT[:fp16|bf16|amp], "
+        f"comma-separated (default {DEFAULT_VARIANTS}; smoke: "
+        f"{SMOKE_VARIANTS})",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per timing case (default 20)")
-    ap.add_argument("--budget-s", type=float, default=420,
-                    help="seconds from the start after which training stops (default 420: under 8 minutes in all)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=420,
+        help="seconds from the start after which training stops (default 420: under 8 minutes in all)",
+    )
     ap.add_argument("--carry", default=CARRY, help="folder of carried packages (make gpu-carry)")
     ap.add_argument("--from-carry", action="store_true", help="install from --carry even when already importable")
     ap.add_argument("--work", default=None, help="scratch folder (default: a new one under /tmp)")
-    ap.add_argument("--out", default=None, help="results file (default bench/results-gpu.json, smoke: "
-                                                "bench/results-gpu-smoke.json)")
+    ap.add_argument(
+        "--out", default=None, help="results file (default bench/results-gpu.json, smoke: bench/results-gpu-smoke.json)"
+    )
     ap.add_argument("--skip", default="", help="stages to skip, comma-separated: tests,timings,training")
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate the README tables")
     ap.add_argument("--log-dir", default=None, help="also write each stage's full output here")
@@ -436,8 +567,9 @@ def main(argv=None) -> int:
     unknown = skip - {"tests", "timings", "training"}
     if unknown:
         ap.error(f"--skip: unknown stages {sorted(unknown)}; choose among tests, timings, training")
-    model_flags = shlex.split(args.model_flags if args.model_flags is not None
-                              else (SMOKE_MODEL_FLAGS if smoke else MODEL_FLAGS))
+    model_flags = shlex.split(
+        args.model_flags if args.model_flags is not None else (SMOKE_MODEL_FLAGS if smoke else MODEL_FLAGS)
+    )
     max_tokens = args.max_tokens or (256 if smoke else 4000)
     updates = args.updates or (20 if smoke else 2000)
     repeats = args.repeats or (2 if smoke else 20)
@@ -461,17 +593,29 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     elif not torch.cuda.is_available():
-        print("gpu-check: error: torch sees no CUDA GPU (torch.cuda.is_available() is False); run it on a machine "
-              "with a GPU, or use --cpu-smoke to check the pipeline on a CPU", file=sys.stderr)
+        print(
+            "gpu-check: error: torch sees no CUDA GPU (torch.cuda.is_available() is False); run it on a machine "
+            "with a GPU, or use --cpu-smoke to check the pipeline on a CPU",
+            file=sys.stderr,
+        )
         return 2
 
     results: dict = {
-        "schema": SCHEMA, "kind": "gpu-check", "smoke": smoke,
+        "schema": SCHEMA,
+        "kind": "gpu-check",
+        "smoke": smoke,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python3 -m bench.gpu_check " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "device": device_info(smoke), "software": {}, "host": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "device": device_info(smoke),
+        "software": {},
+        "host": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": {"arch": args.arch, "flags": model_flags, "max_tokens": max_tokens},
-        "setup": {}, "tests": None, "timings": None, "training": [], "stages": {}, "errors": [],
+        "setup": {},
+        "tests": None,
+        "timings": None,
+        "training": [],
+        "stages": {},
+        "errors": [],
     }
     with stage(results, "setup"):
         results["setup"] = setup_environment(work, args.carry, args.from_carry)
@@ -482,8 +626,10 @@ def main(argv=None) -> int:
         with stage(results, "tests"):
             results["tests"] = run_tests(smoke, timeout=max(60.0, args.budget_s * 0.6), log_dir=args.log_dir)
             if results["tests"]["failed"] or results["tests"]["errors"] or results["tests"]["exit_code"] not in (0, 5):
-                raise RuntimeError(f"pytest: {results['tests']['failed']} failed, {results['tests']['errors']} errors "
-                                   f"(exit code {results['tests']['exit_code']})")
+                raise RuntimeError(
+                    f"pytest: {results['tests']['failed']} failed, {results['tests']['errors']} errors "
+                    f"(exit code {results['tests']['exit_code']})"
+                )
     if "timings" not in skip:
         with stage(results, "timings"):
             results["timings"] = run_timings(work, smoke, args.arch, model_flags, max_tokens, repeats)
@@ -494,13 +640,26 @@ def main(argv=None) -> int:
             for i, spec in enumerate(specs):
                 left = args.budget_s - (time.perf_counter() - t_start)
                 if left <= 30:
-                    results["training"].append({"variant": spec, "skipped": f"time budget ({args.budget_s:.0f} s) "
-                                                                            "used up"})
+                    results["training"].append(
+                        {"variant": spec, "skipped": f"time budget ({args.budget_s:.0f} s) used up"}
+                    )
                     continue
                 log(f"training {spec} ({updates} updates, {left:.0f} s of budget left)")
-                results["training"].append(train_variant(spec, data, work, args.arch, model_flags, max_tokens,
-                                                         updates, log_interval, left / (len(specs) - i), smoke,
-                                                         args.log_dir))
+                results["training"].append(
+                    train_variant(
+                        spec,
+                        data,
+                        work,
+                        args.arch,
+                        model_flags,
+                        max_tokens,
+                        updates,
+                        log_interval,
+                        left / (len(specs) - i),
+                        smoke,
+                        args.log_dir,
+                    )
+                )
     return _finish(results, out, t_start, args.no_readme or smoke)
 
 

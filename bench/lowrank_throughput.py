@@ -5,6 +5,7 @@ prediction from FLOP counts (``torch.utils.flop_counter`` on one forward + backw
 Speed-up = dense step time / factorized step time (same batch, all trainers alternating); predicted = dense
 FLOPs / factorized FLOPs; ratio = speed-up / predicted. Target: at least 0.7 (70% of the predicted speed-up).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -35,12 +36,27 @@ def run(quick: bool):
     for r in SCALES:
         speedup, predicted = t["dense"] / t[r], flops["dense"] / flops[r]
         ratio = speedup / predicted
-        rows.append(row(f"rank scale {r} (FFN + embeddings), {tokens} target tokens/step: "
-                        f"{tokens / t[r]:.0f} vs {tokens / t['dense']:.0f} tokens/s, speed-up {speedup:.2f}x "
-                        f"(predicted {predicted:.2f}x)", "dense", t["dense"], "factorized", t[r], ratio,
-                        "measured speed-up / FLOP-predicted speed-up", TARGET, ratio >= 0.7,
-                        speedup=speedup, predicted=predicted, tokens_per_s=tokens / t[r],
-                        dense_tokens_per_s=tokens / t["dense"], flops=flops[r], dense_flops=flops["dense"]))
+        rows.append(
+            row(
+                f"rank scale {r} (FFN + embeddings), {tokens} target tokens/step: "
+                f"{tokens / t[r]:.0f} vs {tokens / t['dense']:.0f} tokens/s, speed-up {speedup:.2f}x "
+                f"(predicted {predicted:.2f}x)",
+                "dense",
+                t["dense"],
+                "factorized",
+                t[r],
+                ratio,
+                "measured speed-up / FLOP-predicted speed-up",
+                TARGET,
+                ratio >= 0.7,
+                speedup=speedup,
+                predicted=predicted,
+                tokens_per_s=tokens / t[r],
+                dense_tokens_per_s=tokens / t["dense"],
+                flops=flops[r],
+                dense_flops=flops["dense"],
+            )
+        )
     return rows
 
 

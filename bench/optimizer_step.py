@@ -10,6 +10,7 @@ The FD term of FLAMBe needs, per head, two Gram matrices and two products with t
 form): the "FD matrix products alone" rows time exactly those matrix products on the same weights, no optimizer
 around them, and give the floor of FLAMBe's extra time over Lamb on this machine.
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,8 +53,9 @@ def make(quick: bool):
     try:
         import torch_optimizer
 
-        opts["torch-optimizer Lamb"] = torch_optimizer.Lamb(param_groups(model, weight_decay=0.01), lr=1e-4,
-                                                            clamp_value=1e4)
+        opts["torch-optimizer Lamb"] = torch_optimizer.Lamb(
+            param_groups(model, weight_decay=0.01), lr=1e-4, clamp_value=1e4
+        )
     except ImportError:
         pass
     fns = {k: o.step for k, o in opts.items()}
@@ -79,27 +81,79 @@ def run(quick: bool):
     for name in FD:
         key = f"FLAMBe {name}"
         s = repeats_summary([t[key] / t["Lamb"] for t in times], higher_is_better=False, limit=LIMITS[name])
-        rows.append(row(f"FLAMBe, FD on {name} ({size})", "Lamb", med("Lamb"), "FLAMBe", med(key), s["ratio"],
-                        "ours / baseline (slowdown)", f"<= {LIMITS[name]:.2f}x", s["met"], repeats=s["repeats"],
-                        spread=s["spread"], worst=s["worst"]))
+        rows.append(
+            row(
+                f"FLAMBe, FD on {name} ({size})",
+                "Lamb",
+                med("Lamb"),
+                "FLAMBe",
+                med(key),
+                s["ratio"],
+                "ours / baseline (slowdown)",
+                f"<= {LIMITS[name]:.2f}x",
+                s["met"],
+                repeats=s["repeats"],
+                spread=s["spread"],
+                worst=s["worst"],
+            )
+        )
     for name in FD:
         key = f"FD products {name}"
         s = repeats_summary([1 + t[key] / t["Lamb"] for t in times], higher_is_better=False, limit=None)
-        rows.append(row(f"floor of FLAMBe (FD on {name}) / Lamb: 1 + (the FD term's Gram and gradient matrix "
-                        "products alone) / Lamb", "Lamb", med("Lamb"), "FD matrix products", med(key), s["ratio"],
-                        "1 + ours / baseline", "report", None, repeats=s["repeats"], spread=s["spread"],
-                        worst=s["worst"]))
+        rows.append(
+            row(
+                f"floor of FLAMBe (FD on {name}) / Lamb: 1 + (the FD term's Gram and gradient matrix "
+                "products alone) / Lamb",
+                "Lamb",
+                med("Lamb"),
+                "FD matrix products",
+                med(key),
+                s["ratio"],
+                "1 + ours / baseline",
+                "report",
+                None,
+                repeats=s["repeats"],
+                spread=s["spread"],
+                worst=s["worst"],
+            )
+        )
     if "torch-optimizer Lamb" in times[0]:
         s = repeats_summary([t["Lamb"] / t["torch-optimizer Lamb"] for t in times], higher_is_better=False, limit=1.0)
-        rows.append(row(f"Lamb ({size})", "torch-optimizer Lamb", med("torch-optimizer Lamb"), "Lamb", med("Lamb"),
-                        s["ratio"], "ours / baseline (slowdown)", "<= 1.00x", s["met"], repeats=s["repeats"],
-                        spread=s["spread"], worst=s["worst"]))
-        s = repeats_summary([t["FLAMBe OV"] / t["torch-optimizer Lamb"] for t in times], higher_is_better=False,
-                            limit=None)
-        rows.append(row(f"FLAMBe, FD on OV, vs torch-optimizer's Lamb ({size})", "torch-optimizer Lamb",
-                        med("torch-optimizer Lamb"), "FLAMBe", med("FLAMBe OV"), s["ratio"],
-                        "ours / baseline (slowdown)", "report", None, repeats=s["repeats"], spread=s["spread"],
-                        worst=s["worst"]))
+        rows.append(
+            row(
+                f"Lamb ({size})",
+                "torch-optimizer Lamb",
+                med("torch-optimizer Lamb"),
+                "Lamb",
+                med("Lamb"),
+                s["ratio"],
+                "ours / baseline (slowdown)",
+                "<= 1.00x",
+                s["met"],
+                repeats=s["repeats"],
+                spread=s["spread"],
+                worst=s["worst"],
+            )
+        )
+        s = repeats_summary(
+            [t["FLAMBe OV"] / t["torch-optimizer Lamb"] for t in times], higher_is_better=False, limit=None
+        )
+        rows.append(
+            row(
+                f"FLAMBe, FD on OV, vs torch-optimizer's Lamb ({size})",
+                "torch-optimizer Lamb",
+                med("torch-optimizer Lamb"),
+                "FLAMBe",
+                med("FLAMBe OV"),
+                s["ratio"],
+                "ours / baseline (slowdown)",
+                "report",
+                None,
+                repeats=s["repeats"],
+                spread=s["spread"],
+                worst=s["worst"],
+            )
+        )
     else:
         rows.append(skipped("Lamb vs torch-optimizer Lamb", "<= 1.00x", "torch-optimizer not installed"))
     return rows

@@ -16,6 +16,7 @@ time, default 2), ``--out DIR`` (default ``bench/``),
 ``--readme PATH``: replace the text between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in PATH with the
 table (default: ``README.md`` when it has the markers, full runs only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,15 @@ import torch
 
 from .common import fmt_s, machine
 
-SCRIPTS = [(1, "fd_cost"), (2, "fd_overhead"), (3, "lowrank_throughput"), (4, "si_cost"), (5, "optimizer_step"),
-           (6, "deployment"), (7, "fsdp_comm")]
+SCRIPTS = [
+    (1, "fd_cost"),
+    (2, "fd_overhead"),
+    (3, "lowrank_throughput"),
+    (4, "si_cost"),
+    (5, "optimizer_step"),
+    (6, "deployment"),
+    (7, "fsdp_comm"),
+]
 LONGEST_FIRST = [2, 3, 6, 5, 1, 4, 7]  # start order when scripts run side by side (--jobs)
 TIMEOUTS = {2: 10800}  # seconds per script where the default (900) is too short: item 2 trains 8 model pairs, 3 times
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,13 +152,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke test; numbers meaningless)")
     p.add_argument("--only", help="comma list of item numbers to run (default: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each script (default 1)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="scripts run at a time (default 1: least interference between timings)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="scripts run at a time (default 1: least interference between timings)"
+    )
     p.add_argument("--out", default=os.path.join(ROOT, "bench"), help="folder for results.json / results.md")
-    p.add_argument("--readme", help="file whose bench:start/bench:end section gets the table "
-                                    "(default: README.md if it has the markers; never in --quick runs)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per script before it is stopped (default 900; item 2: 10800)")
+    p.add_argument(
+        "--readme",
+        help="file whose bench:start/bench:end section gets the table "
+        "(default: README.md if it has the markers; never in --quick runs)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per script before it is stopped (default 900; item 2: 10800)",
+    )
     args = p.parse_args(argv)
     items = SCRIPTS
     if args.only:
@@ -168,9 +184,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be >= 1")
     torch.set_num_threads(args.threads)  # so that machine() reports the threads the scripts use
-    results = dict(machine=machine(), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                   quick=args.quick, threads=args.threads, jobs=args.jobs,
-                   omp_wait_policy=script_env()["OMP_WAIT_POLICY"], load_start=load_start, items=[])
+    results = dict(
+        machine=machine(),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        quick=args.quick,
+        threads=args.threads,
+        jobs=args.jobs,
+        omp_wait_policy=script_env()["OMP_WAIT_POLICY"],
+        load_start=load_start,
+        items=[],
+    )
 
     def one(item_name):
         item, name = item_name

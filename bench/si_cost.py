@@ -7,6 +7,7 @@
 * Whole model: all FFN layers at rank scale 0.5 (``FactorizedLinear.from_linear``) and all attention heads at
   half head dim, with biases; reported next to the time it takes to build the randomly initialized model.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,31 +59,60 @@ def run(quick: bool):
     layer = model.encoder.layer[0]
     weights = tuple(w.detach() for w in attention_weights(layer))
     with torch.no_grad():
-        t = median_times({"dense": lambda: dense_si(weights, H, r), "ours": lambda: per_head_si(weights, H, r)},
-                         repeats=2 if quick else 3)
+        t = median_times(
+            {"dense": lambda: dense_si(weights, H, r), "ours": lambda: per_head_si(weights, H, r)},
+            repeats=2 if quick else 3,
+        )
         ref = dense_si(weights, H, r)
         got = products_of(per_head_si(weights, H, r), H)
     err = max(check_close(got[k][h], ref[k][h]) for k in ref for h in range(H))
     ratio = t["dense"] / t["ours"]
-    rows.append(row(f"one layer, {H} heads x {cfg.hidden_size // H} -> {r}, QK+OV (d={cfg.hidden_size})",
-                    "SVD of each dense d x d head product", t["dense"], "per-head SI (QR + k x k SVD)", t["ours"],
-                    ratio, "baseline / ours (speed-up)", ">= 20x and rel. err <= 1e-4",
-                    bool(ratio >= 20 and err <= 1e-4), max_rel_err=err))
+    rows.append(
+        row(
+            f"one layer, {H} heads x {cfg.hidden_size // H} -> {r}, QK+OV (d={cfg.hidden_size})",
+            "SVD of each dense d x d head product",
+            t["dense"],
+            "per-head SI (QR + k x k SVD)",
+            t["ours"],
+            ratio,
+            "baseline / ours (speed-up)",
+            ">= 20x and rel. err <= 1e-4",
+            bool(ratio >= 20 and err <= 1e-4),
+            max_rel_err=err,
+        )
+    )
 
     def whole_model():
         with torch.no_grad():
             for lay in model.encoder.layer:
                 att = lay.attention
-                attention_spectral_init(*attention_weights(lay), num_heads=H, qk_rank=r, ov_rank=r,
-                                        q_bias=att.self.query.bias, k_bias=att.self.key.bias,
-                                        v_bias=att.self.value.bias, o_bias=att.output.dense.bias)
+                attention_spectral_init(
+                    *attention_weights(lay),
+                    num_heads=H,
+                    qk_rank=r,
+                    ov_rank=r,
+                    q_bias=att.self.query.bias,
+                    k_bias=att.self.key.bias,
+                    v_bias=att.self.value.bias,
+                    o_bias=att.output.dense.bias,
+                )
                 FactorizedLinear.from_linear(lay.intermediate.dense, rank_scale=0.5)
                 FactorizedLinear.from_linear(lay.output.dense, rank_scale=0.5)
 
     t = median_times({"si": whole_model}, repeats=1, warmup=0)
-    rows.append(row(f"whole model: {cfg.num_hidden_layers} layers, FFN rank scale 0.5, heads at half dim, biases",
-                    "building the random model", build_s, "SI (one run)", t["si"], t["si"] / build_s,
-                    "ours / baseline", "report", None))
+    rows.append(
+        row(
+            f"whole model: {cfg.num_hidden_layers} layers, FFN rank scale 0.5, heads at half dim, biases",
+            "building the random model",
+            build_s,
+            "SI (one run)",
+            t["si"],
+            t["si"] / build_s,
+            "ours / baseline",
+            "report",
+            None,
+        )
+    )
     return rows
 
 

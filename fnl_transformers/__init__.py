@@ -5,6 +5,7 @@ The core's names (:mod:`fnl_transformers.core`) are available here and import to
 plugin (``fnl_transformers.fairseq_plugin``) and the HuggingFace patchers (``fnl_transformers.hf``) are imported
 on demand.
 """
+
 from . import core
 
 __all__ = list(core.__all__)

@@ -9,6 +9,7 @@ only the containers and plain values (the top-level keys) come out.
 ``python -m fnl_transformers.checkpoints fairseq CHECKPOINT`` exits 2 with ``PROG: error: ...`` (``PROG`` from
 ``$FNL_PROG``) when the file is not a fairseq checkpoint.
 """
+
 from __future__ import annotations
 
 import os
@@ -94,11 +95,20 @@ def read_structure(path: str) -> Any:
             for _ in range(2):
                 _StructureUnpickler(f).load()
             return _StructureUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile, IndexError, KeyError,
-            AttributeError, TypeError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        zipfile.BadZipFile,
+        IndexError,
+        KeyError,
+        AttributeError,
+        TypeError,
+    ) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({reason}): the file is truncated or "
-                         "corrupted") from None
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint ({reason}): the file is truncated or corrupted"
+        ) from None
 
 
 def _describe(obj: Any) -> str:
@@ -115,8 +125,10 @@ def check_fairseq_checkpoint(path: str) -> List[str]:
     returns its top-level keys."""
     state = read_structure(path)
     if not isinstance(state, dict) or "model" not in state or not ("cfg" in state or "args" in state):
-        raise ValueError(f"{path} is a PyTorch file but not a fairseq checkpoint: it holds {_describe(state)}, a "
-                         f"fairseq checkpoint has 'model' and 'cfg' (or 'args'); {_HINT}")
+        raise ValueError(
+            f"{path} is a PyTorch file but not a fairseq checkpoint: it holds {_describe(state)}, a "
+            f"fairseq checkpoint has 'model' and 'cfg' (or 'args'); {_HINT}"
+        )
     return [k for k in state if isinstance(k, str)]
 
 

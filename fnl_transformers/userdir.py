@@ -4,6 +4,7 @@ The folder is ``fnl_transformers/fairseq_plugin/user_dir/fnl_fairseq_plugin``, a
 ``fnl_transformers.fairseq_plugin`` (fairseq imports a user dir by its basename, which must be unique). This
 module lives outside ``fairseq_plugin`` so that the command imports neither fairseq nor the plugin (fast).
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 ``pytest -m gpu`` selects them (``make gpu-check`` runs them on a GPU machine); ``pytest -m "not gpu"`` leaves
 them out. Every other test runs on a CPU.
 """
+
 import pytest
 
 
@@ -13,8 +14,10 @@ def _cuda_missing():
     if torch.cuda.is_available():
         return None
     build = f"torch {torch.__version__}" + ("" if torch.version.cuda else " (a CPU-only build)")
-    return (f"needs a CUDA GPU: {build} sees none (torch.cuda.is_available() is False); run `pytest -m gpu` "
-            "or `make gpu-check` on a machine with a GPU")
+    return (
+        f"needs a CUDA GPU: {build} sees none (torch.cuda.is_available() is False); run `pytest -m gpu` "
+        "or `make gpu-check` on a machine with a GPU"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

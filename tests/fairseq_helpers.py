@@ -19,6 +19,7 @@ API (kept small on purpose, other test files rely on it):
 * ``run_fairseq_cli(name, argv, stdin=None, cwd=None) -> subprocess.CompletedProcess``: any fairseq console
   command (``generate``, ``interactive``, ...) in a subprocess (``python -m fairseq_cli.<name>``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,12 +75,25 @@ def make_tiny_data(root, n_train: int = 64, n_valid: int = 16, n_test: int = 8, 
     from fairseq_cli import preprocess
 
     parser = options.get_preprocessing_parser()
-    args = parser.parse_args([
-        "--source-lang", "src", "--target-lang", "tgt",
-        "--trainpref", os.path.join(raw, "train"), "--validpref", os.path.join(raw, "valid"),
-        "--testpref", os.path.join(raw, "test"), "--destdir", data_bin,
-        "--joined-dictionary", "--workers", "1",
-    ])
+    args = parser.parse_args(
+        [
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            "--trainpref",
+            os.path.join(raw, "train"),
+            "--validpref",
+            os.path.join(raw, "valid"),
+            "--testpref",
+            os.path.join(raw, "test"),
+            "--destdir",
+            data_bin,
+            "--joined-dictionary",
+            "--workers",
+            "1",
+        ]
+    )
     with _quiet_logging():
         preprocess.main(args)
     open(done, "w").close()
@@ -93,17 +107,59 @@ def user_dir() -> str:
     return user_dir_path()
 
 
-def tiny_train_args(data_bin: str, save_dir: str, *extra: str, arch: str = "fnl_transformer_tiny",
-                    updates: int = 4, user_dir_flag: bool = True) -> List[str]:
+def tiny_train_args(
+    data_bin: str,
+    save_dir: str,
+    *extra: str,
+    arch: str = "fnl_transformer_tiny",
+    updates: int = 4,
+    user_dir_flag: bool = True,
+) -> List[str]:
     """argv (without program name) of a short, deterministic CPU training run."""
     argv = [
-        data_bin, "--task", "translation", "--source-lang", "src", "--target-lang", "tgt",
-        "--arch", arch, "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "fixed",
-        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--batch-size", "16", "--required-batch-size-multiple", "1", "--max-update", str(updates),
-        "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
-        "--seed", "1", "--cpu", "--num-workers", "0", "--save-dir", save_dir,
-        "--log-format", "json", "--log-interval", "1", "--no-progress-bar",
+        data_bin,
+        "--task",
+        "translation",
+        "--source-lang",
+        "src",
+        "--target-lang",
+        "tgt",
+        "--arch",
+        arch,
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.005",
+        "--lr-scheduler",
+        "fixed",
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        "--batch-size",
+        "16",
+        "--required-batch-size-multiple",
+        "1",
+        "--max-update",
+        str(updates),
+        "--dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--activation-dropout",
+        "0",
+        "--seed",
+        "1",
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--save-dir",
+        save_dir,
+        "--log-format",
+        "json",
+        "--log-interval",
+        "1",
+        "--no-progress-bar",
         "--no-epoch-checkpoints",
     ]
     if user_dir_flag:
@@ -176,13 +232,24 @@ def _reset_fairseq_globals() -> None:
                 delattr(fn, attr)
 
 
-def run_fairseq_train(argv: Sequence[str], in_process: bool = True, cwd: Optional[str] = None,
-                      env: Optional[dict] = None, timeout: float = 600) -> FairseqRun:
+def run_fairseq_train(
+    argv: Sequence[str],
+    in_process: bool = True,
+    cwd: Optional[str] = None,
+    env: Optional[dict] = None,
+    timeout: float = 600,
+) -> FairseqRun:
     """Run ``fairseq-train argv``; raises ``RuntimeError`` with the log when it fails."""
     argv = [str(a) for a in argv]
     if not in_process:
-        res = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *argv], capture_output=True, text=True,
-                             cwd=cwd, env=env, timeout=timeout)
+        res = subprocess.run(
+            [sys.executable, "-m", "fairseq_cli.train", *argv],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
+        )
         text = res.stdout + res.stderr
         if res.returncode != 0:
             raise RuntimeError(f"fairseq-train failed (exit {res.returncode}):\n{text[-6000:]}")
@@ -216,15 +283,30 @@ def run_fairseq_train(argv: Sequence[str], in_process: bool = True, cwd: Optiona
     return FairseqRun(text, _parse_stats(text))
 
 
-def run_fairseq_cli(name: str, argv: Sequence[str], stdin: Optional[str] = None, cwd: Optional[str] = None,
-                    env: Optional[dict] = None, timeout: float = 600, check: bool = True, in_process: bool = False):
+def run_fairseq_cli(
+    name: str,
+    argv: Sequence[str],
+    stdin: Optional[str] = None,
+    cwd: Optional[str] = None,
+    env: Optional[dict] = None,
+    timeout: float = 600,
+    check: bool = True,
+    in_process: bool = False,
+):
     """``fairseq-<name> argv`` (``name``: ``generate``, ``interactive``, ...) in a subprocess, or in this process
     (``fairseq_cli.<name>.cli_main`` with ``sys.argv``/``sys.stdin``/``sys.stdout`` patched). Returns a
     ``subprocess.CompletedProcess`` (text); with ``check`` a failure raises ``RuntimeError`` with the output."""
     argv = [str(a) for a in argv]
     if not in_process:
-        res = subprocess.run([sys.executable, "-m", f"fairseq_cli.{name}", *argv], input=stdin, capture_output=True,
-                             text=True, cwd=cwd, env=env, timeout=timeout)
+        res = subprocess.run(
+            [sys.executable, "-m", f"fairseq_cli.{name}", *argv],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
+        )
         if check and res.returncode != 0:
             raise RuntimeError(f"fairseq-{name} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-6000:]}")
         return res

@@ -34,6 +34,7 @@ values measured on the CPU in brackets (``python tests/fairseq_precision_helpers
   ``fnl_adam`` 0.06 [0.021], ``flambe`` 0.15 [0.071]; the float32 run without FD ends at least 2.5 tolerances
   away [1.10, 0.49], so the check sees FD.
 """
+
 from __future__ import annotations
 
 import copy
@@ -78,12 +79,13 @@ def train_argv(data_bin: str, save_dir: str, setup: str, mode: str, lam: float =
     """``fairseq-train`` flags of a tiny low-rank model (rank scale 0.5) with FD ``lam`` on the linear, QK and OV
     forms, the optimizer of ``setup`` and the flags of precision ``mode`` (``fp32``: none)."""
     fd = [a for kind in FD_KINDS for a in (f"--fd-{kind}", str(lam))]
-    argv = fh.tiny_train_args(data_bin, save_dir, "--rank-scale", "0.5", *fd, *SETUPS[setup][0],
-                              *(MODES[mode][0] if mode != "fp32" else []))
+    argv = fh.tiny_train_args(
+        data_bin, save_dir, "--rank-scale", "0.5", *fd, *SETUPS[setup][0], *(MODES[mode][0] if mode != "fp32" else [])
+    )
     for flag, stock in (("--optimizer", "adam"), ("--criterion", "label_smoothed_cross_entropy")):
         i = argv.index(flag)
         if argv[i + 1] == stock and argv.count(flag) > 1:
-            del argv[i:i + 2]  # the helper's defaults give way to the setup's
+            del argv[i : i + 2]  # the helper's defaults give way to the setup's
     return argv if device == "cpu" else [a for a in argv if a != "--cpu"]
 
 
@@ -120,8 +122,10 @@ def _names(trainer) -> Dict[int, str]:
 
 def _groups(trainer) -> List[tuple]:
     names = _names(trainer)
-    return sorted((sorted(names[id(p)] for p in g["params"]), g["weight_decay"], g.get("fd", {}),
-                   len(g.get("fd_forms", ()))) for g in trainer.optimizer.optimizer.param_groups)
+    return sorted(
+        (sorted(names[id(p)] for p in g["params"]), g["weight_decay"], g.get("fd", {}), len(g.get("fd_forms", ())))
+        for g in trainer.optimizer.optimizer.param_groups
+    )
 
 
 def first_update(data_bin: str, setup: str, mode: str, lam: float = LAMBDA, device: str = "cpu") -> dict:
@@ -134,8 +138,12 @@ def first_update(data_bin: str, setup: str, mode: str, lam: float = LAMBDA, devi
     step = torch_opt.step
 
     def recording_step(*args, **kwargs):
-        rec["grads"] = {names[id(p)]: p.grad.detach().double().clone()
-                        for g in torch_opt.param_groups for p in g["params"] if p.grad is not None}
+        rec["grads"] = {
+            names[id(p)]: p.grad.detach().double().clone()
+            for g in torch_opt.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        }
         return step(*args, **kwargs)
 
     penalty = fd_criterion.frobenius_penalty_by_kind
@@ -144,8 +152,7 @@ def first_update(data_bin: str, setup: str, mode: str, lam: float = LAMBDA, devi
         out = penalty(model, **coeffs)
         if out and "fd" not in rec:
             ps = [p for p in model.parameters() if p.requires_grad]
-            grads = torch.autograd.grad(torch.stack(list(out.values())).sum(), ps, retain_graph=True,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(torch.stack(list(out.values())).sum(), ps, retain_graph=True, allow_unused=True)
             rec["fd"] = {k: float(v.detach()) for k, v in out.items()}
             rec["fd_grad"] = {names[id(p)]: g.double() for p, g in zip(ps, grads) if g is not None}
         return out
@@ -194,8 +201,10 @@ def first_update_errors(data_bin: str, mode: str, setup: str, device: str = "cpu
     decoupled FD reads."""
     _, wrapper, dtype = MODES[mode]
     eps = compute_eps(mode, device)
-    ref, got = cached_first_update(data_bin, setup, "fp32", device=device), \
-        cached_first_update(data_bin, setup, mode, device=device)
+    ref, got = (
+        cached_first_update(data_bin, setup, "fp32", device=device),
+        cached_first_update(data_bin, setup, mode, device=device),
+    )
     trainer = got["trainer"]
     assert type(trainer.optimizer) is wrapper
     assert {p.dtype for p in trainer.model.parameters()} == {dtype}

@@ -1,5 +1,6 @@
 """Shared helpers of the HF patcher tests: tiny random models of each supported architecture, the offline
 MiniLM, and a per-head rank-deficient variant (for exactness checks of head shrinking). No pytest import."""
+
 from __future__ import annotations
 
 import os
@@ -16,27 +17,65 @@ def tiny(arch: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     if arch in ("bert", "roberta"):
-        cls, cfg_cls = {"bert": (tf.BertForMaskedLM, tf.BertConfig),
-                        "roberta": (tf.RobertaForMaskedLM, tf.RobertaConfig)}[arch]
-        cfg = cfg_cls(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=40, pad_token_id=1)
+        cls, cfg_cls = {
+            "bert": (tf.BertForMaskedLM, tf.BertConfig),
+            "roberta": (tf.RobertaForMaskedLM, tf.RobertaConfig),
+        }[arch]
+        cfg = cfg_cls(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=40,
+            pad_token_id=1,
+        )
     elif arch == "distilbert":
-        cls, cfg = tf.DistilBertForMaskedLM, tf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4,
-                                                                 hidden_dim=64, max_position_embeddings=40)
+        cls, cfg = (
+            tf.DistilBertForMaskedLM,
+            tf.DistilBertConfig(
+                vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=40
+            ),
+        )
     elif arch == "gpt2":
-        cls, cfg = tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=40,
-                                                     bos_token_id=0, eos_token_id=0)
+        cls, cfg = (
+            tf.GPT2LMHeadModel,
+            tf.GPT2Config(
+                vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=40, bos_token_id=0, eos_token_id=0
+            ),
+        )
     elif arch.startswith("llama"):
         kv = 4 if arch in ("llama_mha", "llama_tied") else 2
-        cls, cfg = tf.LlamaForCausalLM, tf.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv,
-            intermediate_size=64, max_position_embeddings=40, tie_word_embeddings=arch == "llama_tied",
-            bos_token_id=0, eos_token_id=0, pad_token_id=None)
+        cls, cfg = (
+            tf.LlamaForCausalLM,
+            tf.LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=kv,
+                intermediate_size=64,
+                max_position_embeddings=40,
+                tie_word_embeddings=arch == "llama_tied",
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=None,
+            ),
+        )
     elif arch in ("mistral", "qwen2"):
-        cls, cfg_cls = {"mistral": (tf.MistralForCausalLM, tf.MistralConfig),
-                        "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config)}[arch]
-        cfg = cfg_cls(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=40)
+        cls, cfg_cls = {
+            "mistral": (tf.MistralForCausalLM, tf.MistralConfig),
+            "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config),
+        }[arch]
+        cfg = cfg_cls(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=40,
+        )
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
@@ -86,14 +125,14 @@ def make_heads_rank_deficient(model, qk_rank: int, ov_rank: int) -> None:
                 W, b = att.c_attn.weight, att.c_attn.bias  # d x 3D, columns q | k | v
                 D = H * hd
                 for h in range(H):
-                    W[:, h * hd + qk_rank:(h + 1) * hd] = 0
-                    b[h * hd + qk_rank:(h + 1) * hd] = 0
-                    W[:, 2 * D + h * hd + ov_rank:2 * D + (h + 1) * hd] = 0
+                    W[:, h * hd + qk_rank : (h + 1) * hd] = 0
+                    b[h * hd + qk_rank : (h + 1) * hd] = 0
+                    W[:, 2 * D + h * hd + ov_rank : 2 * D + (h + 1) * hd] = 0
                 continue
             q, v = att.get_submodule(arch.q), att.get_submodule(arch.v)
             for h in range(H):
-                q.weight[h * hd + qk_rank:(h + 1) * hd] = 0
+                q.weight[h * hd + qk_rank : (h + 1) * hd] = 0
                 if q.bias is not None:
-                    q.bias[h * hd + qk_rank:(h + 1) * hd] = 0
+                    q.bias[h * hd + qk_rank : (h + 1) * hd] = 0
             for h in range(v.out_features // hd):
-                v.weight[h * hd + ov_rank:(h + 1) * hd] = 0
+                v.weight[h * hd + ov_rank : (h + 1) * hd] = 0

@@ -4,6 +4,7 @@ parameters (process 0). Run alone (one process) or under ``torchrun --nproc_per_
 Two runs in one launch: ``coupled`` (FD in the loss, AdamW) and ``flambe`` (decoupled FD through FLAMBe).
 ``--batch``/``--accum`` are per process, so 2 processes x batch 2 is the global batch of 1 process x batch 4.
 """
+
 import argparse
 import os
 import sys
@@ -34,13 +35,25 @@ def main() -> None:
     results = {}
     for name, run in RUNS.items():
         model = tiny_bert()
-        targs = training_args(tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
-                              gradient_accumulation_steps=args.accum, max_steps=args.steps,
-                              optim=run.get("optim", "adamw_torch"), learning_rate=1e-2, adam_epsilon=1e-6,
-                              logging_steps=args.steps, ddp_find_unused_parameters=False,
-                              **({"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}))
-        trainer = FNLTrainer(model=model, args=targs, train_dataset=MLMData(), fd=run["fd"],
-                             fd_optimizer=run.get("fd_optimizer", "adamwfd"))
+        targs = training_args(
+            tempfile.mkdtemp(),
+            per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=args.accum,
+            max_steps=args.steps,
+            optim=run.get("optim", "adamw_torch"),
+            learning_rate=1e-2,
+            adam_epsilon=1e-6,
+            logging_steps=args.steps,
+            ddp_find_unused_parameters=False,
+            **({"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}),
+        )
+        trainer = FNLTrainer(
+            model=model,
+            args=targs,
+            train_dataset=MLMData(),
+            fd=run["fd"],
+            fd_optimizer=run.get("fd_optimizer", "adamwfd"),
+        )
         trainer.train()
         results[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
         results[name + "/world_size"] = torch.tensor(targs.world_size)

@@ -9,6 +9,7 @@ optimizer ``FNLTrainer`` builds), ``flambe_clip`` (a FLAMBe with ``max_grad_norm
 ``--batch``/``--accum`` are per process. While FD runs, every torch.distributed collective other than
 ``all_reduce`` raises; each FD call's collectives (from its ``CommLog``) are saved with the results.
 """
+
 import argparse
 import os
 import sys
@@ -39,14 +40,29 @@ def _own_optimizer(model):
 
     groups = param_groups(model, fd_linear=FD["linear"], fd_qk=FD["qk"], fd_ov=FD["ov"], weight_decay=0.1)
     return FLAMBe(groups, lr=1e-2, eps=1e-6, max_grad_norm=0.5)
-FORBIDDEN = ("all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "reduce_scatter",
-             "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "gather", "scatter")
+
+
+FORBIDDEN = (
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "broadcast",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "gather",
+    "scatter",
+)
 CALLS = []  # per sharded FD call: its coefficients, CommLog calls and the collectives torch saw
 
 
 def _refuse(name):
     def call(*args, **kwargs):
         raise AssertionError(f"FD under FSDP called torch.distributed.{name}")
+
     return call
 
 
@@ -67,8 +83,14 @@ def _watch_fd():
             for name, fn in saved.items():
                 setattr(dist, name, fn)
         counts = {str(op): n for op, n in mode.get_comm_counts().items()}
-        CALLS.append(dict(coeffs=dict(coeffs), log=[list(c) for c in comm.log.calls], ops=counts,
-                          dry=isinstance(comm, sharded.DryRunComm)))  # FNLTrainer's check of the layouts
+        CALLS.append(
+            dict(
+                coeffs=dict(coeffs),
+                log=[list(c) for c in comm.log.calls],
+                ops=counts,
+                dry=isinstance(comm, sharded.DryRunComm),
+            )
+        )  # FNLTrainer's check of the layouts
         return out
 
     sharded.sharded_fd = watched
@@ -104,10 +126,20 @@ def refusals() -> dict:
     out = dict(
         patch=_message(lambda: patch_model(sharded_model, FNLConfig(rank_scale=0.5))),
         recompose=_message(lambda: recompose(sharded_model)),
-        checkpoints=_message(lambda: FNLTrainer(model=sharded_model, args=training_args(
-            tempfile.mkdtemp(), save_strategy="steps", ddp_backend="gloo"), train_dataset=MLMData())),
-        head_split=_message(lambda: FNLTrainer(model=_shard(tiny_bert(heads=3)), args=training_args(
-            tempfile.mkdtemp(), ddp_backend="gloo"), train_dataset=MLMData())),
+        checkpoints=_message(
+            lambda: FNLTrainer(
+                model=sharded_model,
+                args=training_args(tempfile.mkdtemp(), save_strategy="steps", ddp_backend="gloo"),
+                train_dataset=MLMData(),
+            )
+        ),
+        head_split=_message(
+            lambda: FNLTrainer(
+                model=_shard(tiny_bert(heads=3)),
+                args=training_args(tempfile.mkdtemp(), ddp_backend="gloo"),
+                train_dataset=MLMData(),
+            )
+        ),
     )
     return out
 
@@ -131,17 +163,31 @@ def main() -> None:
         model = tiny_bert()
         if world > 1:
             model = _shard(model)
-        targs = training_args(tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
-                              gradient_accumulation_steps=args.accum, max_steps=args.steps,
-                              optim=run.get("optim", "adamw_torch"), learning_rate=1e-2, adam_epsilon=1e-6,
-                              logging_steps=args.steps, **({"ddp_backend": "gloo"} if world > 1 else {}))
+        targs = training_args(
+            tempfile.mkdtemp(),
+            per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=args.accum,
+            max_steps=args.steps,
+            optim=run.get("optim", "adamw_torch"),
+            learning_rate=1e-2,
+            adam_epsilon=1e-6,
+            logging_steps=args.steps,
+            **({"ddp_backend": "gloo"} if world > 1 else {}),
+        )
         optimizers = (_own_optimizer(model), None) if run.get("own_optimizer") else (None, None)
-        trainer = FNLTrainer(model=model, args=targs, train_dataset=MLMData(), fd=run["fd"],
-                             fd_optimizer=run.get("fd_optimizer", "adamwfd"), optimizers=optimizers)
+        trainer = FNLTrainer(
+            model=model,
+            args=targs,
+            train_dataset=MLMData(),
+            fd=run["fd"],
+            fd_optimizer=run.get("fd_optimizer", "adamwfd"),
+            optimizers=optimizers,
+        )
         trainer.train()
         logged = [h for h in trainer.state.log_history if "loss" in h][-1]
-        full = {n: (p.full_tensor() if sharded.is_dtensor(p) else p).detach().clone()
-                for n, p in model.named_parameters()}
+        full = {
+            n: (p.full_tensor() if sharded.is_dtensor(p) else p).detach().clone() for n, p in model.named_parameters()
+        }
         results[name] = full
         results[name + "/loss"] = torch.tensor(logged["loss"])
         results[name + "/fd"] = torch.tensor([logged[f"fnl/{k}/fd"] for k in sorted(FD)])

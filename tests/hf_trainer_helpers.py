@@ -2,6 +2,7 @@
 
 Also imported by ``tests/hf_trainer_ddp_script.py`` (the torchrun worker), so it must not import pytest.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,17 @@ def tiny_bert(seed: int = 0, dropout: float = 0.0, fd_mode: str = "coupled", hea
 
     torch.manual_seed(seed)
     hidden = HIDDEN if heads == HEADS else 8 * heads
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=heads,
-                     intermediate_size=FFN, max_position_embeddings=2 * SEQ, type_vocab_size=1,
-                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=heads,
+        intermediate_size=FFN,
+        max_position_embeddings=2 * SEQ,
+        type_vocab_size=1,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     fd = {f"fd_{k}": v for k, v in FD.items()}
     return patch_model(BertForMaskedLM(cfg), FNLConfig(rank_scale=0.5, factorize=("ffn",), fd_mode=fd_mode, **fd))
 
@@ -38,8 +47,18 @@ def tiny_gpt2(seed: int = 0):
     from fnl_transformers.hf import FNLConfig, patch_model
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=2 * SEQ,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_positions=2 * SEQ,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     fd = {f"fd_{k}": v for k, v in FD.items()}
     return patch_model(GPT2LMHeadModel(cfg), FNLConfig(rank_scale=0.5, factorize=("ffn",), **fd))
 
@@ -59,8 +78,7 @@ class MLMData(torch.utils.data.Dataset):
             labels[pos] = ids[pos]
             ids = ids.clone()
             ids[pos] = 0  # the [MASK] stand-in
-            self.items.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long),
-                               "labels": labels})
+            self.items.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": labels})
 
     def __len__(self):
         return len(self.items)
@@ -72,10 +90,25 @@ class MLMData(torch.utils.data.Dataset):
 def training_args(out_dir: str, **kw):
     from transformers import TrainingArguments
 
-    base = dict(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=3,
-                learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.1,
-                max_grad_norm=0.0, seed=0, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
-                dataloader_num_workers=0, disable_tqdm=True, average_tokens_across_devices=True)
+    base = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=3,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.1,
+        max_grad_norm=0.0,
+        seed=0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        average_tokens_across_devices=True,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 

@@ -9,6 +9,7 @@
 * ``mp_trainer(...)``: an ``FNLTrainer`` on the tiny BERT of ``hf_trainer_helpers`` in float32, bf16 or fp16, with
   one of the optimizer ``SETUPS``; ``AFTER_N`` holds the tolerances of ``N_STEPS`` updates against float32.
 """
+
 from __future__ import annotations
 
 import copy
@@ -87,8 +88,9 @@ class AutocastProbe:
         layer.register_forward_hook(lambda mod, inp, out: self.dtypes.add(out.dtype))
 
 
-def mp_trainer(out_dir: str, precision: str, setup: str, coef: float, steps: int, device: str = "cpu", data=None,
-               **args_kw):
+def mp_trainer(
+    out_dir: str, precision: str, setup: str, coef: float, steps: int, device: str = "cpu", data=None, **args_kw
+):
     """FNLTrainer on ``tiny_bert`` (sequential batches, lr 1e-2, Adam eps 1e-6) with ``trainer.probe``."""
     from fnl_transformers.hf.trainer import FNLTrainer
 
@@ -96,11 +98,22 @@ def mp_trainer(out_dir: str, precision: str, setup: str, coef: float, steps: int
 
     model = tiny_bert()
     mp = {"bf16": dict(bf16=True), "fp16": dict(fp16=True), "fp32": {}}[precision]
-    base = dict(max_steps=steps, learning_rate=1e-2, adam_epsilon=1e-6, train_sampling_strategy="sequential",
-                logging_steps=1, use_cpu=device == "cpu")
+    base = dict(
+        max_steps=steps,
+        learning_rate=1e-2,
+        adam_epsilon=1e-6,
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        use_cpu=device == "cpu",
+    )
     base.update(args_kw)
     args = training_args(out_dir, **mp, **base)
-    trainer = FNLTrainer(model=model, args=args, train_dataset=data if data is not None else MLMData(),
-                         fnl_config=fd_coeffs(coef), **SETUPS[setup][0])
+    trainer = FNLTrainer(
+        model=model,
+        args=args,
+        train_dataset=data if data is not None else MLMData(),
+        fnl_config=fd_coeffs(coef),
+        **SETUPS[setup][0],
+    )
     trainer.probe = AutocastProbe(model)
     return trainer

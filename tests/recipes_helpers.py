@@ -9,6 +9,7 @@
 * ``last_line(text) -> str``: the last non-empty line (the recipes' one-line errors).
 * ``load_json(path)``, ``is_png(path)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ def run_script(path: str, *args: str, cwd: str = None, timeout: int = 3600, env_
     env["PYTHON"] = sys.executable
     env["OMP_NUM_THREADS"] = "1"
     env.update(env_extra or {})
-    return subprocess.run(["bash", path, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", path, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def last_line(text: str) -> str:

@@ -1,6 +1,7 @@
 """ARCHITECTURE.md against the code: every module named, the settings table equal to the fairseq parser's fnl flags,
 the FNLConfig fields and the core fields' help; the layering (core <- optim <- fairseq_plugin / hf <- recipes);
 no private name (``_x``) of another package imported or used."""
+
 import argparse
 import ast
 import dataclasses
@@ -86,8 +87,13 @@ def _area(module: str):
     return parts[1] if len(parts) > 1 and parts[1] in ("core", "optim", "fairseq_plugin", "hf", "recipes") else "top"
 
 
-ALLOWED = {"core": {"core"}, "optim": {"core", "optim"}, "fairseq_plugin": {"core", "optim", "fairseq_plugin"},
-           "hf": {"core", "optim", "hf"}, "recipes": {"core", "optim", "fairseq_plugin", "hf", "recipes", "top"}}
+ALLOWED = {
+    "core": {"core"},
+    "optim": {"core", "optim"},
+    "fairseq_plugin": {"core", "optim", "fairseq_plugin"},
+    "hf": {"core", "optim", "hf"},
+    "recipes": {"core", "optim", "fairseq_plugin", "hf", "recipes", "top"},
+}
 
 
 def _sources():
@@ -126,7 +132,12 @@ def test_no_private_name_crosses_packages():
             else:
                 aliases.update({(a.asname or a.name.split(".")[0]): a.name for a in node.names})
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_") \
-                    and not node.attr.startswith("__") and node.value.id in aliases:
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and node.value.id in aliases
+            ):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
     assert not bad, "\n".join(bad)

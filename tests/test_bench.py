@@ -1,4 +1,5 @@
 """The bench harness runs and writes its JSON and table (tiny --quick sizes; no timing assertions)."""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,13 @@ from bench.run_all import END, START, markdown, update_readme  # noqa: E402
 
 
 def run_all(tmp_path, only):
-    res = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick", "--only", only,
-                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.run_all", "--quick", "--only", only, "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     with open(tmp_path / "results-quick.json") as f:
         results = json.load(f)
@@ -61,15 +67,26 @@ def test_quick_run_of_fairseq_items(tmp_path):
 
 
 def test_table_marks_skipped_errors_and_missed_targets(tmp_path):
-    results = dict(quick=False, date="2026-01-01 00:00 UTC", machine="test machine", load_start="0.0",
-                   total_seconds=1.0, items=[
-                       dict(item=1, question="Q1", rows=[
-                           row("fast case", "base", 2.0, "ours", 0.1, 20.0, "baseline / ours", ">= 10x", True),
-                           row("slow case", "base", 1.0, "ours", 0.5, 2.0, "baseline / ours", ">= 10x", False)],
-                            error=None),
-                       dict(item=2, question="Q2", rows=[skipped("a case", "<= 1.03x", "plugin not available (x)")],
-                            error=None),
-                       dict(item=3, question="Q3", rows=[], error="RuntimeError: boom\ntraceback")])
+    results = dict(
+        quick=False,
+        date="2026-01-01 00:00 UTC",
+        machine="test machine",
+        load_start="0.0",
+        total_seconds=1.0,
+        items=[
+            dict(
+                item=1,
+                question="Q1",
+                rows=[
+                    row("fast case", "base", 2.0, "ours", 0.1, 20.0, "baseline / ours", ">= 10x", True),
+                    row("slow case", "base", 1.0, "ours", 0.5, 2.0, "baseline / ours", ">= 10x", False),
+                ],
+                error=None,
+            ),
+            dict(item=2, question="Q2", rows=[skipped("a case", "<= 1.03x", "plugin not available (x)")], error=None),
+            dict(item=3, question="Q3", rows=[], error="RuntimeError: boom\ntraceback"),
+        ],
+    )
     table = markdown(results)
     assert "| 1 | Q1 | fast case | base: 2.00 s | ours: 100.0 ms | 20.00 (baseline / ours) | >= 10x | yes |" in table
     assert "| **no** |" in table
@@ -86,8 +103,9 @@ def test_table_marks_skipped_errors_and_missed_targets(tmp_path):
 
 
 def test_bad_only_is_one_clear_error():
-    res = subprocess.run([sys.executable, "-m", "bench.run_all", "--only", "9"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.run_all", "--only", "9"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 2 and "no item [9]" in res.stderr
 
 
@@ -98,10 +116,29 @@ def test_target_met_only_when_the_worst_repeat_meets_it():
     fast = repeats_summary([12.0, 9.0, 15.0], higher_is_better=True, limit=10.0)
     assert fast["worst"] == 9.0 and fast["met"] is False
     assert repeats_summary([1.0, 2.0], higher_is_better=False, limit=None)["met"] is None
-    r = row("case", "base", 1.0, "ours", 1.02, slow["ratio"], "ours / baseline", "<= 1.03x", slow["met"],
-            repeats=slow["repeats"], spread=slow["spread"])
-    table = markdown(dict(quick=False, date="d", machine="m", load_start="0", total_seconds=1.0,
-                          items=[dict(item=2, question="Q", rows=[r], error=None)]))
+    r = row(
+        "case",
+        "base",
+        1.0,
+        "ours",
+        1.02,
+        slow["ratio"],
+        "ours / baseline",
+        "<= 1.03x",
+        slow["met"],
+        repeats=slow["repeats"],
+        spread=slow["spread"],
+    )
+    table = markdown(
+        dict(
+            quick=False,
+            date="d",
+            machine="m",
+            load_start="0",
+            total_seconds=1.0,
+            items=[dict(item=2, question="Q", rows=[r], error=None)],
+        )
+    )
     assert "1.020 [1.010-1.040, 3 repeats] (ours / baseline) | <= 1.03x | **no** |" in table
 
 
@@ -132,8 +169,12 @@ def test_compress_minilm_compares_both_truncations_before_and_after_fine_tuning(
     from bench import compress_minilm
 
     out = tmp_path / "minilm.json"
-    assert compress_minilm.main(["--calibration", "64", "--train", "32", "--eval", "24", "--steps", "2",
-                                 "--batch", "8", "--json", str(out)]) == 0
+    assert (
+        compress_minilm.main(
+            ["--calibration", "64", "--train", "32", "--eval", "24", "--steps", "2", "--batch", "8", "--json", str(out)]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     si, aware = result["variants"]["weight-only SI"], result["variants"]["activation-aware"]
     assert si["param_ratio"] == aware["param_ratio"] and 0.4 < si["param_ratio"] < 0.7

@@ -1,5 +1,6 @@
 """Checkpoint files recognized without loading them (fnl_transformers.checkpoints): formats, fairseq structure,
 one clear line each, and no code from the file ever runs."""
+
 import collections
 import pickle
 
@@ -22,8 +23,13 @@ class _CreatesFile:
 
 
 def _fairseq_like():
-    return {"args": None, "cfg": {"model": None}, "model": collections.OrderedDict(w=torch.zeros(2)),
-            "optimizer_history": [{"num_updates": 3}], "extra_state": {}}
+    return {
+        "args": None,
+        "cfg": {"model": None},
+        "model": collections.OrderedDict(w=torch.zeros(2)),
+        "optimizer_history": [{"num_updates": 3}],
+        "extra_state": {},
+    }
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -36,16 +42,24 @@ def test_fairseq_checkpoint_keys_in_both_torch_formats(tmp_path, legacy):
 def test_not_fairseq_checkpoints_are_one_clear_line(tmp_path):
     cases = {
         "text.pt": (lambda p: open(p, "w").write("hello\n"), f"is a text file, not a PyTorch checkpoint; {HINT}"),
-        "binary.pt": (lambda p: open(p, "wb").write(bytes(range(250, 256)) * 10),
-                      "is not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)"),
-        "dict.pt": (lambda p: torch.save({"a": torch.zeros(1), "b": 2}, p),
-                    "is a PyTorch file but not a fairseq checkpoint: it holds a dict with keys 'a', 'b', a fairseq "
-                    f"checkpoint has 'model' and 'cfg' (or 'args'); {HINT}"),
-        "state_dict.pt": (lambda p: torch.save(torch.nn.Linear(2, 2).state_dict(), p),
-                          "it holds an object (a bare state dict or module?)"),
+        "binary.pt": (
+            lambda p: open(p, "wb").write(bytes(range(250, 256)) * 10),
+            "is not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)",
+        ),
+        "dict.pt": (
+            lambda p: torch.save({"a": torch.zeros(1), "b": 2}, p),
+            "is a PyTorch file but not a fairseq checkpoint: it holds a dict with keys 'a', 'b', a fairseq "
+            f"checkpoint has 'model' and 'cfg' (or 'args'); {HINT}",
+        ),
+        "state_dict.pt": (
+            lambda p: torch.save(torch.nn.Linear(2, 2).state_dict(), p),
+            "it holds an object (a bare state dict or module?)",
+        ),
         "list.pt": (lambda p: torch.save([1, 2], p), "it holds a list"),
-        "plain.pkl": (lambda p: open(p, "wb").write(pickle.dumps(_fairseq_like()["cfg"])),
-                      "a pickle, but not one torch.save wrote"),
+        "plain.pkl": (
+            lambda p: open(p, "wb").write(pickle.dumps(_fairseq_like()["cfg"])),
+            "a pickle, but not one torch.save wrote",
+        ),
     }
     for name, (make, message) in cases.items():
         path = str(tmp_path / name)

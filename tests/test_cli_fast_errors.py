@@ -1,6 +1,7 @@
 """Option errors of every `fnl` subcommand come before torch, transformers and fairseq are imported (checked in a
 fresh interpreter through sys.modules, not by timing), as one `fnl CMD: error: ...` line; `fnl --help` reads as
 whole sentences."""
+
 import json
 import subprocess
 import sys
@@ -39,12 +40,18 @@ CASES = [
     (["compress", "{root}/src", "{root}/out", "--rank-scale", "1.5"], "--rank-scale must be in (0, 1] to compress"),
     (["compress", "{root}/src", "{root}/out", "--rank-scale", "abc"], "invalid float value: 'abc'"),
     (["compress", "{root}/src", "{root}/out", "--head-dim", "0"], "--head-dim must be a positive integer"),
-    (["compress", "{root}/src", "{root}/out", "--target-param-ratio", "1.5"],
-     "--target-param-ratio must be a number in (0, 1]"),
-    (["compress", "{root}/src", "{root}/out", "--rank-scale", "0.5", "--head-dim", "4", "--head-dim-qk", "0"],
-     "--head-dim-qk must be a positive integer"),
-    (["compress", "{root}/src", "{root}/out", "--rank-scale", "0.5", "--factorize", "ffn,heads"],
-     "unknown part(s) ['heads']"),
+    (
+        ["compress", "{root}/src", "{root}/out", "--target-param-ratio", "1.5"],
+        "--target-param-ratio must be a number in (0, 1]",
+    ),
+    (
+        ["compress", "{root}/src", "{root}/out", "--rank-scale", "0.5", "--head-dim", "4", "--head-dim-qk", "0"],
+        "--head-dim-qk must be a positive integer",
+    ),
+    (
+        ["compress", "{root}/src", "{root}/out", "--rank-scale", "0.5", "--factorize", "ffn,heads"],
+        "unknown part(s) ['heads']",
+    ),
     (["compress", "{root}/src", "{root}/out"], "nothing to compress"),
     (["inspect"], "fnl inspect: error: the following arguments are required"),
     (["inspect", "{root}/src"], "has no config.json"),

@@ -6,6 +6,7 @@ matrices): the tail energy of the scaled matrix does not depend on the square ro
 relative for float64 identities (observed errors are about 1e-14); comparisons with weight-only SI use margins of
 at least a factor 1.5 (observed factors 2.5-3 on these constructed examples).
 """
+
 from types import SimpleNamespace
 
 import pytest
@@ -167,7 +168,8 @@ def test_factorized_linear_accepts_precomputed_factors():
     lin = nn.Linear(12, 9)
     C = _stats(X).second_moment
     layer = fnl.FactorizedLinear.from_linear(
-        lin, rank=3, init=lambda W, r, generator=None: activation_init(W, r, C)[:2])
+        lin, rank=3, init=lambda W, r, generator=None: activation_init(W, r, C)[:2]
+    )
     U, V, _ = activation_init(lin.weight, 3, C)
     assert torch.allclose(layer.product(), U @ V.T, atol=1e-6)
     with pytest.raises(ValueError, match=r"needs \(9, 3\) and \(12, 3\)"):
@@ -182,8 +184,12 @@ def test_embedding_weighted_error_equals_tail_energy_and_beats_si_on_frequent_to
     on the rare rows, the frequency-weighted truncation on the frequent ones."""
     g = _gen(13)
     seen = torch.randn(25, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 12, generator=g, dtype=torch.float64)
-    E = torch.cat([seen + 0.05 * torch.randn(25, 12, generator=g, dtype=torch.float64),
-                   3 * torch.randn(55, 12, generator=g, dtype=torch.float64)])
+    E = torch.cat(
+        [
+            seen + 0.05 * torch.randn(25, 12, generator=g, dtype=torch.float64),
+            3 * torch.randn(55, 12, generator=g, dtype=torch.float64),
+        ]
+    )
     counts = torch.zeros(80, dtype=torch.float64)
     counts[:25] = torch.rand(25, generator=g, dtype=torch.float64) * 100 + 1  # 55 tokens never seen
     U, V, fit = embedding_activation_init(E, 4, counts)
@@ -199,8 +205,9 @@ def test_embedding_weighted_error_equals_tail_energy_and_beats_si_on_frequent_to
     Us, Vs = fnl.spectral_init(E, 4)
     seen_err = lambda A, B: float((p.unsqueeze(1) * (E - A @ B.T).pow(2)).sum().sqrt())  # noqa: E731
     assert seen_err(U, V) < seen_err(Us, Vs) / 1.5
-    assert fit.output_rel_error == pytest.approx(seen_err(U, V) / float((p.unsqueeze(1) * E.pow(2)).sum().sqrt()),
-                                                 rel=RTOL)
+    assert fit.output_rel_error == pytest.approx(
+        seen_err(U, V) / float((p.unsqueeze(1) * E.pow(2)).sum().sqrt()), rel=RTOL
+    )
     with pytest.raises(ValueError, match="never seen.*damping > 0"):
         embedding_activation_init(E, 4, counts, damping=0.0)
     with pytest.raises(ValueError, match="80 token counts"):
@@ -244,18 +251,22 @@ def test_attention_errors_equal_per_head_tail_energies():
         tails = sum(float(torch.linalg.svdvals(f)[rank:].pow(2).sum()) for f in scaled)
         return (tails / sum(float(f.pow(2).sum()) for f in scaled)) ** 0.5
 
-    qk, qk2 = _qk_heads(w["q_weight"], b["q_bias"], w["k_weight"]), _qk_heads(out["q_weight"], out["q_bias"],
-                                                                               out["k_weight"])
+    qk, qk2 = (
+        _qk_heads(w["q_weight"], b["q_bias"], w["k_weight"]),
+        _qk_heads(out["q_weight"], out["q_bias"], out["k_weight"]),
+    )
     assert errors["qk"].rel_error == pytest.approx(expected(qk, Sq, Sk, 2), rel=RTOL)
     direct = sum(float((Sq.T @ (a - a2) @ Sk).pow(2).sum()) for a, a2 in zip(qk, qk2))
     assert (direct / sum(float((Sq.T @ a @ Sk).pow(2).sum()) for a in qk)) ** 0.5 == pytest.approx(
-        expected(qk, Sq, Sk, 2), rel=RTOL)
+        expected(qk, Sq, Sk, 2), rel=RTOL
+    )
     ov, ov2 = _ov_heads(w["o_weight"], w["v_weight"]), _ov_heads(out["o_weight"], out["v_weight"])
     eye = torch.eye(D, dtype=torch.float64)
     assert errors["ov"].rel_error == pytest.approx(expected(ov, eye, Sk, 3), rel=RTOL)
     direct = sum(float(((a - a2) @ Sk).pow(2).sum()) for a, a2 in zip(ov, ov2))
     assert (direct / sum(float((a @ Sk).pow(2).sum()) for a in ov)) ** 0.5 == pytest.approx(
-        expected(ov, eye, Sk, 3), rel=RTOL)
+        expected(ov, eye, Sk, 3), rel=RTOL
+    )
     assert out["q_weight"].shape == (H * 2, D) and out["v_weight"].shape == (H * 3, D)
     assert torch.equal(out["k_bias"], torch.zeros(H * 2, dtype=torch.float64))
     assert torch.allclose(out["o_bias"], b["o_bias"] + w["o_weight"] @ b["v_bias"], rtol=1e-12)
@@ -276,8 +287,11 @@ def test_attention_at_full_head_dim_keeps_the_function():
     ref = _scores(w["q_weight"], b["q_bias"], w["k_weight"], b["k_bias"], X)
     got = _scores(out["q_weight"], out["q_bias"], out["k_weight"], out["k_bias"], X)
     assert float((got - ref).norm() / ref.norm()) < 1e-10
-    ref_ov = torch.stack([X @ f.T for f in _ov_heads(w["o_weight"], w["v_weight"])]).sum(0) + \
-        w["o_weight"] @ b["v_bias"] + b["o_bias"]
+    ref_ov = (
+        torch.stack([X @ f.T for f in _ov_heads(w["o_weight"], w["v_weight"])]).sum(0)
+        + w["o_weight"] @ b["v_bias"]
+        + b["o_bias"]
+    )
     got_ov = torch.stack([X @ f.T for f in _ov_heads(out["o_weight"], out["v_weight"])]).sum(0) + out["o_bias"]
     assert float((got_ov - ref_ov).norm() / ref_ov.norm()) < 1e-10
     assert errors["qk"].rel_error < 1e-7 and errors["ov"].rel_error < 1e-7
@@ -314,10 +328,10 @@ def test_attention_per_head_ov_statistics():
     st = _stats(_correlated_inputs(300, D, seed=22))
     C = st.second_moment
     shared, _ = attention_activation_init(*w.values(), H, C, st.mean, ov_rank=2, **b)
-    same, _ = attention_activation_init(*w.values(), H, C, st.mean, ov_rank=2, ov_second_moment=C.expand(H, D, D),
-                                        **b)
-    assert torch.allclose(_ov_heads(same["o_weight"], same["v_weight"]),
-                          _ov_heads(shared["o_weight"], shared["v_weight"]), atol=1e-9)
+    same, _ = attention_activation_init(*w.values(), H, C, st.mean, ov_rank=2, ov_second_moment=C.expand(H, D, D), **b)
+    assert torch.allclose(
+        _ov_heads(same["o_weight"], same["v_weight"]), _ov_heads(shared["o_weight"], shared["v_weight"]), atol=1e-9
+    )
     per_head = torch.stack([_stats(_correlated_inputs(300, D, seed=30 + h)).second_moment for h in range(H)])
     out, errors = attention_activation_init(*w.values(), H, C, st.mean, ov_rank=2, ov_second_moment=per_head, **b)
     ov, ov2 = _ov_heads(w["o_weight"], w["v_weight"]), _ov_heads(out["o_weight"], out["v_weight"])
@@ -344,8 +358,9 @@ def test_shrink_heads_activation_init_is_attention_activation_init_form_by_form(
     st = _stats(_correlated_inputs(300, D, seed=24))
     cal = HeadCalibration(st.second_moment, st.mean, damping=0.05)
     dims = HeadDims(H, H, DK, 2, 3)
-    ref, ref_errors = attention_activation_init(*w.values(), H, st.second_moment, st.mean, qk_rank=2, ov_rank=3,
-                                                damping=0.05, **b)
+    ref, ref_errors = attention_activation_init(
+        *w.values(), H, st.second_moment, st.mean, qk_rank=2, ov_rank=3, damping=0.05, **b
+    )
     both, errors = shrink_heads_with_errors(t, dims, "activation", "activation", calibration=cal)
     assert all(torch.equal(both[k], ref[k]) for k in ref if ref[k] is not None) and errors == ref_errors
     si = fnl.attention_spectral_init(*w.values(), H, qk_rank=2, ov_rank=3, **b)
@@ -356,7 +371,11 @@ def test_shrink_heads_activation_init_is_attention_activation_init_form_by_form(
     fresh = lambda key, shape, like: torch.zeros(shape, dtype=like.dtype)  # noqa: E731
     kept = shrink_heads(t, HeadDims(H, H, DK, 2, DK), "activation", None, fresh, calibration=cal)
     assert kept["v_weight"] is t["v_weight"] and kept["o_bias"] is t["o_bias"]  # OV kept as it is
-    assert torch.equal(kept["q_weight"], attention_activation_init(
-        *w.values(), H, st.second_moment, st.mean, qk_rank=2, damping=0.05, **b)[0]["q_weight"])
+    assert torch.equal(
+        kept["q_weight"],
+        attention_activation_init(*w.values(), H, st.second_moment, st.mean, qk_rank=2, damping=0.05, **b)[0][
+            "q_weight"
+        ],
+    )
     with pytest.raises(ValueError, match="needs the attention input's statistics"):
         shrink_heads(t, dims, "activation", "random", fresh)

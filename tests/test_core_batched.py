@@ -7,6 +7,7 @@ linears of equal and different shapes, a deep factorization ``U M V^T``, an over
 an embedding, and half-precision factors (computed in float32). Tolerance 1e-6 relative (Frobenius norm),
 both ways of running a group (stacked copies, in place).
 """
+
 import pytest
 import torch
 from torch import nn
@@ -39,9 +40,20 @@ class Fused(nn.Module):
         super().__init__()
         self.c_attn = nn.Parameter(torch.randn(d, 3 * d) / d**0.5)
         self.c_proj = nn.Parameter(torch.randn(d, d) / d**0.5)
-        fnl.register_attention_forms(self, fnl.attention_form_specs(
-            "c_attn", "c_attn", "c_attn", "c_proj", H, transposed=True, q_slice=(0, d), k_slice=(d, 2 * d),
-            v_slice=(2 * d, 3 * d)))
+        fnl.register_attention_forms(
+            self,
+            fnl.attention_form_specs(
+                "c_attn",
+                "c_attn",
+                "c_attn",
+                "c_proj",
+                H,
+                transposed=True,
+                q_slice=(0, d),
+                k_slice=(d, 2 * d),
+                v_slice=(2 * d, 3 * d),
+            ),
+        )
 
 
 def mixed_model(seed=0):
@@ -52,18 +64,21 @@ def mixed_model(seed=0):
     half = nn.ModuleList([fnl.FactorizedLinear(16, 24, 4), fnl.FactorizedLinear(16, 24, 4)])
     half[0].half()
     half[1].bfloat16()
-    return nn.ModuleDict(dict(
-        layers=nn.ModuleList([Attention(16, 4, 4, 4, 4) for _ in range(3)]),  # one shape: QK and OV of 3 layers
-        gqa=nn.ModuleList([Attention(16, 4, 2, 4, 4) for _ in range(2)]),
-        reduced=Attention(16, 4, 4, 3, 2),
-        fused=Fused(12, 3),
-        ffn=nn.ModuleList([fnl.FactorizedLinear(16, 24, 5), fnl.FactorizedLinear(16, 24, 5),
-                           fnl.FactorizedLinear(24, 16, 5)]),
-        deep=deep,
-        wide=fnl.FactorizedLinear(6, 5, 9),  # overcomplete: the dense product is the cheaper route
-        emb=fnl.FactorizedEmbedding(30, 16, 6),
-        lowp=half,
-    ))
+    return nn.ModuleDict(
+        dict(
+            layers=nn.ModuleList([Attention(16, 4, 4, 4, 4) for _ in range(3)]),  # one shape: QK and OV of 3 layers
+            gqa=nn.ModuleList([Attention(16, 4, 2, 4, 4) for _ in range(2)]),
+            reduced=Attention(16, 4, 4, 3, 2),
+            fused=Fused(12, 3),
+            ffn=nn.ModuleList(
+                [fnl.FactorizedLinear(16, 24, 5), fnl.FactorizedLinear(16, 24, 5), fnl.FactorizedLinear(24, 16, 5)]
+            ),
+            deep=deep,
+            wide=fnl.FactorizedLinear(6, 5, 9),  # overcomplete: the dense product is the cheaper route
+            emb=fnl.FactorizedEmbedding(30, 16, 6),
+            lowp=half,
+        )
+    )
 
 
 def _close(a, b, rtol=RTOL, what=""):
@@ -155,8 +170,9 @@ def test_batched_penalty_and_gradients_match_per_module(mode):
     for name in g_ref32:
         assert closed[name].dtype == torch.float32
         _close(closed[name], g_ref32[name], what=f"fd_grads {name}")
-    groups = param_groups(model, fd_linear=COEFFS["linear"], fd_embedding=COEFFS["embedding"], fd_qk=COEFFS["qk"],
-                          fd_ov=COEFFS["ov"])
+    groups = param_groups(
+        model, fd_linear=COEFFS["linear"], fd_embedding=COEFFS["embedding"], fd_qk=COEFFS["qk"], fd_ov=COEFFS["ov"]
+    )
     forms = group_forms(groups[0])
     by_id = forms.add_to({})
     names = {id(p): n for n, p in model.named_parameters()}
@@ -200,8 +216,11 @@ def test_kinds_switched_off_and_coefficients_change(mode):
     assert set(only_ov) == {"ov"}
     _close(only_ov["ov"], per_module_penalty(model, {"ov": 0.5})["ov"], what="ov")
     for lam in (0.1, 0.4):  # same plan, new weights
-        _close(fnl.frobenius_penalty(model, qk=lam, ov=lam), dense_penalty(model, dict(COEFFS, qk=lam, ov=lam,
-                                                                                      linear=0, embedding=0)), 1e-5)
+        _close(
+            fnl.frobenius_penalty(model, qk=lam, ov=lam),
+            dense_penalty(model, dict(COEFFS, qk=lam, ov=lam, linear=0, embedding=0)),
+            1e-5,
+        )
 
 
 def test_float64_and_float32_forms_in_one_model(mode):

@@ -1,4 +1,5 @@
 """The `fnl` command: help, the core demo, and one clear error line for bad input."""
+
 import subprocess
 import sys
 

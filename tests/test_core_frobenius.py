@@ -1,4 +1,5 @@
 """Frobenius decay: penalty and gradients equal autograd through the dense product (1e-5 relative)."""
+
 import pytest
 import torch
 from torch import nn
@@ -138,7 +139,14 @@ def test_fused_transposed_layout_matches_split_layout():
     d, H = 12, 3
     c_attn, c_proj = torch.randn(d, 3 * d), torch.randn(d, d)
     specs = fnl.attention_form_specs(
-        "c_attn", "c_attn", "c_attn", "c_proj", H, transposed=True, q_slice=(0, d), k_slice=(d, 2 * d),
+        "c_attn",
+        "c_attn",
+        "c_attn",
+        "c_proj",
+        H,
+        transposed=True,
+        q_slice=(0, d),
+        k_slice=(d, 2 * d),
         v_slice=(2 * d, 3 * d),
     )
     params = {"c_attn": c_attn, "c_proj": c_proj}

@@ -1,4 +1,5 @@
 """Factorized layers and per-head attention SI: equivalences with the dense layers they replace."""
+
 import math
 
 import pytest

@@ -1,6 +1,7 @@
 """The one rule for target parameter ratios (core.settings.check_param_ratio, re-exported by core.rank), shared by
 the settings model (FNLConfig, fairseq flags) and rank_scale_for_param_ratio; the settings model loads without
 torch."""
+
 import subprocess
 import sys
 
@@ -18,8 +19,11 @@ def test_ratio_outside_unit_interval_is_refused(ratio):
 
 
 def test_ratio_above_one_says_why():
-    with pytest.raises(ValueError, match=r"got 1.5: keeping more parameters than the model has would need factorized "
-                                         r"layers larger than the dense ones"):
+    with pytest.raises(
+        ValueError,
+        match=r"got 1.5: keeping more parameters than the model has would need factorized "
+        r"layers larger than the dense ones",
+    ):
         check_param_ratio(1.5)
 
 
@@ -37,7 +41,9 @@ def test_same_rule_as_the_settings_model():
 
 
 def test_settings_model_imports_without_torch():
-    code = ("import sys; from fnl_transformers.core.settings import check_param_ratio, specs_from_flat; "
-            "specs_from_flat({'rank_scale': 0.5, 'head_dim': 4}); print('torch' in sys.modules)")
+    code = (
+        "import sys; from fnl_transformers.core.settings import check_param_ratio, specs_from_flat; "
+        "specs_from_flat({'rank_scale': 0.5, 'head_dim': 4}); print('torch' in sys.modules)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr

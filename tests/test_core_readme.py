@@ -1,4 +1,5 @@
 """The README's Python examples run as written (the README is the contract with a new user)."""
+
 import pathlib
 import re
 

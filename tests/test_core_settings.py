@@ -1,6 +1,7 @@
 """The core settings model, decay policy, shape-only rank planning and attention surgery.
 
 Tolerances: float64 attention math compared to 1e-10 (summation order only); float32 FD gradients 1e-6 relative."""
+
 import math
 
 import pytest
@@ -31,8 +32,13 @@ from fnl_transformers.core.settings import flag
 # ------------------------------------------------------------------------------------------------ settings
 def test_structure_defaults_and_head_dim_rule():
     s = StructureSpec()
-    assert (s.rank_scale, s.factorize, s.ranks, s.spectral_init, s.deep) == \
-        (None, ("ffn", "embedding"), {}, True, False)
+    assert (s.rank_scale, s.factorize, s.ranks, s.spectral_init, s.deep) == (
+        None,
+        ("ffn", "embedding"),
+        {},
+        True,
+        False,
+    )
     assert s.head_dims(64) == (64, 64)
     assert StructureSpec(head_dim_qk=16).head_dims(64) == (16, 64)
     # 'attention' in factorize: heads shrink to max(1, int(R * head_dim)) (floor), the specific dim wins
@@ -42,10 +48,17 @@ def test_structure_defaults_and_head_dim_rule():
     assert specific_head_dims(8, None, 4) == (8, 4) and specific_head_dims(None, None, None) == (None, None)
 
 
-@pytest.mark.parametrize("chosen, shrinks, init", [
-    (None, True, "spectral"), (None, False, None), (True, True, "spectral"), (True, False, "spectral"),
-    (False, True, "random"), (False, False, None),
-])
+@pytest.mark.parametrize(
+    "chosen, shrinks, init",
+    [
+        (None, True, "spectral"),
+        (None, False, None),
+        (True, True, "spectral"),
+        (True, False, "spectral"),
+        (False, True, "random"),
+        (False, False, None),
+    ],
+)
 def test_head_init_rule(chosen, shrinks, init):
     assert StructureSpec(spectral_init_qk=chosen).head_init("qk", shrinks) == init
     # None follows spectral_init where the heads shrink
@@ -62,8 +75,11 @@ def test_activation_aware_init_rule_and_checks():
     assert (t.head_init("qk", False), t.head_init("ov", True)) == ("spectral", "random")
     assert StructureSpec(rank_scale=0.5).layer_init == "spectral"
     for kwargs, message in [
-        (dict(rank_scale=0.5, activation_aware=True, spectral_init=False), r"activation_aware is spectral "
-                                                                             r"initialization .* needs spectral_init"),
+        (
+            dict(rank_scale=0.5, activation_aware=True, spectral_init=False),
+            r"activation_aware is spectral "
+            r"initialization .* needs spectral_init",
+        ),
         (dict(activation_aware=True), r"activation_aware truncates nothing: give rank_scale"),
         (dict(rank_scale=0.5, damping=0.1), r"damping applies to activation-aware truncation only"),
         (dict(rank_scale=0.5, activation_aware=True, damping=-1), r"damping must be a finite number >= 0"),
@@ -94,8 +110,11 @@ def test_errors_are_spelled_by_the_converter():
         FDSpec(ov=math.inf)
     with pytest.raises(ValueError, match=r"FD coefficient for 'qk' must be a finite number >= 0"):
         fnl.check_fd_coefficients(qk=-1)
-    with pytest.raises(ValueError, match=r"head_dim_qk 9 does not fit enc: its heads have dimension 8 and can only "
-                                         r"shrink; use an integer in \[1, 8\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"head_dim_qk 9 does not fit enc: its heads have dimension 8 and can only "
+        r"shrink; use an integer in \[1, 8\]",
+    ):
         StructureSpec(head_dim_qk=9).head_dims(8, where="enc")
     with pytest.raises(ValueError, match=r"ranks: keys must be module-name patterns"):
         StructureSpec(ranks={"": 3})
@@ -103,8 +122,11 @@ def test_errors_are_spelled_by_the_converter():
 
 
 def test_empty_factorize_is_refused_not_a_silent_no_op():
-    with pytest.raises(SettingsError, match=r"factorize must name at least one part among \['ffn', 'embedding', "
-                                            r"'position', 'attention'\], got \(\)"):
+    with pytest.raises(
+        SettingsError,
+        match=r"factorize must name at least one part among \['ffn', 'embedding', "
+        r"'position', 'attention'\], got \(\)",
+    ):
         StructureSpec(rank_scale=0.5, factorize=())
 
 
@@ -114,9 +136,12 @@ def test_layers_that_grow_are_one_warning_unless_overcomplete_on_purpose():
     import warnings
 
     layers = [("l0.fc1", 64, 16), ("l0.fc2", 16, 16)]
-    with pytest.warns(UserWarning, match=r"^2 factorized layer\(s\) get more parameters than their dense weights "
-                                         r"\(l0.fc1 rank 10000 of 64 x 16: 1,024 -> 800,000 parameters; l0.fc2 rank "
-                                         r"14 of 16 x 16: 256 -> 448 parameters; \+799,168 in all\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"^2 factorized layer\(s\) get more parameters than their dense weights "
+        r"\(l0.fc1 rank 10000 of 64 x 16: 1,024 -> 800,000 parameters; l0.fc2 rank "
+        r"14 of 16 x 16: 256 -> 448 parameters; \+799,168 in all\)",
+    ):
         plan_ranks(layers, StructureSpec(rank_scale=0.9, ranks={"*.fc1": 10000}), 10_000)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -164,8 +189,9 @@ class Net(nn.Module):
         self.att = nn.ModuleDict({k: nn.Linear(8, 8) for k in "qkvo"})
         self.norm = nn.LayerNorm(8)
         self.head = nn.Linear(8, 5)
-        fnl.register_attention_forms(self.att, fnl.attention_form_specs("q.weight", "k.weight", "v.weight",
-                                                                        "o.weight", 2))
+        fnl.register_attention_forms(
+            self.att, fnl.attention_form_specs("q.weight", "k.weight", "v.weight", "o.weight", 2)
+        )
 
 
 @pytest.mark.parametrize("wdf, dbn", [(True, False), (False, False), (True, True)])
@@ -174,10 +200,22 @@ def test_decay_policy_rule(wdf, dbn):
     got = {name: d for name, _, d in DecayPolicy(FDSpec(linear=0.1, embedding=0, ov=0.1), wdf, dbn).assign(net)}
     factor_wo_fd = WEIGHT_DECAY if wdf else NO_DECAY
     bias_norm = WEIGHT_DECAY if dbn else NO_DECAY
-    expected = {"ffn.U": FD, "ffn.V": FD, "ffn.M": FD, "ffn.bias": bias_norm, "emb.U": factor_wo_fd,
-                "emb.V": factor_wo_fd, "att.q.weight": factor_wo_fd, "att.k.weight": factor_wo_fd,
-                "att.v.weight": FD, "att.o.weight": FD, "norm.weight": bias_norm, "norm.bias": bias_norm,
-                "head.weight": WEIGHT_DECAY, "head.bias": bias_norm}
+    expected = {
+        "ffn.U": FD,
+        "ffn.V": FD,
+        "ffn.M": FD,
+        "ffn.bias": bias_norm,
+        "emb.U": factor_wo_fd,
+        "emb.V": factor_wo_fd,
+        "att.q.weight": factor_wo_fd,
+        "att.k.weight": factor_wo_fd,
+        "att.v.weight": FD,
+        "att.o.weight": FD,
+        "norm.weight": bias_norm,
+        "norm.bias": bias_norm,
+        "head.weight": WEIGHT_DECAY,
+        "head.bias": bias_norm,
+    }
     expected.update({f"att.{k}.bias": bias_norm for k in "qkvo"})
     assert got == expected
 
@@ -208,8 +246,16 @@ def test_form_memberships_rebuild_the_forms_on_any_parameter_list():
 def _attention_tensors(H=4, d=12, hd=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return {"q_weight": r(H * hd, d), "q_bias": r(H * hd), "k_weight": r(H * hd, d), "k_bias": r(H * hd),
-            "v_weight": r(H * hd, d), "v_bias": r(H * hd), "o_weight": r(d, H * hd), "o_bias": r(d)}
+    return {
+        "q_weight": r(H * hd, d),
+        "q_bias": r(H * hd),
+        "k_weight": r(H * hd, d),
+        "k_bias": r(H * hd),
+        "v_weight": r(H * hd, d),
+        "v_bias": r(H * hd),
+        "o_weight": r(d, H * hd),
+        "o_bias": r(d),
+    }
 
 
 def _attend(x, t, H, scaling):
@@ -239,9 +285,9 @@ def test_shrink_then_pad_is_the_same_attention():
     assert small["v_weight"].shape == (H, d) and small["o_weight"].shape == (d, H)
     x = torch.randn(5, d, dtype=torch.float64)
     expected = _attend(x, small, H, 0.37)
-    padded = pad_heads(small, dims, fold=0.37 / hd ** -0.5)
+    padded = pad_heads(small, dims, fold=0.37 / hd**-0.5)
     assert padded["q_weight"].shape == (H * hd, d) and padded["o_weight"].shape == (d, H * hd)
-    torch.testing.assert_close(_attend(x, padded, H, hd ** -0.5), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(_attend(x, padded, H, hd**-0.5), expected, rtol=1e-10, atol=1e-10)
     qk = head_products(t, dims.full)["qk"]
     h = 1
     rows = slice(h * hd, (h + 1) * hd)

@@ -12,6 +12,7 @@ Tolerance: 1e-5 relative to the largest reference value (float32; the same sums 
 torch.distributed collective other than ``all_reduce`` raises, and the one all-reduce carries exactly the Gram
 pieces counted by hand below (no factor is ever gathered).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,9 @@ class Attn(nn.Module):
         kv = (kv_heads or heads) * head_dim
         self.q, self.k, self.v = nn.Linear(d, heads * head_dim), nn.Linear(d, kv), nn.Linear(d, kv)
         self.o = nn.Linear(heads * head_dim, d)
-        register_attention_forms(self, attention_form_specs("q.weight", "k.weight", "v.weight", "o.weight", heads,
-                                                            num_kv_heads=kv_heads))
+        register_attention_forms(
+            self, attention_form_specs("q.weight", "k.weight", "v.weight", "o.weight", heads, num_kv_heads=kv_heads)
+        )
 
 
 class Fused(nn.Module):
@@ -67,11 +69,22 @@ class Fused(nn.Module):
 
     def __init__(self, d, heads):
         super().__init__()
-        self.c_attn = nn.Parameter(torch.randn(d, 3 * d) / d ** 0.5)
-        self.c_proj = nn.Parameter(torch.randn(d, d) / d ** 0.5)
-        register_attention_forms(self, attention_form_specs(
-            "c_attn", "c_attn", "c_attn", "c_proj", heads, transposed=True, q_slice=(0, d), k_slice=(d, 2 * d),
-            v_slice=(2 * d, 3 * d)))
+        self.c_attn = nn.Parameter(torch.randn(d, 3 * d) / d**0.5)
+        self.c_proj = nn.Parameter(torch.randn(d, d) / d**0.5)
+        register_attention_forms(
+            self,
+            attention_form_specs(
+                "c_attn",
+                "c_attn",
+                "c_attn",
+                "c_proj",
+                heads,
+                transposed=True,
+                q_slice=(0, d),
+                k_slice=(d, 2 * d),
+                v_slice=(2 * d, 3 * d),
+            ),
+        )
 
 
 def make_model():
@@ -121,20 +134,36 @@ def _worker(rank, world, port, out_dir, qkv_dim1):
         ref_penalty, ref_grads = reference(model)
         names = {id(p): n for n, p in model.named_parameters()}
         along_inputs = qkv_along_inputs(*QKV) if qkv_dim1 else fsdp_default
-        fully_shard(model, mesh=init_device_mesh("cpu", (world,)),
-                    shard_placement_fn=lambda p: Shard(along_inputs(names[id(p)], p)))
+        fully_shard(
+            model,
+            mesh=init_device_mesh("cpu", (world,)),
+            shard_placement_fn=lambda p: Shard(along_inputs(names[id(p)], p)),
+        )
         shards = {}
         for n, p in model.named_parameters():
             if p.dim() == 2:
                 shards[n] = Sharded(p.to_local().detach(), ShardLayout.of_dtensor(p))
         comm = Comm()
-        forbidden = ("all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "reduce_scatter",
-                     "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "gather", "scatter")
+        forbidden = (
+            "all_gather",
+            "all_gather_into_tensor",
+            "all_gather_object",
+            "broadcast",
+            "reduce_scatter",
+            "reduce_scatter_tensor",
+            "all_to_all",
+            "all_to_all_single",
+            "send",
+            "recv",
+            "gather",
+            "scatter",
+        )
         saved = {f: getattr(dist, f) for f in forbidden}
 
         def refuse(f):
             def call(*a, **k):
                 raise AssertionError(f"sharded FD called torch.distributed.{f}")
+
             return call
 
         for f in forbidden:
@@ -147,8 +176,17 @@ def _worker(rank, world, port, out_dir, qkv_dim1):
         scale = max(float(g.abs().max()) for g in ref_grads.values())
         grad_err = max(float((grads[n] - shards[n].layout.take(ref_grads[n])).abs().max()) for n in ref_grads)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(dict(penalty=float(penalty), ref_penalty=ref_penalty, grad_err=grad_err / scale,
-                           grad_keys=sorted(grads), ref_keys=sorted(ref_grads), calls=comm.log.calls), f)
+            json.dump(
+                dict(
+                    penalty=float(penalty),
+                    ref_penalty=ref_penalty,
+                    grad_err=grad_err / scale,
+                    grad_keys=sorted(grads),
+                    ref_keys=sorted(ref_grads),
+                    calls=comm.log.calls,
+                ),
+                f,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -191,8 +229,11 @@ def test_shard_layout_follows_torch_chunk():
 def test_head_split_by_a_shard_is_refused():
     model = make_model()
     shards = shard_model(model, 3, 0)  # q/k/v of 12 rows over 3 processes: 4 rows, heads of 3 rows
-    with pytest.raises(ValueError, match=r"^attn\.q\.weight: the shard of process 0 \(rows 0\.\.4 of dim 0\) "
-                                         r"splits head 1 \(3 rows per head\); shard this parameter along dim 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"^attn\.q\.weight: the shard of process 0 \(rows 0\.\.4 of dim 0\) "
+        r"splits head 1 \(3 rows per head\); shard this parameter along dim 1",
+    ):
         sharded_fd(model_specs(model), shards.__getitem__, {"qk": 1.0}, DryRunComm())
 
 
@@ -239,8 +280,12 @@ def test_bert_base_communication_counted_by_hand():
     per_gram = 12 * 64 * 65 // 2
     one = attention_stack(1, 768, 12, 64)
     assert fd_comm_log(one, {"qk": 1, "ov": 1}, 4).calls == [("all_reduce", 2 * per_gram + 1, 4 * (2 * per_gram + 1))]
-    assert fd_comm_log(one, {"qk": 1, "ov": 1}, 8, qkv_along_inputs("q_proj.weight", "k_proj.weight",
-                                                                   "v_proj.weight")).numel == 4 * per_gram
+    assert (
+        fd_comm_log(
+            one, {"qk": 1, "ov": 1}, 8, qkv_along_inputs("q_proj.weight", "k_proj.weight", "v_proj.weight")
+        ).numel
+        == 4 * per_gram
+    )
     rows = {(r["model"], r["sharding"]): r for r in comm_table()}
     assert rows[("BERT-base, QK + OV", "dim 0 (FSDP2 default), 4 processes")]["bytes"] == 4 * (12 * 2 * per_gram + 1)
     iwslt = rows[("IWSLT'14 Transformer, QK + OV", "dim 0 (FSDP2 default), 4 processes")]

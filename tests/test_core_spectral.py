@@ -1,4 +1,5 @@
 """Spectral initialization: Eckart-Young optimality, edge cases, per-head SI without d x d products."""
+
 import math
 
 import pytest
@@ -125,8 +126,9 @@ def test_head_si_equals_truncated_svd_of_each_dense_form(monkeypatch):
     torch.testing.assert_close((A2 @ B2.transpose(1, 2)).double(), ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("rank,match", [(0, "positive integer"),
-                                        (9, r"head dim \(rank\) 9 does not fit .*dimension 8 and can only shrink")])
+@pytest.mark.parametrize(
+    "rank,match", [(0, "positive integer"), (9, r"head dim \(rank\) 9 does not fit .*dimension 8 and can only shrink")]
+)
 def test_head_si_bad_rank(rank, match):
     with pytest.raises(ValueError, match=match):
         head_spectral_init(torch.randn(2, 16, 8), torch.randn(2, 16, 8), rank)

@@ -10,6 +10,7 @@ for the reason given there; measured here: exactly 0, the launches run the same 
 losses within 5e-3 (five units of the 3-decimal log). The failure this guards against, every torchrun process
 training alone, logs batches of 8 and twice as many records, which the tests check directly.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,8 @@ def data16(tmp_path_factory):
 
 def _argv(data_bin, save_dir, *extra):
     return tiny_train_args(data_bin, str(save_dir), *FD_ARGS, "--batch-size", "8", *extra, updates=UPDATES) + [
-        "--disable-validation"]
+        "--disable-validation"
+    ]
 
 
 def _torchrun(nodes, argv, log_dir, timeout=600):
@@ -48,9 +50,14 @@ def _torchrun(nodes, argv, log_dir, timeout=600):
         for i, opts in enumerate(nodes):
             log = open(os.path.join(log_dir, f"node{i}.log"), "w+")
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *opts,
-                                           "-m", "fairseq_cli.train", *argv],
-                                          stdout=log, stderr=subprocess.STDOUT, env=env))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "torch.distributed.run", *opts, "-m", "fairseq_cli.train", *argv],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:
         for p in procs:
@@ -98,8 +105,21 @@ def test_torchrun_equals_explicit_ranks(data16, tmp_path):
     two_nodes = tmp_path / "two_nodes"
     two_nodes.mkdir()
     port = str(_free_port())
-    nodes = [["--nnodes", "2", "--node-rank", str(i), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
-              "--master-port", port] for i in (0, 1)]
+    nodes = [
+        [
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(i),
+            "--nproc-per-node",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            port,
+        ]
+        for i in (0, 1)
+    ]
     out = _torchrun(nodes, _argv(data16, two_nodes, *CPU_DDP), str(two_nodes))
     records = _train_records(out)
     _check_same(ref, records, two_nodes / "checkpoint_last.pt")
@@ -107,6 +127,7 @@ def test_torchrun_equals_explicit_ranks(data16, tmp_path):
 
 
 # ---------------------------------------------------------------- refusals (before any process group exists)
+
 
 def _refusal(data_bin, save_dir, *extra) -> str:
     with pytest.raises(RuntimeError) as info:
@@ -118,39 +139,69 @@ def _refusal(data_bin, save_dir, *extra) -> str:
     return str(exc)
 
 
-@pytest.mark.parametrize("extra, flags", [
-    (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-ov", "0.1", "--optimizer", "fnl_adam"], "--fd-ov"),
-    (["--optimizer", "flambe", "--fd-mode", "decoupled", "--fd-qk", "1e-3", "--fd-linear", "1e-3"],
-     "--fd-linear, --fd-qk"),
-])
+@pytest.mark.parametrize(
+    "extra, flags",
+    [
+        (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-ov", "0.1", "--optimizer", "fnl_adam"], "--fd-ov"),
+        (
+            ["--optimizer", "flambe", "--fd-mode", "decoupled", "--fd-qk", "1e-3", "--fd-linear", "1e-3"],
+            "--fd-linear, --fd-qk",
+        ),
+    ],
+)
 def test_fully_sharded_with_fd_is_refused(data16, tmp_path, extra, flags):
     msg = _refusal(data16, tmp_path, "--rank-scale", "0.5", "--ddp-backend", "fully_sharded", *extra)
-    assert msg.startswith(f"--ddp-backend fully_sharded keeps parameters as slices of one flat sharded buffer, "
-                          f"which {flags} cannot read")
+    assert msg.startswith(
+        f"--ddp-backend fully_sharded keeps parameters as slices of one flat sharded buffer, which {flags} cannot read"
+    )
     assert msg.endswith("use --ddp-backend pytorch_ddp (GPUs) or legacy_ddp (CPU or GPU)")
 
 
 def test_gpu_backends_on_cpu_are_refused(data16, tmp_path):
-    dist = ["--distributed-world-size", "2", "--distributed-no-spawn", "--distributed-rank", "0",
-            "--distributed-init-method", f"tcp://localhost:{_free_port()}"]
+    dist = [
+        "--distributed-world-size",
+        "2",
+        "--distributed-no-spawn",
+        "--distributed-rank",
+        "0",
+        "--distributed-init-method",
+        f"tcp://localhost:{_free_port()}",
+    ]
     msg = _refusal(data16, tmp_path, *dist)  # fairseq's defaults: nccl, pytorch_ddp
-    assert msg == ("--distributed-backend nccl and --ddp-backend pytorch_ddp need GPUs and these workers run on "
-                   "CPU: use --distributed-backend gloo --ddp-backend legacy_ddp")
+    assert msg == (
+        "--distributed-backend nccl and --ddp-backend pytorch_ddp need GPUs and these workers run on "
+        "CPU: use --distributed-backend gloo --ddp-backend legacy_ddp"
+    )
 
 
 def test_explicit_init_without_processes_is_refused(data16, tmp_path):
     """On CPU, fairseq would spawn one process per GPU, i.e. none, and exit 0 having trained nothing."""
-    msg = _refusal(data16, tmp_path, "--distributed-world-size", "2", *CPU_DDP,
-                   "--distributed-init-method", f"tcp://localhost:{_free_port()}")
+    msg = _refusal(
+        data16,
+        tmp_path,
+        "--distributed-world-size",
+        "2",
+        *CPU_DDP,
+        "--distributed-init-method",
+        f"tcp://localhost:{_free_port()}",
+    )
     assert "spawns one process per visible GPU and there is none" in msg
     assert "torchrun --nproc-per-node N fairseq-train" in msg
 
 
 # ---------------------------------------------------------------- resolve_launch (no processes)
 
+
 def _dist_cfg(**kw):
-    base = dict(distributed_init_method=None, distributed_world_size=1, distributed_rank=0, device_id=0,
-                distributed_no_spawn=False, tpu=False, pipeline_model_parallel=False)
+    base = dict(
+        distributed_init_method=None,
+        distributed_world_size=1,
+        distributed_rank=0,
+        device_id=0,
+        distributed_no_spawn=False,
+        tpu=False,
+        pipeline_model_parallel=False,
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -162,8 +213,13 @@ def test_resolve_launch_under_torchrun():
 
     cfg = _dist_cfg()
     resolve_launch(cfg, cpu=True, environ=TORCHRUN)
-    assert (cfg.distributed_init_method, cfg.distributed_world_size, cfg.distributed_rank, cfg.device_id,
-            cfg.distributed_no_spawn) == ("env://", 4, 3, 1, True)
+    assert (
+        cfg.distributed_init_method,
+        cfg.distributed_world_size,
+        cfg.distributed_rank,
+        cfg.device_id,
+        cfg.distributed_no_spawn,
+    ) == ("env://", 4, 3, 1, True)
 
     cfg = _dist_cfg(distributed_world_size=4)  # the same number given explicitly is fine
     resolve_launch(cfg, cpu=True, environ=TORCHRUN)
@@ -173,11 +229,14 @@ def test_resolve_launch_under_torchrun():
         resolve_launch(_dist_cfg(distributed_world_size=8), cpu=True, environ=TORCHRUN)
 
 
-@pytest.mark.parametrize("environ, cfg", [
-    ({}, _dist_cfg()),  # no torchrun: fairseq's own inference
-    ({**TORCHRUN, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, _dist_cfg()),  # torchrun, one process
-    (TORCHRUN, _dist_cfg(distributed_init_method="tcp://h:1", distributed_no_spawn=True)),  # explicit wins
-])
+@pytest.mark.parametrize(
+    "environ, cfg",
+    [
+        ({}, _dist_cfg()),  # no torchrun: fairseq's own inference
+        ({**TORCHRUN, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, _dist_cfg()),  # torchrun, one process
+        (TORCHRUN, _dist_cfg(distributed_init_method="tcp://h:1", distributed_no_spawn=True)),  # explicit wins
+    ],
+)
 def test_resolve_launch_leaves_other_launches_to_fairseq(environ, cfg):
     from fnl_transformers.fairseq_plugin.distributed import resolve_launch
 

@@ -9,6 +9,7 @@ where torch_xla is missing (:mod:`fnl_transformers.fairseq_plugin.precision`); `
 ``fairseq_precision_helpers``; ``test_gpu.py`` runs the same checks on CUDA. Here also: ``fairseq-train`` itself
 starts in every cell (in process, 2 updates; marked slow, end to end) with FD logged and the plugin's log line.
 """
+
 import logging
 
 import pytest
@@ -77,8 +78,7 @@ def _cfg(data_bin, *flags, optimizer="fnl_adam"):
     return convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), input_args=argv))
 
 
-def test_only_the_plugins_optimizers_get_per_parameter_copies_and_bf16_leaves_a_real_tpu_alone(data_bin,
-                                                                                              monkeypatch):
+def test_only_the_plugins_optimizers_get_per_parameter_copies_and_bf16_leaves_a_real_tpu_alone(data_bin, monkeypatch):
     from fnl_transformers.fairseq_plugin import precision
 
     cfg = _cfg(data_bin, "--fp16")

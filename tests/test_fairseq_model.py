@@ -3,6 +3,7 @@ the FD criterion's scaling, the optimizers' weight-decay groups, registration, a
 
 Tolerances: float32 forward passes compared with atol 1e-4 on logits of size ~3 (measured differences ~6e-6);
 gradients compared with rtol/atol 1e-5 (summation order only)."""
+
 import copy
 import importlib
 import os
@@ -31,11 +32,36 @@ from fnl_transformers.core import (  # noqa: E402
 )
 from fnl_transformers.fairseq_plugin.attention import ReducedHeadAttention  # noqa: E402
 
-TINY_DENSE = ["--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--encoder-layers", "2",
-              "--encoder-attention-heads", "4", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
-              "--decoder-layers", "2", "--decoder-attention-heads", "4"]
-FD_ALL = ["--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "0.05", "--fd-ov", "0.05",
-          "--fd-linear", "0.05", "--fd-embedding", "0.02"]
+TINY_DENSE = [
+    "--encoder-embed-dim",
+    "32",
+    "--encoder-ffn-embed-dim",
+    "64",
+    "--encoder-layers",
+    "2",
+    "--encoder-attention-heads",
+    "4",
+    "--decoder-embed-dim",
+    "32",
+    "--decoder-ffn-embed-dim",
+    "64",
+    "--decoder-layers",
+    "2",
+    "--decoder-attention-heads",
+    "4",
+]
+FD_ALL = [
+    "--criterion",
+    "fd_label_smoothed_cross_entropy",
+    "--fd-qk",
+    "0.05",
+    "--fd-ov",
+    "0.05",
+    "--fd-linear",
+    "0.05",
+    "--fd-embedding",
+    "0.02",
+]
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +115,21 @@ def test_all_options_off_is_fairseq_transformer(data_bin):
     torch.testing.assert_close(logits(ours, sample), logits(ref, sample), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("flags", [
-    ["--rank-scale", "1", "--spectral-init"],
-    ["--rank-scale", "1", "--spectral-init", "--deep", "--share-all-embeddings"],
-    ["--rank-scale", "1", "--spectral-init", "--share-decoder-input-output-embed", "--spectral-init-qk",
-     "--spectral-init-ov"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--rank-scale", "1", "--spectral-init"],
+        ["--rank-scale", "1", "--spectral-init", "--deep", "--share-all-embeddings"],
+        [
+            "--rank-scale",
+            "1",
+            "--spectral-init",
+            "--share-decoder-input-output-embed",
+            "--spectral-init-qk",
+            "--spectral-init-ov",
+        ],
+    ],
+)
 def test_si_at_rank_scale_one_reproduces_the_dense_model(data_bin, flags):
     share = [f for f in flags if f.startswith("--share")]
     dense, task, _ = build(data_bin, *share)
@@ -131,12 +166,15 @@ def pad_to_dense(reduced, dense):
     return dense
 
 
-@pytest.mark.parametrize("flags", [
-    ["--head-dim-qk", "2", "--head-dim-ov", "4", "--no-spectral-init"],  # fresh projections
-    ["--head-dim-qk", "6", "--head-dim-ov", "3"],  # per-head SI (the default where heads shrink)
-    ["--head-dim", "5", "--spectral-init-qk", "--no-spectral-init-ov"],
-    ["--rank-scale", "0.5", "--factorize", "attention"],  # heads of 8 -> int(0.5 * 8) = 4
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--head-dim-qk", "2", "--head-dim-ov", "4", "--no-spectral-init"],  # fresh projections
+        ["--head-dim-qk", "6", "--head-dim-ov", "3"],  # per-head SI (the default where heads shrink)
+        ["--head-dim", "5", "--spectral-init-qk", "--no-spectral-init-ov"],
+        ["--rank-scale", "0.5", "--factorize", "attention"],  # heads of 8 -> int(0.5 * 8) = 4
+    ],
+)
 def test_reduced_heads_equal_the_zero_padded_dense_model(data_bin, flags):
     """Forward, incremental decoding, cached cross-attention keys and beam search of ReducedHeadAttention equal
     fairseq's MultiheadAttention on zero-padded heads with the original scaling."""
@@ -175,10 +213,10 @@ def test_spectral_init_of_reduced_qk_is_the_best_rank_r_approximation(data_bin):
         a, b = dense.get_submodule(name), red.get_submodule(name)
         for h in range(H):
             # QK form of head h acting on [x, 1]: [W_q,h | b_q,h]^T W_k,h (the key bias is softmax-invariant)
-            qa = torch.cat([a.q_proj.weight, a.q_proj.bias[:, None]], 1)[h * hd:(h + 1) * hd]
-            qb = torch.cat([b.q_proj.weight, b.q_proj.bias[:, None]], 1)[h * r:(h + 1) * r]
-            full = qa.t() @ a.k_proj.weight[h * hd:(h + 1) * hd]
-            approx = qb.t() @ b.k_proj.weight[h * r:(h + 1) * r]
+            qa = torch.cat([a.q_proj.weight, a.q_proj.bias[:, None]], 1)[h * hd : (h + 1) * hd]
+            qb = torch.cat([b.q_proj.weight, b.q_proj.bias[:, None]], 1)[h * r : (h + 1) * r]
+            full = qa.t() @ a.k_proj.weight[h * hd : (h + 1) * hd]
+            approx = qb.t() @ b.k_proj.weight[h * r : (h + 1) * r]
             err = float((full - approx).double().norm())
             assert err == pytest.approx(tail_energy(full, r), rel=1e-4, abs=1e-6)  # Eckart-Young
 
@@ -207,15 +245,18 @@ def test_parameter_counts_match_the_formula(data_bin):
     assert ffn_delta(0.5, False) == 8 * (16 * (64 + 32) - 64 * 32)
     shared, _, _ = build(data_bin, "--share-all-embeddings")
     s_base = n_params(shared)
-    assert n_params(build(data_bin, "--share-all-embeddings", "--rank-scale", "0.5")[0]) == \
-        s_base + ffn_delta(0.5, False) + emb_delta(0.5, False, 1)
-    assert n_params(build(data_bin, "--rank-scale", "1.5", "--deep", "--factorize", "ffn")[0]) == \
-        base + ffn_delta(1.5, True)
+    assert n_params(build(data_bin, "--share-all-embeddings", "--rank-scale", "0.5")[0]) == s_base + ffn_delta(
+        0.5, False
+    ) + emb_delta(0.5, False, 1)
+    assert n_params(build(data_bin, "--rank-scale", "1.5", "--deep", "--factorize", "ffn")[0]) == base + ffn_delta(
+        1.5, True
+    )
     # reduced heads: q, k: H*dq x (d + 1) each, v: H*dv x (d + 1), out: d x H*dv + d; 6 attention modules
     dq, dv, n_attn = 2, 5, 6
     per_attn = 2 * H * dq * (d + 1) + H * dv * (d + 1) + d * H * dv + d
-    assert n_params(build(data_bin, "--head-dim-qk", str(dq), "--head-dim-ov", str(dv))[0]) == \
-        base + n_attn * (per_attn - 4 * (d * d + d))
+    assert n_params(build(data_bin, "--head-dim-qk", str(dq), "--head-dim-ov", str(dv))[0]) == base + n_attn * (
+        per_attn - 4 * (d * d + d)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- FD criterion
@@ -269,8 +310,9 @@ def test_fd_penalty_counts_once_per_update_whatever_the_split(data_bin):
     assert set(split) == set(one)
     for k in split:
         torch.testing.assert_close(split[k], one[k], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(split[k] - ce_only[k], penalty.get(k, torch.zeros_like(split[k])),
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            split[k] - ce_only[k], penalty.get(k, torch.zeros_like(split[k])), rtol=1e-4, atol=1e-6
+        )
     assert any(penalty[k].abs().max() > 1e-3 for k in penalty)  # FD actually matters here
 
 
@@ -295,8 +337,17 @@ def test_fd_without_forms_is_one_clear_error(data_bin):
     with pytest.raises(ValueError, match=r"--fd-linear > 0 but the model has no embedding/linear forms to decay"):
         build(data_bin, "--criterion", "fd_label_smoothed_cross_entropy", "--fd-linear", "0.1")
     # --fd-linear decays factorized FFN layers and embeddings: FFN alone is enough
-    model, task, args = build(data_bin, "--rank-scale", "0.5", "--factorize", "ffn", "--criterion",
-                              "fd_label_smoothed_cross_entropy", "--fd-linear", "0.1")
+    model, task, args = build(
+        data_bin,
+        "--rank-scale",
+        "0.5",
+        "--factorize",
+        "ffn",
+        "--criterion",
+        "fd_label_smoothed_cross_entropy",
+        "--fd-linear",
+        "0.1",
+    )
     model.train()
     _, _, log = _criterion(task, args)(model, batch(task))
     assert "fd_linear" in log and "fd_embedding" not in log
@@ -305,13 +356,23 @@ def test_fd_without_forms_is_one_clear_error(data_bin):
 def test_fd_criterion_reads_the_models_fd_spec(data_bin):
     """One FD spec, held by the model: the criterion on a stock model is refused; decoupled FD adds nothing to
     the loss."""
-    model, task, args = build(data_bin, *TINY_DENSE, "--criterion", "fd_label_smoothed_cross_entropy",
-                              arch="transformer")
+    model, task, args = build(
+        data_bin, *TINY_DENSE, "--criterion", "fd_label_smoothed_cross_entropy", arch="transformer"
+    )
     model.train()
     with pytest.raises(ValueError, match="reads its FD coefficients from the model"):
         _criterion(task, args)(model, batch(task))
-    model, task, args = build(data_bin, "--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "0.5",
-                              "--fd-mode", "decoupled", "--optimizer", "flambe")
+    model, task, args = build(
+        data_bin,
+        "--criterion",
+        "fd_label_smoothed_cross_entropy",
+        "--fd-qk",
+        "0.5",
+        "--fd-mode",
+        "decoupled",
+        "--optimizer",
+        "flambe",
+    )
     assert model.fnl_fd.qk == 0.5 and model.fnl_fd.mode == "decoupled"
     plain_args = copy.copy(args)
     plain_args.criterion = "label_smoothed_cross_entropy"
@@ -341,9 +402,23 @@ def _decay_of_groups(opt, model):
 
 def test_fnl_adam_keeps_fd_factors_out_of_weight_decay(data_bin):
     lr, wd = 0.005, 0.1
-    model, task, args = build(data_bin, "--rank-scale", "0.5", "--criterion", "fd_label_smoothed_cross_entropy",
-                              "--fd-qk", "0.01", "--fd-linear", "0.01", "--fd-embedding", "0",
-                              "--optimizer", "fnl_adam", "--weight-decay", str(wd))
+    model, task, args = build(
+        data_bin,
+        "--rank-scale",
+        "0.5",
+        "--criterion",
+        "fd_label_smoothed_cross_entropy",
+        "--fd-qk",
+        "0.01",
+        "--fd-linear",
+        "0.01",
+        "--fd-embedding",
+        "0",
+        "--optimizer",
+        "fnl_adam",
+        "--weight-decay",
+        str(wd),
+    )
     opt = _optimizer(args, model)
     fd = {n for n, _, kind in form_parameters(model, ["qk", "linear"])}
     assert fd and all(n.endswith(("q_proj.weight", "k_proj.weight", "fc1.U", "fc1.V", "fc2.U", "fc2.V")) for n in fd)
@@ -364,37 +439,65 @@ def test_fnl_adam_keeps_fd_factors_out_of_weight_decay(data_bin):
 
 
 def test_no_weight_decay_factors_and_no_decay_bias_norm(data_bin):
-    model, _, args = build(data_bin, "--rank-scale", "0.5", "--optimizer", "fnl_adam", "--weight-decay", "0.1",
-                           "--no-weight-decay-factors", "--no-decay-bias-norm")
+    model, _, args = build(
+        data_bin,
+        "--rank-scale",
+        "0.5",
+        "--optimizer",
+        "fnl_adam",
+        "--weight-decay",
+        "0.1",
+        "--no-weight-decay-factors",
+        "--no-decay-bias-norm",
+    )
     decay = _decay_of_groups(_optimizer(args, model), model)
     factors = {n for n, _, _ in form_parameters(model)}
     assert {n for n, d in decay.items() if d == "weight_decay"} == {
-        n for n, _ in model.named_parameters() if n not in factors and not n.endswith("bias")
-        and "layer_norm" not in n}
+        n for n, _ in model.named_parameters() if n not in factors and not n.endswith("bias") and "layer_norm" not in n
+    }
     assert all(decay[n] == "none" for n in factors)
 
 
 def test_stock_optimizer_with_weight_decay_and_fd_is_refused(data_bin):
     with pytest.raises(ValueError, match=r"--fd-qk replaces weight decay .* Use --optimizer fnl_adam"):
-        build(data_bin, "--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "0.01",
-              "--weight-decay", "0.01")  # --optimizer adam from tiny_train_args
+        build(
+            data_bin, "--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "0.01", "--weight-decay", "0.01"
+        )  # --optimizer adam from tiny_train_args
     with pytest.raises(ValueError, match=r"--no-weight-decay-factors keeps the factors out of weight decay"):
         build(data_bin, "--rank-scale", "0.5", "--no-weight-decay-factors", "--weight-decay", "0.01")
     build(data_bin, "--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "0.01")  # no decay: fine
 
 
 def test_inconsistent_fd_setups_are_refused_at_build(data_bin):
-    with pytest.raises(ValueError, match=r"--fd-qk with --fd-mode coupled adds Frobenius decay to the loss, which "
-                                         r"--criterion label_smoothed_cross_entropy does not do"):
+    with pytest.raises(
+        ValueError,
+        match=r"--fd-qk with --fd-mode coupled adds Frobenius decay to the loss, which "
+        r"--criterion label_smoothed_cross_entropy does not do",
+    ):
         build(data_bin, "--fd-qk", "0.01")
-    with pytest.raises(ValueError, match=r"--fd-mode decoupled applies Frobenius decay in the optimizer, which "
-                                         r"--optimizer fnl_adam does not do: use --optimizer flambe"):
+    with pytest.raises(
+        ValueError,
+        match=r"--fd-mode decoupled applies Frobenius decay in the optimizer, which "
+        r"--optimizer fnl_adam does not do: use --optimizer flambe",
+    ):
         build(data_bin, "--fd-qk", "0.01", "--fd-mode", "decoupled", "--optimizer", "fnl_adam")
 
 
 def test_flambe_groups_decoupled_fd_from_the_models_records(data_bin):
-    model, task, args = build(data_bin, "--rank-scale", "0.5", "--optimizer", "flambe", "--fd-ov", "0.01",
-                              "--fd-mode", "decoupled", "--weight-decay", "0.01", "--no-decay-bias-norm")
+    model, task, args = build(
+        data_bin,
+        "--rank-scale",
+        "0.5",
+        "--optimizer",
+        "flambe",
+        "--fd-ov",
+        "0.01",
+        "--fd-mode",
+        "decoupled",
+        "--weight-decay",
+        "0.01",
+        "--no-decay-bias-norm",
+    )
     opt = _optimizer(args, model)
     names = {id(p): n for n, p in model.named_parameters()}
     fd_groups = [g for g in opt.param_groups if g.get("fd_forms")]
@@ -428,24 +531,42 @@ def test_decoupled_fd_groups_survive_fp32_master_copies(data_bin):
     ``optim_overrides``: the groups (and the FD forms) are rebuilt from those copies."""
     from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 
-    model, _, args = build(data_bin, "--rank-scale", "0.5", "--optimizer", "flambe", "--fd-ov", "0.01",
-                           "--fd-linear", "0.01", "--fd-mode", "decoupled", "--weight-decay", "0.01")
+    model, _, args = build(
+        data_bin,
+        "--rank-scale",
+        "0.5",
+        "--optimizer",
+        "flambe",
+        "--fd-ov",
+        "0.01",
+        "--fd-linear",
+        "0.01",
+        "--fd-mode",
+        "decoupled",
+        "--weight-decay",
+        "0.01",
+    )
     args.fp16_no_flatten_grads = True
     copies = _FP16OptimizerMixin.build_fp32_params(args, list(model.parameters()), flatten=False)
     opt = fairseq_optim.build_optimizer(convert_namespace_to_omegaconf(args).optimizer, copies)
     ref = _optimizer(args, model)
     index = {id(c): i for i, c in enumerate(copies)}
     order = {id(p): i for i, p in enumerate(model.parameters())}
-    got = [([index[id(p)] for p in g["params"]], g["weight_decay"], g.get("fd"), g.get("fd_forms"))
-           for g in opt.param_groups]
-    want = [([order[id(p)] for p in g["params"]], g["weight_decay"], g.get("fd"), g.get("fd_forms"))
-            for g in ref.param_groups]
+    got = [
+        ([index[id(p)] for p in g["params"]], g["weight_decay"], g.get("fd"), g.get("fd_forms"))
+        for g in opt.param_groups
+    ]
+    want = [
+        ([order[id(p)] for p in g["params"]], g["weight_decay"], g.get("fd"), g.get("fd_forms"))
+        for g in ref.param_groups
+    ]
     assert got == want and got[0][3]
 
 
 def test_plugin_optimizers_on_a_stock_model_decay_everything(data_bin):
-    model, _, args = build(data_bin, *TINY_DENSE, "--optimizer", "fnl_adam", "--weight-decay", "0.01",
-                           arch="transformer")
+    model, _, args = build(
+        data_bin, *TINY_DENSE, "--optimizer", "fnl_adam", "--weight-decay", "0.01", arch="transformer"
+    )
     opt = _optimizer(args, model)
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.01
 
@@ -453,23 +574,39 @@ def test_plugin_optimizers_on_a_stock_model_decay_everything(data_bin):
 # ---------------------------------------------------------------------------------------------- bad options
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--head-dim", "12"], r"--head-dim-qk 12 does not fit encoder\.layers\.0\.self_attn: its heads have dimension 8"),
-    (["--head-dim-ov", "0"], r"--head-dim-ov must be a positive integer \(>= 1\), got 0"),
-    (["--rank-scale", "0"], r"--rank-scale must be a finite number > 0"),
-    (["--deep"], r"--deep needs --rank-scale, --ranks or --target-param-ratio"),
-    (["--rank-scale", "0.5", "--factorize", "ffn,embeddings"],
-     r"--factorize: unknown part\(s\) \['embeddings'\]; .*\('embeddings' is now spelled 'embedding'"),
-    (["--rank-scale", "1.5", "--factorize", "attention"],
-     r"the QK head dim 12 \(from --rank-scale 1.5 with 'attention' in --factorize\) does not fit"),
-    (["--rank-scale", "0.5", "--target-param-ratio", "0.5"], r"give --rank-scale or --target-param-ratio, not both"),
-    (["--ranks", "*.fc9=3"], r"--ranks: pattern\(s\) \['\*\.fc9'\] match no layer"),
-    (["--ranks", "fc1"], r"--ranks must be PATTERN=RANK pairs"),
-    (["--rank-scale", "0.5", "--activation-aware"], r"--activation-aware truncates pretrained weights .* trained from "
-                                                     r"scratch: drop it"),
-    (["--rank-scale", "0.5", "--damping", "0.1"], r"--damping applies to activation-aware truncation only"),
-    (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "-1"], r"--fd-qk must be a finite number >= 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--head-dim", "12"],
+            r"--head-dim-qk 12 does not fit encoder\.layers\.0\.self_attn: its heads have dimension 8",
+        ),
+        (["--head-dim-ov", "0"], r"--head-dim-ov must be a positive integer \(>= 1\), got 0"),
+        (["--rank-scale", "0"], r"--rank-scale must be a finite number > 0"),
+        (["--deep"], r"--deep needs --rank-scale, --ranks or --target-param-ratio"),
+        (
+            ["--rank-scale", "0.5", "--factorize", "ffn,embeddings"],
+            r"--factorize: unknown part\(s\) \['embeddings'\]; .*\('embeddings' is now spelled 'embedding'",
+        ),
+        (
+            ["--rank-scale", "1.5", "--factorize", "attention"],
+            r"the QK head dim 12 \(from --rank-scale 1.5 with 'attention' in --factorize\) does not fit",
+        ),
+        (
+            ["--rank-scale", "0.5", "--target-param-ratio", "0.5"],
+            r"give --rank-scale or --target-param-ratio, not both",
+        ),
+        (["--ranks", "*.fc9=3"], r"--ranks: pattern\(s\) \['\*\.fc9'\] match no layer"),
+        (["--ranks", "fc1"], r"--ranks must be PATTERN=RANK pairs"),
+        (
+            ["--rank-scale", "0.5", "--activation-aware"],
+            r"--activation-aware truncates pretrained weights .* trained from "
+            r"scratch: drop it",
+        ),
+        (["--rank-scale", "0.5", "--damping", "0.1"], r"--damping applies to activation-aware truncation only"),
+        (["--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "-1"], r"--fd-qk must be a finite number >= 0"),
+    ],
+)
 def test_bad_options_give_one_clear_error(data_bin, flags, message):
     with pytest.raises(ValueError, match=message):
         model, task, args = build(data_bin, *flags)
@@ -500,8 +637,13 @@ def test_registration_is_idempotent_and_the_user_dir_imports_under_its_own_name(
     utils.import_user_module(Namespace(user_dir=path))
     assert "fnl_fairseq_plugin" in sys.modules
     assert MODEL_REGISTRY["fnl_transformer"].__name__ == "FnlTransformerModel"
-    assert {"fnl_transformer", "fnl_transformer_small", "fnl_transformer_iwslt_de_en", "fnl_transformer_wmt_en_de",
-            "fnl_transformer_tiny"} <= set(ARCH_MODEL_REGISTRY)
+    assert {
+        "fnl_transformer",
+        "fnl_transformer_small",
+        "fnl_transformer_iwslt_de_en",
+        "fnl_transformer_wmt_en_de",
+        "fnl_transformer_tiny",
+    } <= set(ARCH_MODEL_REGISTRY)
     assert "fd_label_smoothed_cross_entropy" in CRITERION_REGISTRY
     assert {"fnl_adam", "flambe", "fnl_lamb"} <= set(OPTIMIZER_REGISTRY)
 
@@ -509,8 +651,11 @@ def test_registration_is_idempotent_and_the_user_dir_imports_under_its_own_name(
 def test_architectures_have_the_dims_of_fairseqs():
     from fairseq.models import ARCH_CONFIG_REGISTRY
 
-    for ours, theirs in (("fnl_transformer_iwslt_de_en", "transformer_iwslt_de_en"),
-                         ("fnl_transformer_wmt_en_de", "transformer_wmt_en_de"), ("fnl_transformer", "transformer")):
+    for ours, theirs in (
+        ("fnl_transformer_iwslt_de_en", "transformer_iwslt_de_en"),
+        ("fnl_transformer_wmt_en_de", "transformer_wmt_en_de"),
+        ("fnl_transformer", "transformer"),
+    ):
         a, b = Namespace(), Namespace()
         ARCH_CONFIG_REGISTRY[ours](a)
         ARCH_CONFIG_REGISTRY[theirs](b)
@@ -522,7 +667,8 @@ def test_architectures_have_the_dims_of_fairseqs():
 def test_userdir_command_prints_the_shim_from_any_directory():
     import subprocess
 
-    res = subprocess.run([sys.executable, "-m", "fnl_transformers.cli", "userdir"], capture_output=True, text=True,
-                         cwd="/")
+    res = subprocess.run(
+        [sys.executable, "-m", "fnl_transformers.cli", "userdir"], capture_output=True, text=True, cwd="/"
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == fh.user_dir()

@@ -11,6 +11,7 @@
   ``SCORE_TOL``; the file holds no pickled class.
 * Bad input: one ``fnl recompose: error:`` line, exit code 2, and no output (or partial file) left behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,19 +30,64 @@ from fnl_transformers import cli  # noqa: E402
 from fnl_transformers.fairseq_plugin import recompose  # noqa: E402
 
 CONFIGS = {
-    "low_rank": ["--rank-scale", "0.5", "--spectral-init", "--criterion", "fd_label_smoothed_cross_entropy",
-                 "--fd-linear", "1e-3", "--fd-qk", "1e-3", "--fd-ov", "1e-3"],
+    "low_rank": [
+        "--rank-scale",
+        "0.5",
+        "--spectral-init",
+        "--criterion",
+        "fd_label_smoothed_cross_entropy",
+        "--fd-linear",
+        "1e-3",
+        "--fd-qk",
+        "1e-3",
+        "--fd-ov",
+        "1e-3",
+    ],
     "deep": ["--rank-scale", "2", "--deep", "--spectral-init", "--share-all-embeddings"],
-    "reduced_heads": ["--head-dim-qk", "3", "--head-dim-ov", "5", "--spectral-init-qk", "--spectral-init-ov",
-                      "--rank-scale", "0.5", "--factorize", "ffn"],
+    "reduced_heads": [
+        "--head-dim-qk",
+        "3",
+        "--head-dim-ov",
+        "5",
+        "--spectral-init-qk",
+        "--spectral-init-ov",
+        "--rank-scale",
+        "0.5",
+        "--factorize",
+        "ffn",
+    ],
     # the paper's model (fnl_transformer_small's layout at tiny widths) compressed by the one rank scale with the
     # official rules: no projection biases, pre-norm, learned positions (factorized), fresh heads scored by
     # 1/sqrt(reduced dim), each factor drawn from the dense init
-    "paper_small": ["--arch", "fnl_transformer_small", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
-                    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--rank-scale", "0.5",
-                    "--factorize", "ffn,embedding,position,attention", "--reduced-heads", "fresh",
-                    "--factor-init", "dense", "--no-spectral-init", "--spectral-init-qk", "--spectral-init-ov",
-                    "--criterion", "fd_label_smoothed_cross_entropy", "--fd-linear", "1e-3", "--fd-ov", "1e-3"],
+    "paper_small": [
+        "--arch",
+        "fnl_transformer_small",
+        "--encoder-embed-dim",
+        "32",
+        "--decoder-embed-dim",
+        "32",
+        "--encoder-ffn-embed-dim",
+        "64",
+        "--decoder-ffn-embed-dim",
+        "64",
+        "--rank-scale",
+        "0.5",
+        "--factorize",
+        "ffn,embedding,position,attention",
+        "--reduced-heads",
+        "fresh",
+        "--factor-init",
+        "dense",
+        "--no-spectral-init",
+        "--spectral-init-qk",
+        "--spectral-init-ov",
+        "--criterion",
+        "fd_label_smoothed_cross_entropy",
+        "--fd-linear",
+        "1e-3",
+        "--fd-ov",
+        "1e-3",
+    ],
 }
 # Scores (log-probabilities of size ~1-5) of the fnl model and of its recomposed dense copy come from different
 # float32 code paths (factors vs their product, reduced vs zero-padded heads) with BLAS rounding that depends on
@@ -54,6 +100,7 @@ PRINT_UNIT = 1e-4
 
 # ---------------------------------------------------------------- math
 
+
 def _attention(x, mem, p, H, scaling):
     """Per-head attention by the definition (nn.Linear layout), head dims read from the weights."""
     dq, dv = p["q_weight"].shape[0] // H, p["v_weight"].shape[0] // H
@@ -65,13 +112,21 @@ def _attention(x, mem, p, H, scaling):
     return lin(a.transpose(0, 1).reshape(x.shape[0], H * dv), p["o_weight"], p["o_bias"])
 
 
-@pytest.mark.parametrize("scaling", [8 ** -0.5, 0.37])  # fnl's original scaling, and an arbitrary one
+@pytest.mark.parametrize("scaling", [8**-0.5, 0.37])  # fnl's original scaling, and an arbitrary one
 def test_padded_heads_with_folded_scaling_equal_reduced_attention(scaling):
     g = torch.Generator().manual_seed(0)
     H, d, dq, dv = 4, 32, 3, 5
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    p = {"q_weight": r(H * dq, d), "q_bias": r(H * dq), "k_weight": r(H * dq, d), "k_bias": r(H * dq),
-         "v_weight": r(H * dv, d), "v_bias": r(H * dv), "o_weight": r(d, H * dv), "o_bias": r(d)}
+    p = {
+        "q_weight": r(H * dq, d),
+        "q_bias": r(H * dq),
+        "k_weight": r(H * dq, d),
+        "k_bias": r(H * dq),
+        "v_weight": r(H * dv, d),
+        "v_bias": r(H * dv),
+        "o_weight": r(d, H * dv),
+        "o_bias": r(d),
+    }
     x, mem = r(6, d), r(9, d)
     dense = recompose.dense_attention(p, H, d, scaling)
     assert dense["q_weight"].shape == (d, d) and dense["o_weight"].shape == (d, d)
@@ -81,13 +136,22 @@ def test_padded_heads_with_folded_scaling_equal_reduced_attention(scaling):
 
 
 def test_padding_refuses_wider_heads():
-    p = {"q_weight": torch.zeros(4 * 9, 32), "q_bias": None, "k_weight": torch.zeros(4 * 9, 32), "k_bias": None,
-         "v_weight": torch.zeros(4 * 8, 32), "v_bias": None, "o_weight": torch.zeros(32, 4 * 8), "o_bias": None}
+    p = {
+        "q_weight": torch.zeros(4 * 9, 32),
+        "q_bias": None,
+        "k_weight": torch.zeros(4 * 9, 32),
+        "k_bias": None,
+        "v_weight": torch.zeros(4 * 8, 32),
+        "v_bias": None,
+        "o_weight": torch.zeros(32, 4 * 8),
+        "o_bias": None,
+    }
     with pytest.raises(ValueError, match=r"per-head QK dim 9 does not fit .*dimension 8 and can only shrink"):
-        recompose.dense_attention(p, 4, 32, 8 ** -0.5)
+        recompose.dense_attention(p, 4, 32, 8**-0.5)
 
 
 # ---------------------------------------------------------------- end to end
+
 
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
@@ -140,14 +204,17 @@ def _beam_in_process(path, data_bin):
     sample = ds.collater([ds[i] for i in range(len(ds))])
     with torch.no_grad():
         hyps = SequenceGenerator(models, task.target_dictionary, beam_size=3).generate(models, sample)
-    return {int(i): (h[0]["tokens"].tolist(), float(h[0]["score"]), h[0]["positional_scores"])
-            for i, h in zip(sample["id"], hyps)}
+    return {
+        int(i): (h[0]["tokens"].tolist(), float(h[0]["score"]), h[0]["positional_scores"])
+        for i, h in zip(sample["id"], hyps)
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_recomposed_checkpoint_translates_identically_without_user_dir(name, fnl_checkpoints, data_bin, tmp_path,
-                                                                        capsys):
+def test_recomposed_checkpoint_translates_identically_without_user_dir(
+    name, fnl_checkpoints, data_bin, tmp_path, capsys
+):
     src = fnl_checkpoints[name]
     dst = str(tmp_path / "stock.pt")
     assert cli.main(["recompose", src, dst]) == 0
@@ -187,12 +254,17 @@ def test_recomposed_checkpoint_translates_identically_without_user_dir(name, fnl
         assert model["encoder_normalize_before"] and model["decoder_learned_pos"] and model["no_scale_embedding"]
         assert "projection_bias" not in model and "reduced_heads" not in model
         assert sd["encoder.embed_positions.weight"].shape == (1024, d)  # 1022 positions + padding offset
-        for key in ("encoder.layers.0.self_attn.q_proj.bias", "decoder.layers.1.encoder_attn.out_proj.bias",
-                    "decoder.layers.0.fc1.bias", "encoder.layers.1.fc2.bias"):
+        for key in (
+            "encoder.layers.0.self_attn.q_proj.bias",
+            "decoder.layers.1.encoder_attn.out_proj.bias",
+            "decoder.layers.0.fc1.bias",
+            "encoder.layers.1.fc2.bias",
+        ):
             assert sd[key].abs().max() == 0, key
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
@@ -211,8 +283,10 @@ def test_not_a_checkpoint(tmp_path, capsys):
     bad = tmp_path / "notes.txt"
     bad.write_text("hello\n")
     assert cli.main(["recompose", str(bad), str(tmp_path / "out.pt")]) == 2
-    assert _error_line(capsys) == (f"fnl recompose: error: {bad} is a text file, not a PyTorch checkpoint; give a "
-                                   "checkpoint_*.pt written by fairseq-train (e.g. checkpoints/checkpoint_best.pt)")
+    assert _error_line(capsys) == (
+        f"fnl recompose: error: {bad} is a text file, not a PyTorch checkpoint; give a "
+        "checkpoint_*.pt written by fairseq-train (e.g. checkpoints/checkpoint_best.pt)"
+    )
     torch.save({"weights": torch.zeros(2)}, str(tmp_path / "plain.pt"))
     assert cli.main(["recompose", str(tmp_path / "plain.pt"), str(tmp_path / "out.pt")]) == 2
     assert "a PyTorch file but not a fairseq checkpoint: it holds a dict with keys 'weights'" in _error_line(capsys)

@@ -15,6 +15,7 @@ tested. The logged losses are rounded to 3 decimals, so runs that differ in the 
 them one unit (1e-3) apart. Resume repeats the same operations in the same order: parameters and logged losses
 must be bitwise equal (measured: 0).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,9 +33,25 @@ pytest.importorskip("fairseq")
 ATOL = 5e-5
 
 # low-rank FFN/embeddings with SI, reduced heads, FD on every kind, weight decay on the other parameters
-FD_ARGS = ["--rank-scale", "0.5", "--spectral-init", "--head-dim", "6",
-           "--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "0.05", "--fd-ov", "0.05",
-           "--fd-linear", "0.05", "--optimizer", "fnl_adam", "--weight-decay", "0.01"]
+FD_ARGS = [
+    "--rank-scale",
+    "0.5",
+    "--spectral-init",
+    "--head-dim",
+    "6",
+    "--criterion",
+    "fd_label_smoothed_cross_entropy",
+    "--fd-qk",
+    "0.05",
+    "--fd-ov",
+    "0.05",
+    "--fd-linear",
+    "0.05",
+    "--optimizer",
+    "fnl_adam",
+    "--weight-decay",
+    "0.01",
+]
 DOUBLED_FD = ["--fd-qk", "0.1", "--fd-ov", "0.1", "--fd-linear", "0.1"]
 
 
@@ -63,8 +80,16 @@ def _max_diff(a: dict, b: dict, skip_key_bias: bool = False) -> float:
 
 
 def _train(data_bin, save_dir, *extra, updates):
-    return run_fairseq_train(tiny_train_args(data_bin, str(save_dir), *FD_ARGS, *extra, updates=updates,
-                                             ) + ["--disable-validation"])
+    return run_fairseq_train(
+        tiny_train_args(
+            data_bin,
+            str(save_dir),
+            *FD_ARGS,
+            *extra,
+            updates=updates,
+        )
+        + ["--disable-validation"]
+    )
 
 
 def _losses(run) -> list:
@@ -72,6 +97,7 @@ def _losses(run) -> list:
 
 
 # ---------------------------------------------------------------- gradient accumulation
+
 
 def test_update_freq_2_equals_doubled_batch(data16, tmp_path):
     big = _train(data16, tmp_path / "big", "--batch-size", "16", updates=3)
@@ -89,15 +115,42 @@ def test_update_freq_2_equals_doubled_batch(data16, tmp_path):
 
 # ---------------------------------------------------------------- resume
 
-RESUME_ARGS = ["--optimizer", "flambe", "--fd-qk", "1e-3", "--fd-ov", "1e-3", "--fd-linear", "1e-3",
-               "--fd-mode", "decoupled", "--weight-decay", "0.01", "--lr", "0.01",
-               "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "3", "--dropout", "0.1"]
+RESUME_ARGS = [
+    "--optimizer",
+    "flambe",
+    "--fd-qk",
+    "1e-3",
+    "--fd-ov",
+    "1e-3",
+    "--fd-linear",
+    "1e-3",
+    "--fd-mode",
+    "decoupled",
+    "--weight-decay",
+    "0.01",
+    "--lr",
+    "0.01",
+    "--lr-scheduler",
+    "inverse_sqrt",
+    "--warmup-updates",
+    "3",
+    "--dropout",
+    "0.1",
+]
 
 
 def test_resume_mid_epoch_equals_uninterrupted(data64, tmp_path):
     """64 sentences in batches of 16: stop after update 2 (mid-epoch), resume to 6 (into epoch 2)."""
-    base = ["--rank-scale", "0.5", "--spectral-init", "--deep", "--head-dim-qk", "4", "--spectral-init-qk",
-            *RESUME_ARGS]
+    base = [
+        "--rank-scale",
+        "0.5",
+        "--spectral-init",
+        "--deep",
+        "--head-dim-qk",
+        "4",
+        "--spectral-init-qk",
+        *RESUME_ARGS,
+    ]
 
     def train(save_dir, updates):
         return run_fairseq_train(tiny_train_args(data64, str(save_dir), *base, updates=updates))
@@ -116,6 +169,7 @@ def test_resume_mid_epoch_equals_uninterrupted(data64, tmp_path):
 
 # ---------------------------------------------------------------- distributed
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -125,15 +179,29 @@ def _free_port() -> int:
 def _two_workers(argv, log_dir, timeout=600) -> None:
     """``fairseq-train argv`` as 2 CPU workers (gloo, explicit ranks, no spawn): fairseq's way for CPUs."""
     port = _free_port()
-    dist = ["--distributed-world-size", "2", "--distributed-no-spawn", "--ddp-backend", "legacy_ddp",
-            "--distributed-backend", "gloo", "--distributed-init-method", f"tcp://localhost:{port}"]
+    dist = [
+        "--distributed-world-size",
+        "2",
+        "--distributed-no-spawn",
+        "--ddp-backend",
+        "legacy_ddp",
+        "--distributed-backend",
+        "gloo",
+        "--distributed-init-method",
+        f"tcp://localhost:{port}",
+    ]
     procs, logs = [], []
     try:
         for rank in (0, 1):
             log = open(os.path.join(log_dir, f"rank{rank}.log"), "w")
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, "-m", "fairseq_cli.train", *argv, *dist,
-                                           "--distributed-rank", str(rank)], stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "fairseq_cli.train", *argv, *dist, "--distributed-rank", str(rank)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:
         for p in procs:
@@ -161,17 +229,21 @@ def test_two_workers_equal_one_process_and_resume(data16, tmp_path):
 
     def argv(updates):
         return tiny_train_args(data16, str(multi), *FD_ARGS, "--batch-size", "8", updates=updates) + [
-            "--disable-validation"]
+            "--disable-validation"
+        ]
 
     _two_workers(argv(2), str(tmp_path))
     assert _max_diff(_params(tmp_path / "single_2.pt"), _params(multi / "checkpoint_last.pt"), True) <= ATOL
     _two_workers(argv(3), str(tmp_path))
-    assert "Loaded checkpoint" in open(tmp_path / "rank1.log").read() or "Loaded checkpoint" in open(
-        tmp_path / "rank0.log").read()
+    assert (
+        "Loaded checkpoint" in open(tmp_path / "rank1.log").read()
+        or "Loaded checkpoint" in open(tmp_path / "rank0.log").read()
+    )
     assert _max_diff(_params(single / "checkpoint_last.pt"), _params(multi / "checkpoint_last.pt"), True) <= ATOL
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def _failure(data_bin, save_dir, *extra):
     """Run fairseq-train in this process and return the exception the user sees (type: message)."""
@@ -187,14 +259,17 @@ def test_unknown_architecture(data64, tmp_path, capsys):
     assert "invalid choice: 'fnl_transformer_huge'" in last and "'fnl_transformer_tiny'" in last
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--head-dim", "9"], "--head-dim-qk 9 does not fit encoder.layers.0.self_attn: its heads have dimension 8"),
-    (["--head-dim-ov", "0"], "--head-dim-ov must be a positive integer"),
-    (["--rank-scale", "0"], "--rank-scale must be a finite number > 0"),
-    (["--rank-scale", "-0.5"], "--rank-scale must be a finite number > 0"),
-    (["--rank-scale", "nan"], "--rank-scale must be a finite number > 0"),
-    (["--deep"], "--deep needs --rank-scale"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--head-dim", "9"], "--head-dim-qk 9 does not fit encoder.layers.0.self_attn: its heads have dimension 8"),
+        (["--head-dim-ov", "0"], "--head-dim-ov must be a positive integer"),
+        (["--rank-scale", "0"], "--rank-scale must be a finite number > 0"),
+        (["--rank-scale", "-0.5"], "--rank-scale must be a finite number > 0"),
+        (["--rank-scale", "nan"], "--rank-scale must be a finite number > 0"),
+        (["--deep"], "--deep needs --rank-scale"),
+    ],
+)
 def test_bad_model_options(data64, tmp_path, extra, expected):
     exc = _failure(data64, tmp_path, *extra)
     assert isinstance(exc, ValueError) and expected in str(exc)
@@ -204,8 +279,9 @@ def test_bad_model_options(data64, tmp_path, extra, expected):
 
 def test_checkpoint_from_a_different_configuration(data64, tmp_path):
     run_fairseq_train(tiny_train_args(data64, str(tmp_path / "a"), "--rank-scale", "0.5", updates=1))
-    exc = _failure(data64, tmp_path / "b", "--rank-scale", "0.25",
-                   "--restore-file", str(tmp_path / "a" / "checkpoint_last.pt"))
+    exc = _failure(
+        data64, tmp_path / "b", "--rank-scale", "0.25", "--restore-file", str(tmp_path / "a" / "checkpoint_last.pt")
+    )
     # fairseq wraps the model's error: "Cannot load model parameters ...; please ensure that the architectures
     # match", raised while handling ours, which names the mismatching tensors and the fix
     assert "architectures match" in str(exc)

@@ -8,6 +8,7 @@
   the command does not run, also under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 and through fairseq-generate and
   fairseq-train --restore-file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,36 +31,124 @@ from fnl_transformers.fairseq_plugin import safe_loading  # noqa: E402
 
 # dims of a tiny stock `transformer` (fairseq's own architecture, no plugin)
 STOCK = [
-    "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
-    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32", "--encoder-attention-heads", "2",
-    "--decoder-attention-heads", "2",
+    "--encoder-layers",
+    "1",
+    "--decoder-layers",
+    "1",
+    "--encoder-embed-dim",
+    "16",
+    "--decoder-embed-dim",
+    "16",
+    "--encoder-ffn-embed-dim",
+    "32",
+    "--decoder-ffn-embed-dim",
+    "32",
+    "--encoder-attention-heads",
+    "2",
+    "--decoder-attention-heads",
+    "2",
 ]
 
 # optimizer / lr-scheduler / precision / logging options whose state ends up in the checkpoint
 STOCK_VARIANTS = {
-    "adam_inverse_sqrt_eval_bleu": ["--optimizer", "adam", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "2",
-                                    "--eval-bleu", "--eval-bleu-detok", "space", "--best-checkpoint-metric", "bleu",
-                                    "--maximize-best-checkpoint-metric"],
+    "adam_inverse_sqrt_eval_bleu": [
+        "--optimizer",
+        "adam",
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        "2",
+        "--eval-bleu",
+        "--eval-bleu-detok",
+        "space",
+        "--best-checkpoint-metric",
+        "bleu",
+        "--maximize-best-checkpoint-metric",
+    ],
     "nag_fixed": ["--optimizer", "nag", "--lr", "0.1", "--momentum", "0.9", "--lr-scheduler", "fixed"],
-    "sgd_polynomial_decay_wd": ["--optimizer", "sgd", "--lr", "0.1", "--lr-scheduler", "polynomial_decay",
-                                "--total-num-update", "4", "--weight-decay", "0.01"],
-    "adafactor_cosine": ["--optimizer", "adafactor", "--lr", "0.01", "--lr-scheduler", "cosine",
-                         "--warmup-updates", "1"],
-    "adam_plateau_memfp16_ema": ["--optimizer", "adam", "--lr-scheduler", "reduce_lr_on_plateau",
-                                 "--memory-efficient-fp16", "--store-ema", "--ema-start-update", "1"],
+    "sgd_polynomial_decay_wd": [
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.1",
+        "--lr-scheduler",
+        "polynomial_decay",
+        "--total-num-update",
+        "4",
+        "--weight-decay",
+        "0.01",
+    ],
+    "adafactor_cosine": [
+        "--optimizer",
+        "adafactor",
+        "--lr",
+        "0.01",
+        "--lr-scheduler",
+        "cosine",
+        "--warmup-updates",
+        "1",
+    ],
+    "adam_plateau_memfp16_ema": [
+        "--optimizer",
+        "adam",
+        "--lr-scheduler",
+        "reduce_lr_on_plateau",
+        "--memory-efficient-fp16",
+        "--store-ema",
+        "--ema-start-update",
+        "1",
+    ],
 }
 
 
 # the plugin's model, optimizers and criterion (their state is in the checkpoint too)
 FNL_VARIANTS = {
-    "fnl_flambe_inverse_sqrt": ["--rank-scale", "0.5", "--optimizer", "flambe", "--fd-qk", "1e-3",
-                                "--fd-linear", "1e-3", "--fd-mode", "decoupled", "--weight-decay", "0.01",
-                                "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "2"],
-    "fnl_lamb_deep_heads_fd": ["--rank-scale", "0.5", "--deep", "--head-dim", "4", "--optimizer", "fnl_lamb",
-                               "--criterion", "fd_label_smoothed_cross_entropy", "--fd-qk", "1e-3"],
-    "fnl_adam_shared_fd_diagnostics": ["--rank-scale", "0.5", "--share-all-embeddings", "--optimizer", "fnl_adam",
-                                       "--weight-decay", "0.01", "--criterion", "fd_label_smoothed_cross_entropy",
-                                       "--fd-linear", "1e-3", "--form-diagnostics-interval", "1"],
+    "fnl_flambe_inverse_sqrt": [
+        "--rank-scale",
+        "0.5",
+        "--optimizer",
+        "flambe",
+        "--fd-qk",
+        "1e-3",
+        "--fd-linear",
+        "1e-3",
+        "--fd-mode",
+        "decoupled",
+        "--weight-decay",
+        "0.01",
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        "2",
+    ],
+    "fnl_lamb_deep_heads_fd": [
+        "--rank-scale",
+        "0.5",
+        "--deep",
+        "--head-dim",
+        "4",
+        "--optimizer",
+        "fnl_lamb",
+        "--criterion",
+        "fd_label_smoothed_cross_entropy",
+        "--fd-qk",
+        "1e-3",
+    ],
+    "fnl_adam_shared_fd_diagnostics": [
+        "--rank-scale",
+        "0.5",
+        "--share-all-embeddings",
+        "--optimizer",
+        "fnl_adam",
+        "--weight-decay",
+        "0.01",
+        "--criterion",
+        "fd_label_smoothed_cross_entropy",
+        "--fd-linear",
+        "1e-3",
+        "--form-diagnostics-interval",
+        "1",
+    ],
 }
 
 
@@ -74,8 +163,9 @@ def stock_checkpoints(data_bin, tmp_path_factory):
     out = {}
     for name, extra in STOCK_VARIANTS.items():
         save_dir = str(tmp_path_factory.mktemp(name))
-        run_fairseq_train(tiny_train_args(data_bin, save_dir, *STOCK, *extra, arch="transformer", updates=3,
-                                          user_dir_flag=False))
+        run_fairseq_train(
+            tiny_train_args(data_bin, save_dir, *STOCK, *extra, arch="transformer", updates=3, user_dir_flag=False)
+        )
         out[name] = os.path.join(save_dir, "checkpoint_last.pt")
     return out
 
@@ -131,7 +221,8 @@ def test_allow_list_is_exactly_what_fairseq_checkpoints_need(stock_checkpoints, 
         assert argparse.Namespace in globs, name  # cfg["model"] of a legacy (add_args) model
     union = set().union(*needed.values())
     assert union == _allow_list_objects(), (
-        f"extra in allow-list: {_allow_list_objects() - union}; missing: {union - _allow_list_objects()}")
+        f"extra in allow-list: {_allow_list_objects() - union}; missing: {union - _allow_list_objects()}"
+    )
     # only --eval-bleu stores numpy arrays (BLEU n-gram counts in the meters)
     assert needed["nag_fixed"] == {argparse.Namespace}
     for name in FNL_VARIANTS:  # the plugin adds nothing: its optimizer groups hold only numbers and lists
@@ -173,8 +264,9 @@ def test_hub_from_pretrained_translates(installed, stock_checkpoints, data_bin):
     from fairseq.models.transformer import TransformerModel
 
     path = stock_checkpoints["nag_fixed"]
-    hub = TransformerModel.from_pretrained(os.path.dirname(path), checkpoint_file=os.path.basename(path),
-                                           data_name_or_path=data_bin)
+    hub = TransformerModel.from_pretrained(
+        os.path.dirname(path), checkpoint_file=os.path.basename(path), data_name_or_path=data_bin
+    )
     out = hub.translate("s1 s2 s3", beam=2)
     assert isinstance(out, str)
 
@@ -190,8 +282,9 @@ class _RunsCommand:
 
 
 def _malicious_checkpoint(path, marker) -> str:
-    torch.save({"args": None, "cfg": None, "model": {"w": torch.zeros(2)}, "extra_state": _RunsCommand(marker)},
-               str(path))
+    torch.save(
+        {"args": None, "cfg": None, "model": {"w": torch.zeros(2)}, "extra_state": _RunsCommand(marker)}, str(path)
+    )
     return str(path)
 
 
@@ -232,13 +325,16 @@ def test_stock_generate_fails_without_plugin_and_works_with_it(stock_checkpoints
 def test_malicious_checkpoint_refused_by_fairseq_commands(tmp_path, data_bin):
     marker = tmp_path / "pwned"
     bad = _malicious_checkpoint(tmp_path / "checkpoint_bad.pt", str(marker))
-    gen = run_fairseq_cli("generate", [data_bin, "--path", bad, "--cpu", "--gen-subset", "test",
-                                       "--user-dir", user_dir()], check=False)
+    gen = run_fairseq_cli(
+        "generate", [data_bin, "--path", bad, "--cpu", "--gen-subset", "test", "--user-dir", user_dir()], check=False
+    )
     assert gen.returncode != 0
     assert "UnsafeCheckpointError: refusing to load" in gen.stderr + gen.stdout
     assert not marker.exists()
     save_dir = str(tmp_path / "resume")
     with pytest.raises(RuntimeError, match="refusing to load"):
-        run_fairseq_train(tiny_train_args(data_bin, save_dir, *STOCK, "--restore-file", bad, arch="transformer",
-                                          updates=1), in_process=False)
+        run_fairseq_train(
+            tiny_train_args(data_bin, save_dir, *STOCK, "--restore-file", bad, arch="transformer", updates=1),
+            in_process=False,
+        )
     assert not marker.exists()

@@ -14,6 +14,7 @@ one rank scale with the official rules.
 * Without SI, ``--factor-init dense`` draws each factor from the dense layer's own initialization (linear
   factors in [-0.1, 0.1], embedding factors with std 0.1 within 10%: 5 standard errors of the smallest factor).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -37,9 +38,29 @@ def data_bin(tmp_path_factory):
 
 def _argv(data_bin, *extra):
     """fairseq-train flags building fnl_transformer_small with its own defaults (dropout included)."""
-    return [data_bin, "--task", "translation", "--source-lang", "src", "--target-lang", "tgt", "--arch",
-            "fnl_transformer_small", "--user-dir", user_dir(), "--optimizer", "nag", "--lr", "0.25", "--seed", "1",
-            "--cpu", "--criterion", "label_smoothed_cross_entropy", *extra]
+    return [
+        data_bin,
+        "--task",
+        "translation",
+        "--source-lang",
+        "src",
+        "--target-lang",
+        "tgt",
+        "--arch",
+        "fnl_transformer_small",
+        "--user-dir",
+        user_dir(),
+        "--optimizer",
+        "nag",
+        "--lr",
+        "0.25",
+        "--seed",
+        "1",
+        "--cpu",
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        *extra,
+    ]
 
 
 def dense_params(v_src: int, v_tgt: int) -> int:
@@ -111,8 +132,9 @@ def test_one_rank_scale_compresses_as_the_official_code(data_bin, R):
     v_src, v_tgt = len(task.source_dictionary), len(task.target_dictionary)
     layers = dict(_layers(model))
     expected = {f"{side}.{name}" for side in ("encoder", "decoder") for name in ("embed_tokens", "embed_positions")}
-    expected |= {f"{side}.layers.{i}.{fc}" for side in ("encoder", "decoder") for i in range(LAYERS)
-                 for fc in ("fc1", "fc2")} | {"decoder.output_projection"}
+    expected |= {
+        f"{side}.layers.{i}.{fc}" for side in ("encoder", "decoder") for i in range(LAYERS) for fc in ("fc1", "fc2")
+    } | {"decoder.output_projection"}
     assert set(layers) == expected  # every linear and embedding layer the official code factorizes
     for name, layer in layers.items():
         W = dense.get_submodule(name).weight.detach()
@@ -128,7 +150,7 @@ def test_one_rank_scale_compresses_as_the_official_code(data_bin, R):
         assert attn.q_proj.weight.shape == attn.k_proj.weight.shape == attn.v_proj.weight.shape == (key_dim, D)
         assert attn.out_proj.weight.shape == (D, key_dim)
         hd = key_dim // HEADS
-        assert (attn.head_dim_qk, attn.head_dim_ov) == (hd, hd) and attn.scaling == pytest.approx(hd ** -0.5)
+        assert (attn.head_dim_qk, attn.head_dim_ov) == (hd, hd) and attn.scaling == pytest.approx(hd**-0.5)
         for a, b in ((attn.q_proj.weight, attn.k_proj.weight), (attn.out_proj.weight.t(), attn.v_proj.weight)):
             A, B = a.detach().view(HEADS, hd, D), b.detach().view(HEADS, hd, D)  # per head: rows of each factor
             ga, gb = A @ A.transpose(1, 2), B @ B.transpose(1, 2)  # re-balanced: equal Gram matrices
@@ -147,7 +169,7 @@ def test_without_si_each_factor_is_drawn_from_the_dense_init(data_bin):
         else:  # U(-0.1, 0.1) for both factors: max close to the bound, std 0.1 / sqrt(3)
             for f in (U, V):
                 assert float(f.abs().max()) <= 0.1 and float(f.abs().max()) > 0.095, name
-                assert abs(float(f.std()) - 0.1 / 3 ** 0.5) < 0.005, name
+                assert abs(float(f.std()) - 0.1 / 3**0.5) < 0.005, name
 
 
 def test_the_recipe_trains_the_paper_model_by_default(data_bin):
@@ -158,11 +180,18 @@ def test_the_recipe_trains_the_paper_model_by_default(data_bin):
 
     r = run_script(f"{RECIPES}/iwslt14/train.sh", "baseline", "--data", data_bin, "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert "# fnl_transformer_small: the paper's model (the official transformer_small): 2+2 pre-norm layers, d 256, " \
-           "FFN 1024, 4 heads of 64" in r.stderr
+    assert (
+        "# fnl_transformer_small: the paper's model (the official transformer_small): 2+2 pre-norm layers, d 256, "
+        "FFN 1024, 4 heads of 64" in r.stderr
+    )
     argv = shlex.split(r.stdout)[1:]
     model, task, args = build_model(argv)
-    assert (args.arch, args.optimizer, args.lr, args.dropout, args.clip_norm) == \
-        ("fnl_transformer_small", "nag", [0.25], 0.2, 0.1)
+    assert (args.arch, args.optimizer, args.lr, args.dropout, args.clip_norm) == (
+        "fnl_transformer_small",
+        "nag",
+        [0.25],
+        0.2,
+        0.1,
+    )
     v_src, v_tgt = len(task.source_dictionary), len(task.target_dictionary)
     assert sum(p.numel() for p in model.parameters()) == dense_params(v_src, v_tgt)

@@ -24,6 +24,7 @@ Tolerances (relative Frobenius errors against float64 on the CPU, from the half-
   overflowing update skipped with its FD, 50 ``--bf16`` updates against float32 (tolerances measured on the CPU),
   and FD in float32 under CUDA autocast. Their CPU cases are ``test_fairseq_mixed_precision.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,6 +68,7 @@ def _prod64(A, B):
 
 
 # ---------------------------------------------------------------- spectral initialization
+
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("device", DEVICES)
@@ -143,8 +145,9 @@ def _truncate64(forms: torch.Tensor, r: int) -> torch.Tensor:
 def test_per_head_spectral_init_of_half_attention(device, dtype):
     H, r = 4, 8
     q, k, v, o, qb, kb, vb, ob = _attention_weights(dtype, device, H=H)
-    new = attention_spectral_init(q, k, v, o, num_heads=H, qk_rank=r, ov_rank=r, q_bias=qb, k_bias=kb, v_bias=vb,
-                                  o_bias=ob)
+    new = attention_spectral_init(
+        q, k, v, o, num_heads=H, qk_rank=r, ov_rank=r, q_bias=qb, k_bias=kb, v_bias=vb, o_bias=ob
+    )
     for name, t in new.items():
         assert t.dtype == dtype and t.device == q.device, name
     assert new["q_weight"].shape == (H * r, 64) and new["o_weight"].shape == (64, H * r)
@@ -163,6 +166,7 @@ def test_per_head_spectral_init_of_half_attention(device, dtype):
 
 
 # ---------------------------------------------------------------- Frobenius decay
+
 
 class _Block(nn.Module):
     """A factorized FFN (Gram route), an overcomplete deep factorized layer (product route) and an attention
@@ -208,6 +212,7 @@ def test_fd_and_backward_of_half_factors(device, dtype):
 
 # ---------------------------------------------------------------- HuggingFace Trainer
 
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("setup", ["coupled", "flambe"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -226,8 +231,7 @@ def test_fnl_trainer_mixed_precision_stays_near_float32(tmp_path, device, setup,
     ref = mp_trainer(str(tmp_path / "fp32"), "fp32", setup, coef, N_STEPS, device=device, logging_steps=N_STEPS)
     start = params(ref.model)
     ref.train()
-    run = mp_trainer(str(tmp_path / precision), precision, setup, coef, N_STEPS, device=device,
-                     logging_steps=N_STEPS)
+    run = mp_trainer(str(tmp_path / precision), precision, setup, coef, N_STEPS, device=device, logging_steps=N_STEPS)
     run.train()
     assert run.model.bert.embeddings.word_embeddings.weight.device.type == device
     assert run.probe.dtypes == {AUTOCAST_DTYPE[precision]}
@@ -243,8 +247,19 @@ def test_fnl_trainer_mixed_precision_stays_near_float32(tmp_path, device, setup,
 
 # ---------------------------------------------------------------- fairseq
 
-FAIRSEQ_FD = ["--rank-scale", "0.5", "--spectral-init", "--criterion", "fd_label_smoothed_cross_entropy",
-              "--fd-linear", "1e-2", "--fd-qk", "1e-2", "--fd-ov", "1e-2"]
+FAIRSEQ_FD = [
+    "--rank-scale",
+    "0.5",
+    "--spectral-init",
+    "--criterion",
+    "fd_label_smoothed_cross_entropy",
+    "--fd-linear",
+    "1e-2",
+    "--fd-qk",
+    "1e-2",
+    "--fd-ov",
+    "1e-2",
+]
 FAIRSEQ_PRECISIONS = {
     "fp32": [],
     # fairseq's adam, no weight decay: fairseq's flat fp32 buffer needs CUDA, so on the CPU per-parameter copies
@@ -285,8 +300,13 @@ def test_fairseq_training_then_recompose_on_cpu(tmp_path, device, precision):
     # recompose on the CPU (the GPU hidden), then stock fairseq-generate without the plugin, on the CPU
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     stock = str(tmp_path / "stock.pt")
-    res = subprocess.run([sys.executable, "-m", "fnl_transformers.cli", "recompose", ckpt, stock],
-                         capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "fnl_transformers.cli", "recompose", ckpt, stock],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     state = torch.load(stock, map_location="cpu", weights_only=True)
     assert state["cfg"]["model"]["arch"] == "transformer"
@@ -305,6 +325,7 @@ def test_fairseq_training_then_recompose_on_cpu(tmp_path, device, precision):
 # ---------------------------------------------------------------- fairseq mixed precision (checks and tolerances:
 # fairseq_precision_helpers; the CPU cases are test_fairseq_mixed_precision.py)
 
+
 @pytest.fixture(scope="module")
 def fairseq_data(tmp_path_factory):
     pytest.importorskip("fairseq")
@@ -321,8 +342,11 @@ def _fairseq_precision(mode=None):
     return fp
 
 
-FAIRSEQ_MATRIX = [(m, s) for m in ("fp16", "bf16", "memory-efficient-fp16", "memory-efficient-bf16", "amp")
-                  for s in ("fnl_adam", "flambe")]
+FAIRSEQ_MATRIX = [
+    (m, s)
+    for m in ("fp16", "bf16", "memory-efficient-fp16", "memory-efficient-bf16", "amp")
+    for s in ("fnl_adam", "flambe")
+]
 
 
 @pytest.mark.gpu

@@ -7,6 +7,7 @@
   only the text between the markers changes; the pending text when there is no file; the repository's README
   blocks are up to date with ``bench/results-gpu.json`` (pending while it does not exist).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,32 +25,75 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def synthetic_results() -> dict:
     rows = [
         dict(case="dense", precision="fp32", rank_scale=None, fd="none", step_s=0.040, tokens_per_s=100000.0),
-        dict(case="dense+fd", precision="fp32", rank_scale=None, fd="qk+ov coupled", step_s=0.042,
-             tokens_per_s=95238.1),
+        dict(
+            case="dense+fd", precision="fp32", rank_scale=None, fd="qk+ov coupled", step_s=0.042, tokens_per_s=95238.1
+        ),
         dict(case="rank0.5", precision="fp32", rank_scale=0.5, fd="none", step_s=0.032, tokens_per_s=125000.0),
-        dict(case="rank0.25", precision="fp32", rank_scale=0.25, fd="none", step_s=None, tokens_per_s=None,
-             error="RuntimeError: boom"),
+        dict(
+            case="rank0.25",
+            precision="fp32",
+            rank_scale=0.25,
+            fd="none",
+            step_s=None,
+            tokens_per_s=None,
+            error="RuntimeError: boom",
+        ),
         dict(case="dense-fp16", precision="fp16", rank_scale=None, fd="none", step_s=0.020, tokens_per_s=200000.0),
     ]
     return {
-        "schema": 1, "kind": "gpu-check", "smoke": False, "date": "2030-01-02 03:04 UTC",
+        "schema": 1,
+        "kind": "gpu-check",
+        "smoke": False,
+        "date": "2030-01-02 03:04 UTC",
         "device": {"name": "NVIDIA Test GPU", "type": "cuda", "count": 1, "capability": "9.0", "memory_gib": 80.0},
-        "software": {"python": "3.12.3", "torch": "2.11.0", "cuda": "13.0", "transformers": "5.24.0",
-                     "fairseq": "0.12.3.1"},
+        "software": {
+            "python": "3.12.3",
+            "torch": "2.11.0",
+            "cuda": "13.0",
+            "transformers": "5.24.0",
+            "fairseq": "0.12.3.1",
+        },
         "model": {"arch": "fnl_transformer_tiny", "flags": ["--encoder-embed-dim", "256"], "max_tokens": 4000},
-        "tests": {"command": "python -m pytest -m gpu", "passed": 20, "failed": 0, "skipped": 1, "errors": 0,
-                  "skip_reasons": ["tests/test_gpu.py:266: pending support"], "exit_code": 0, "seconds": 90.0},
-        "timings": {"target_tokens": 3998, "max_tokens": 4000, "data": "synthetic", "rows": rows,
-                    "fd_overhead": {"fp32": 1.05, "fp16": None}, "lowrank_speedup": {"0.5": 1.25},
-                    "predicted_speedup": {"0.5": 1.4}, "errors": {"rank0.25": "RuntimeError: boom"}},
+        "tests": {
+            "command": "python -m pytest -m gpu",
+            "passed": 20,
+            "failed": 0,
+            "skipped": 1,
+            "errors": 0,
+            "skip_reasons": ["tests/test_gpu.py:266: pending support"],
+            "exit_code": 0,
+            "seconds": 90.0,
+        },
+        "timings": {
+            "target_tokens": 3998,
+            "max_tokens": 4000,
+            "data": "synthetic",
+            "rows": rows,
+            "fd_overhead": {"fp32": 1.05, "fp16": None},
+            "lowrank_speedup": {"0.5": 1.25},
+            "predicted_speedup": {"0.5": 1.4},
+            "errors": {"rank0.25": "RuntimeError: boom"},
+        },
         "training": [
-            {"variant": "baseline", "precision": "fp32", "updates": 2000, "s_per_update": 0.036,
-             "recipe_gpu_hours": 1.0},
-            {"variant": "fd-qkov", "precision": "fp16", "updates": 2000, "s_per_update": 0.0252,
-             "recipe_gpu_hours": 0.7},
+            {
+                "variant": "baseline",
+                "precision": "fp32",
+                "updates": 2000,
+                "s_per_update": 0.036,
+                "recipe_gpu_hours": 1.0,
+            },
+            {
+                "variant": "fd-qkov",
+                "precision": "fp16",
+                "updates": 2000,
+                "s_per_update": 0.0252,
+                "recipe_gpu_hours": 0.7,
+            },
             {"variant": "fd-qkov", "skipped": "time budget (480 s) used up"},
         ],
-        "stages": {}, "errors": [], "seconds_total": 400.0,
+        "stages": {},
+        "errors": [],
+        "seconds_total": 400.0,
     }
 
 
@@ -59,10 +103,14 @@ def test_table_from_synthetic_results():
     assert "torch 2.11.0 (CUDA 13.0)" in text and "transformers 5.24.0" in text
     assert "20 passed, 0 failed, 1 skipped" in text
     assert "| dense, no FD | fp32 | 40.0 ms | 100,000 | baseline |" in text
-    assert "| dense, coupled FD on every QK and OV form | fp32 | 42.0 ms | 95,238 | 1.05x the dense step (FD " \
-           "overhead) |" in text
-    assert "| FFN + embeddings at rank scale 0.5 | fp32 | 32.0 ms | 125,000 | 1.25x faster than dense " \
-           "(FLOP-predicted 1.40x) |" in text
+    assert (
+        "| dense, coupled FD on every QK and OV form | fp32 | 42.0 ms | 95,238 | 1.05x the dense step (FD "
+        "overhead) |" in text
+    )
+    assert (
+        "| FFN + embeddings at rank scale 0.5 | fp32 | 32.0 ms | 125,000 | 1.25x faster than dense "
+        "(FLOP-predicted 1.40x) |" in text
+    )
     assert "failed: RuntimeError: boom" in text
     assert "| baseline | fp32 | 2000 | 36.0 ms | 1.00 |" in text
     assert "| fd-qkov | fp16 | 2000 | 25.2 ms | 0.70 |" in text
@@ -106,21 +154,27 @@ def test_smoke_results_are_not_gpu_numbers(tmp_path):
 def test_cpu_smoke_pipeline_end_to_end(tmp_path):
     out = tmp_path / "results.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--cpu-smoke", "--out", str(out), "--work",
-                          str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=1200)
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--cpu-smoke", "--out", str(out), "--work", str(tmp_path / "work")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     r = json.loads(out.read_text())
     assert r["smoke"] is True and r["errors"] == []
-    assert {k: v["status"] for k, v in r["stages"].items()} == {k: "ok" for k in ("setup", "tests", "timings",
-                                                                                   "training")}
+    assert {k: v["status"] for k, v in r["stages"].items()} == {
+        k: "ok" for k in ("setup", "tests", "timings", "training")
+    }
     assert r["software"]["torch"] and r["software"]["fairseq"]
     t = r["tests"]
     assert t["passed"] >= 4 and t["failed"] == 0 and t["errors"] == 0
     rows = {row["case"]: row for row in r["timings"]["rows"]}
     assert set(rows) == {"dense", "dense+fd", "rank0.5", "rank0.25"}
     for row in rows.values():
-        assert row["step_s"] > 0 and row["tokens_per_s"] == pytest.approx(r["timings"]["target_tokens"] /
-                                                                          row["step_s"])
+        assert row["step_s"] > 0 and row["tokens_per_s"] == pytest.approx(r["timings"]["target_tokens"] / row["step_s"])
     assert r["timings"]["fd_overhead"]["fp32"] == pytest.approx(rows["dense+fd"]["step_s"] / rows["dense"]["step_s"])
     assert r["timings"]["predicted_speedup"]["0.5"] > 1
     trained = {(x["variant"], x["precision"]): x for x in r["training"]}

@@ -2,6 +2,7 @@
 the statistics of the vanilla model (float32 factors compared to 1e-5 relative), the errors recorded in the plan
 are the core's, and calibration mistakes are one clear error or warning. Tiny random BERT with MiniLM's tokenizer
 (calibration texts need a real tokenizer)."""
+
 import copy
 import warnings
 
@@ -72,8 +73,9 @@ def test_heads_are_the_core_activation_aware_per_head_truncation(setup):
     dims = HeadDims(4, 4, 8, 4, 4)
     q = stats[f"{ATT}.{arch.q}"]
     cal = HeadCalibration(q.second_moment, q.mean, stats[ATT].second_moment, 0.05)
-    ref, fits = shrink_heads_with_errors(arch.read(vanilla.get_submodule(ATT), dims.full), dims, "activation",
-                                         "activation", calibration=cal)
+    ref, fits = shrink_heads_with_errors(
+        arch.read(vanilla.get_submodule(ATT), dims.full), dims, "activation", "activation", calibration=cal
+    )
     got = arch.read(patched.get_submodule(ATT), dims)
     for key in ("q_weight", "q_bias", "k_weight", "v_weight", "o_weight", "o_bias"):
         assert _close(got[key], ref[key]), key

@@ -4,6 +4,7 @@ Tolerances: statistics are accumulated from float32 products, so they match floa
 losses recomputed by transformers' own heads match to 1e-5. Comparisons of activation-aware truncation with
 weight-only SI on MiniLM use margins well inside the observed factors (noted at each assertion).
 """
+
 import copy
 
 import pytest
@@ -40,9 +41,12 @@ def minilm():
 def _inputs_without_padding(model, tokenizer, texts, names):
     """Reference: each text alone (no padding), the inputs of the named modules captured by hooks."""
     seen = {n: [] for n in names}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda mod, args, n=n: seen[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
-        for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda mod, args, n=n: seen[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+        )
+        for n in names
+    ]
     try:
         with torch.no_grad():
             for text in texts:
@@ -55,8 +59,12 @@ def _inputs_without_padding(model, tokenizer, texts, names):
 
 def test_stats_match_unpadded_inputs_and_token_counts(minilm):
     model, tok = minilm
-    names = ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key",
-             "encoder.layer.3.output.dense", "pooler.dense"]
+    names = [
+        "encoder.layer.0.attention.self.query",
+        "encoder.layer.0.attention.self.key",
+        "encoder.layer.3.output.dense",
+        "pooler.dense",
+    ]
     stats = collect_input_stats(model, tok, CALIBRATION[:10], batch_size=4)  # padded batches
     ref = _inputs_without_padding(model, tok, CALIBRATION[:10], names)
     for n in names:
@@ -113,8 +121,11 @@ def test_activation_aware_beats_si_on_minilm_activations(minilm):
     error is optimal (it equals output_rel_error; observed 2-3x below SI's), and on held-out sentences it stays
     below SI's (observed factors 2.1 for intermediate.dense, 1.7 for the query projection, 1.4 for output.dense)."""
     model, tok = minilm
-    names = ["encoder.layer.2.intermediate.dense", "encoder.layer.2.output.dense",
-             "encoder.layer.4.attention.self.query"]
+    names = [
+        "encoder.layer.2.intermediate.dense",
+        "encoder.layer.2.output.dense",
+        "encoder.layer.4.attention.self.query",
+    ]
     calib = collect_input_stats(model, tok, CALIBRATION, modules=names)
     held = collect_input_stats(model, tok, HELD_OUT, modules=names)
     for name, held_margin in zip(names, (1.5, 1.0, 1.3)):
@@ -142,11 +153,20 @@ def test_minilm_heads_activation_aware_score_error(minilm):
     q, k, v, o = att.self.query, att.self.key, att.self.value, att.output.dense
     name = "encoder.layer.1.attention.self.query"
     calib = collect_input_stats(model, tok, CALIBRATION, modules=[name])[name]
-    w = dict(q_weight=q.weight, k_weight=k.weight, v_weight=v.weight, o_weight=o.weight,
-             q_bias=q.bias, k_bias=k.bias, v_bias=v.bias, o_bias=o.bias)
+    w = dict(
+        q_weight=q.weight,
+        k_weight=k.weight,
+        v_weight=v.weight,
+        o_weight=o.weight,
+        q_bias=q.bias,
+        k_bias=k.bias,
+        v_bias=v.bias,
+        o_bias=o.bias,
+    )
     w = {key: t.detach().double() for key, t in w.items()}
-    act, _ = attention_activation_init(num_heads=12, second_moment=calib.second_moment, mean=calib.mean, qk_rank=16,
-                                       **w)
+    act, _ = attention_activation_init(
+        num_heads=12, second_moment=calib.second_moment, mean=calib.mean, qk_rank=16, **w
+    )
     si = attention_spectral_init(num_heads=12, qk_rank=16, **w)
     X = _inputs_without_padding(model, tok, HELD_OUT[:4], [name])[name]
 
@@ -240,15 +260,20 @@ def test_per_head_mixed_statistics_are_exact_for_the_ov_forms(minilm):
     error of the truncated per-head OV outputs measured on those z (exact statistics; float32 sums: 1e-4)."""
     model, tok = minilm
     name = "encoder.layer.2.attention"
-    stats = collect_input_stats(model, tok, CALIBRATION[:8], modules=["encoder.layer.2.attention.self.query"],
-                                attention=[name], batch_size=3)
+    stats = collect_input_stats(
+        model, tok, CALIBRATION[:8], modules=["encoder.layer.2.attention.self.query"], attention=[name], batch_size=3
+    )
     zs = []
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")  # the probabilities, for the reference
     handle = eager.get_submodule(name).register_forward_hook(
-        lambda mod, args, kwargs, out: zs.append(torch.einsum(
-            "bhij,bjd->bihd", out[1], kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])[0].double()),
-        with_kwargs=True)
+        lambda mod, args, kwargs, out: zs.append(
+            torch.einsum("bhij,bjd->bihd", out[1], kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])[
+                0
+            ].double()
+        ),
+        with_kwargs=True,
+    )
     try:
         with torch.no_grad():
             for text in CALIBRATION[:8]:  # each text alone: no padding
@@ -263,10 +288,13 @@ def test_per_head_mixed_statistics_are_exact_for_the_ov_forms(minilm):
     assert torch.allclose(mixed.second_moment, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
 
     q = stats["encoder.layer.2.attention.self.query"]
-    w = {f"{k}_weight": lin.weight.detach().double() for k, lin in
-         zip("qkvo", (att.self.query, att.self.key, att.self.value, att.output.dense))}
-    out, errors = attention_activation_init(num_heads=12, second_moment=q.second_moment, mean=q.mean, ov_rank=8,
-                                            ov_second_moment=mixed.second_moment, **w)
+    w = {
+        f"{k}_weight": lin.weight.detach().double()
+        for k, lin in zip("qkvo", (att.self.query, att.self.key, att.self.value, att.output.dense))
+    }
+    out, errors = attention_activation_init(
+        num_heads=12, second_moment=q.second_moment, mean=q.mean, ov_rank=8, ov_second_moment=mixed.second_moment, **w
+    )
     heads = lambda o, v: o.reshape(384, 12, -1).permute(1, 0, 2) @ v.reshape(12, -1, 384)  # noqa: E731
     full, cut = heads(w["o_weight"], w["v_weight"]), heads(out["o_weight"].double(), out["v_weight"].double())
     y = torch.einsum("hod,nhd->nho", full, Z)  # each head's OV output on its own z_h

@@ -1,4 +1,5 @@
 """`fnl compress` and `fnl inspect`: the per-layer table, a reloadable output, one-line errors."""
+
 import os
 
 import pytest
@@ -38,8 +39,22 @@ def test_compress_minilm_half_head_dim_and_rank_scale(tmp_path, capsys):
 
 def test_compress_and_inspect_a_small_model(tmp_path, capsys):
     tiny("gpt2").save_pretrained(tmp_path / "src")
-    assert main(["compress", str(tmp_path / "src"), str(tmp_path / "out"), "--target-param-ratio", "0.8",
-                 "--head-dim-qk", "4", "--factorize", "ffn"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(tmp_path / "src"),
+                str(tmp_path / "out"),
+                "--target-param-ratio",
+                "0.8",
+                "--head-dim-qk",
+                "4",
+                "--factorize",
+                "ffn",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "transformer.h.1.mlp.c_proj" in table and "transformer.wte" not in table
     model = from_pretrained(tmp_path / "out")
@@ -49,12 +64,15 @@ def test_compress_and_inspect_a_small_model(tmp_path, capsys):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".fnl-compress-")]  # no temporary left over
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--rank-scale", "1.5"], "--rank-scale must be in (0, 1] to compress"),
-    ([], "nothing to compress"),
-    (["--head-dim", "64"], "does not fit"),
-    (["--rank-scale", "0.5", "--factorize", "ffn,heads"], "unknown part(s) ['heads']"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--rank-scale", "1.5"], "--rank-scale must be in (0, 1] to compress"),
+        ([], "nothing to compress"),
+        (["--head-dim", "64"], "does not fit"),
+        (["--rank-scale", "0.5", "--factorize", "ffn,heads"], "unknown part(s) ['heads']"),
+    ],
+)
 def test_compress_bad_input_is_one_error_line(tmp_path, capsys, args, message):
     tiny("bert").save_pretrained(tmp_path / "src")
     capsys.readouterr()
@@ -83,8 +101,16 @@ def test_inspect_refuses_a_vanilla_model(tmp_path, capsys):
 def test_compress_unsupported_architecture_is_one_error_line(tmp_path, capsys):
     from transformers import OPTConfig, OPTForCausalLM
 
-    OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                             word_embed_proj_dim=16)).save_pretrained(tmp_path / "src")
+    OPTForCausalLM(
+        OPTConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+        )
+    ).save_pretrained(tmp_path / "src")
     capsys.readouterr()
     assert main(["compress", str(tmp_path / "src"), str(tmp_path / "out"), "--rank-scale", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,5 +1,6 @@
 """FNLConfig: a thin converter to the core settings model (validation with one clear message per problem,
 derived settings, JSON round trip, former field names)."""
+
 import dataclasses
 import json
 import math
@@ -10,34 +11,41 @@ from fnl_transformers.core import FDSpec, StructureSpec, flat_settings
 from fnl_transformers.hf import FNLConfig
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(rank_scale=0), r"rank_scale must be a finite number > 0"),
-    (dict(rank_scale=-0.5), r"rank_scale must be a finite number > 0"),
-    (dict(rank_scale=math.nan), r"rank_scale must be a finite number > 0"),
-    (dict(rank_scale="half"), r"rank_scale must be a number > 0, got 'half'"),
-    (dict(factorize=("ffn", "mlp")),
-     r"factorize: unknown part\(s\) \['mlp'\]; choose among \['ffn', 'embedding', 'position', 'attention'\]"),
-    (dict(factorize=3), r"factorize must be a list of parts"),
-    (dict(head_dim=0), r"head_dim must be a positive integer"),
-    (dict(head_dim_qk=2.5), r"head_dim_qk must be a positive integer"),
-    (dict(rank_scale=0.5, target_param_ratio=0.5), r"give rank_scale or target_param_ratio, not both"),
-    (dict(target_param_ratio=1.5), r"target_param_ratio must be a number in \(0, 1\]"),
-    (dict(target_param_ratio=0.5, factorize=("attention",)),
-     r"give head_dim_qk/head_dim_ov explicitly, or drop 'attention'"),
-    (dict(factorize=("embeddings",)), r"'embeddings' is now spelled 'embedding'"),
-    (dict(deep=True), r"deep needs rank_scale, ranks or target_param_ratio"),
-    (dict(spectral_init_qk="yes"), r"spectral_init_qk must be True, False or None"),
-    (dict(weight_decay_factors=1), r"weight_decay_factors must be True or False"),
-    (dict(ranks={"*.dense": 0}), r"ranks\['\*\.dense'\] must be a positive integer"),
-    (dict(ranks=["*.dense"]), r"ranks must be a dict"),
-    (dict(fd_qk=-1e-4), r"fd_qk must be a finite number >= 0 \(Frobenius decay coefficient"),
-    (dict(fd_embedding=math.nan), r"fd_embedding must be a finite number >= 0"),
-    (dict(fd_linear=math.inf), r"fd_linear must be a finite number >= 0"),
-    (dict(fd_mode="both"), r"fd_mode must be one of \['coupled', 'decoupled'\]"),
-    (dict(deep="yes"), r"deep must be True or False"),
-    (dict(factor_init="kaiming"), r"factor_init must be one of \['random', 'dense'\], got 'kaiming'"),
-    (dict(reduced_heads="svd"), r"reduced_heads must be one of \['truncate', 'fresh'\], got 'svd'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(rank_scale=0), r"rank_scale must be a finite number > 0"),
+        (dict(rank_scale=-0.5), r"rank_scale must be a finite number > 0"),
+        (dict(rank_scale=math.nan), r"rank_scale must be a finite number > 0"),
+        (dict(rank_scale="half"), r"rank_scale must be a number > 0, got 'half'"),
+        (
+            dict(factorize=("ffn", "mlp")),
+            r"factorize: unknown part\(s\) \['mlp'\]; choose among \['ffn', 'embedding', 'position', 'attention'\]",
+        ),
+        (dict(factorize=3), r"factorize must be a list of parts"),
+        (dict(head_dim=0), r"head_dim must be a positive integer"),
+        (dict(head_dim_qk=2.5), r"head_dim_qk must be a positive integer"),
+        (dict(rank_scale=0.5, target_param_ratio=0.5), r"give rank_scale or target_param_ratio, not both"),
+        (dict(target_param_ratio=1.5), r"target_param_ratio must be a number in \(0, 1\]"),
+        (
+            dict(target_param_ratio=0.5, factorize=("attention",)),
+            r"give head_dim_qk/head_dim_ov explicitly, or drop 'attention'",
+        ),
+        (dict(factorize=("embeddings",)), r"'embeddings' is now spelled 'embedding'"),
+        (dict(deep=True), r"deep needs rank_scale, ranks or target_param_ratio"),
+        (dict(spectral_init_qk="yes"), r"spectral_init_qk must be True, False or None"),
+        (dict(weight_decay_factors=1), r"weight_decay_factors must be True or False"),
+        (dict(ranks={"*.dense": 0}), r"ranks\['\*\.dense'\] must be a positive integer"),
+        (dict(ranks=["*.dense"]), r"ranks must be a dict"),
+        (dict(fd_qk=-1e-4), r"fd_qk must be a finite number >= 0 \(Frobenius decay coefficient"),
+        (dict(fd_embedding=math.nan), r"fd_embedding must be a finite number >= 0"),
+        (dict(fd_linear=math.inf), r"fd_linear must be a finite number >= 0"),
+        (dict(fd_mode="both"), r"fd_mode must be one of \['coupled', 'decoupled'\]"),
+        (dict(deep="yes"), r"deep must be True or False"),
+        (dict(factor_init="kaiming"), r"factor_init must be one of \['random', 'dense'\], got 'kaiming'"),
+        (dict(reduced_heads="svd"), r"reduced_heads must be one of \['truncate', 'fresh'\], got 'svd'"),
+    ],
+)
 def test_bad_input_gets_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FNLConfig(**kwargs)
@@ -69,8 +77,16 @@ def test_fields_are_the_core_flat_settings():
 
 
 def test_dict_round_trip_through_json():
-    cfg = FNLConfig(rank_scale=0.5, ranks={"*.intermediate.dense": 64}, head_dim_qk=16, deep=True, fd_ov=1e-4,
-                    fd_mode="decoupled", spectral_init_ov=True, weight_decay_factors=False)
+    cfg = FNLConfig(
+        rank_scale=0.5,
+        ranks={"*.intermediate.dense": 64},
+        head_dim_qk=16,
+        deep=True,
+        fd_ov=1e-4,
+        fd_mode="decoupled",
+        spectral_init_ov=True,
+        weight_decay_factors=False,
+    )
     again = FNLConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert again.structure == cfg.structure and again.fd == cfg.fd

@@ -6,6 +6,7 @@ Routes tried (each on a rank-only and on a head-shrunk checkpoint): ``AutoModel*
 ``from_pretrained(dir, config=...)`` with the checkpoint's own config and with a foreign one; ``pipeline``;
 a head of another task (``AutoModelForSequenceClassification``); sentence-transformers.
 """
+
 import json
 import os
 import shutil
@@ -46,11 +47,13 @@ ROUTES = {
     "BertForMaskedLM sdpa": lambda d: tf.BertForMaskedLM.from_pretrained(d, attn_implementation="sdpa"),
     "config= own": lambda d: tf.AutoModelForMaskedLM.from_pretrained(d, config=tf.AutoConfig.from_pretrained(d)),
     "config= foreign": lambda d: tf.BertForMaskedLM.from_pretrained(d, config=tiny("bert").config),
-    "config= foreign sdpa": lambda d: tf.AutoModelForMaskedLM.from_pretrained(d, config=tiny("bert").config,
-                                                                            attn_implementation="sdpa"),
+    "config= foreign sdpa": lambda d: tf.AutoModelForMaskedLM.from_pretrained(
+        d, config=tiny("bert").config, attn_implementation="sdpa"
+    ),
     "pipeline": lambda d: tf.pipeline("fill-mask", model=d, tokenizer=minilm_dir()),
-    "pipeline sdpa": lambda d: tf.pipeline("feature-extraction", model=d, tokenizer=minilm_dir(),
-                                           model_kwargs={"attn_implementation": "sdpa"}),
+    "pipeline sdpa": lambda d: tf.pipeline(
+        "feature-extraction", model=d, tokenizer=minilm_dir(), model_kwargs={"attn_implementation": "sdpa"}
+    ),
 }
 
 
@@ -87,7 +90,8 @@ def test_marked_layout_and_idempotence(tmp_path):
     assert "transformers_weights" not in clean and guard.GUARD_KEY not in clean and "fnl_config" in clean
     # every weight but the decoder bias tied to cls.predictions.bias (save_pretrained stores tied tensors once)
     assert set(model.state_dict()) - set(state) == {"cls.predictions.decoder.bias"} and set(state) <= set(
-        model.state_dict())
+        model.state_dict()
+    )
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if k in state)
 
 
@@ -123,8 +127,11 @@ def test_every_save_of_a_patched_model_is_marked(tmp_path):
     assert guard.is_marked(tmp_path / "again")
     recompose(model).save_pretrained(tmp_path / "plain")
     assert not guard.is_marked(tmp_path / "plain") and os.path.isfile(tmp_path / "plain" / "model.safetensors")
-    with pytest.raises(ValueError, match=r"push_to_hub=True\) would upload a patched checkpoint before .* "
-                                         r"model\.push_to_hub\(repo_id\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"push_to_hub=True\) would upload a patched checkpoint before .* "
+        r"model\.push_to_hub\(repo_id\)",
+    ):
         model.save_pretrained(tmp_path / "hub", push_to_hub=True)
 
 

@@ -1,5 +1,6 @@
 """``fnl_transformers.hf.from_pretrained`` options of transformers' loader: ``torch_dtype``/``dtype``,
 ``device_map`` (single device), Hub ids from the local cache (a fake cache built here; no network)."""
+
 import os
 import shutil
 
@@ -20,13 +21,16 @@ def saved(tmp_path_factory):
     return path, model.eval()
 
 
-@pytest.mark.parametrize("kwargs,dtype", [
-    ({"torch_dtype": torch.bfloat16}, torch.bfloat16),
-    ({"dtype": "float16"}, torch.float16),
-    ({"torch_dtype": "bfloat16", "dtype": "bfloat16"}, torch.bfloat16),
-    ({"dtype": "auto"}, torch.float32),
-    ({}, torch.float32),
-])
+@pytest.mark.parametrize(
+    "kwargs,dtype",
+    [
+        ({"torch_dtype": torch.bfloat16}, torch.bfloat16),
+        ({"dtype": "float16"}, torch.float16),
+        ({"torch_dtype": "bfloat16", "dtype": "bfloat16"}, torch.bfloat16),
+        ({"dtype": "auto"}, torch.float32),
+        ({}, torch.float32),
+    ],
+)
 def test_dtype_and_its_alias_torch_dtype(saved, kwargs, dtype):
     path, _ = saved
     model = from_pretrained(path, **kwargs)

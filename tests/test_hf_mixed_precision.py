@@ -26,6 +26,7 @@ What is checked, with tolerances (measured values in brackets):
   or decoupled: weights and optimizer state untouched), the logged loss and ``fnl/<kind>/fd`` are unscaled,
   and the following updates equal a float32 run that never saw the first batch.
 """
+
 import pytest
 import torch
 
@@ -192,8 +193,9 @@ def _float32_run(tmp_path_factory, setup, coef):
     """(start, end) weights of the float32 run of ``N_STEPS`` updates (computed once per setup and coefficient)."""
     key = (setup, coef)
     if key not in _FLOAT32_RUNS:
-        run = _trainer(tmp_path_factory.mktemp("fp32"), "run", "fp32", setup, coef, steps=N_STEPS,
-                       logging_steps=N_STEPS)
+        run = _trainer(
+            tmp_path_factory.mktemp("fp32"), "run", "fp32", setup, coef, steps=N_STEPS, logging_steps=N_STEPS
+        )
         start = params(run.model)
         run.train()
         _FLOAT32_RUNS[key] = (start, params(run.model))

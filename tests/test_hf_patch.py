@@ -5,6 +5,7 @@ factorizations, whose factors come from a float32 SVD: 1e-4 (measured <= 1.5e-6 
 through MiniLM's 6 layers). Eckart-Young checks compare squared errors with the tail of independently computed
 singular values (float64) to 1e-4 relative.
 """
+
 import copy
 
 import pytest
@@ -134,9 +135,9 @@ def test_gpt2_fused_heads_are_best_rank_r():
     def forms(att, rq, rv):
         W, b = att.c_attn.weight, att.c_attn.bias  # d x (H rq + H rq + H rv), Conv1D layout
         d = W.shape[0]
-        Wq = torch.cat([W[:, :H * rq].t().reshape(H, rq, d), b[:H * rq].reshape(H, rq, 1)], 2)
-        Wk = W[:, H * rq:2 * H * rq].t().reshape(H, rq, d)
-        Wv = W[:, 2 * H * rq:].t().reshape(H, rv, d)
+        Wq = torch.cat([W[:, : H * rq].t().reshape(H, rq, d), b[: H * rq].reshape(H, rq, 1)], 2)
+        Wk = W[:, H * rq : 2 * H * rq].t().reshape(H, rq, d)
+        Wv = W[:, 2 * H * rq :].t().reshape(H, rv, d)
         Wo = att.c_proj.weight.t().reshape(d, H, rv).permute(1, 0, 2)
         return (Wq.transpose(1, 2) @ Wk).double(), (Wo @ Wv).double()
 
@@ -167,9 +168,16 @@ def test_factorized_layers_are_best_rank_r(arch):
 
 
 # --- embeddings, tying, forms ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch,head", [("gpt2", "lm_head"), ("bert", "cls.predictions.decoder"),
-                                       ("distilbert", "vocab_projector"), ("roberta", "lm_head.decoder"),
-                                       ("llama_tied", "lm_head")])
+@pytest.mark.parametrize(
+    "arch,head",
+    [
+        ("gpt2", "lm_head"),
+        ("bert", "cls.predictions.decoder"),
+        ("distilbert", "vocab_projector"),
+        ("roberta", "lm_head.decoder"),
+        ("llama_tied", "lm_head"),
+    ],
+)
 def test_tied_output_embedding_follows_factorized_input_embedding(arch, head):
     model = patch_model(tiny(arch), FNLConfig(rank_scale=0.5))
     out = model.get_submodule(head)
@@ -294,9 +302,12 @@ def test_per_module_ranks_override_rank_scale():
 
 
 def test_ranks_that_grow_the_model_are_one_warning():
-    with pytest.warns(UserWarning, match=r"^2 factorized layer\(s\) get more parameters than their dense weights "
-                                         r"\(bert.encoder.layer.0.intermediate.dense rank 10000 of 64 x 32: 2,048 -> "
-                                         r"960,000 parameters"):
+    with pytest.warns(
+        UserWarning,
+        match=r"^2 factorized layer\(s\) get more parameters than their dense weights "
+        r"\(bert.encoder.layer.0.intermediate.dense rank 10000 of 64 x 32: 2,048 -> "
+        r"960,000 parameters",
+    ):
         patch_model(tiny("bert"), FNLConfig(ranks={"*intermediate.dense": 10000}))
 
 
@@ -324,10 +335,15 @@ def test_attention_part_shrinks_heads_by_rank_scale():
 
 
 # --- the official code's rules: position tables, factors from the dense init, fresh reduced heads ---------------
-@pytest.mark.parametrize("arch, table", [("bert", "bert.embeddings.position_embeddings"),
-                                         ("roberta", "roberta.embeddings.position_embeddings"),
-                                         ("distilbert", "distilbert.embeddings.position_embeddings"),
-                                         ("gpt2", "transformer.wpe")])
+@pytest.mark.parametrize(
+    "arch, table",
+    [
+        ("bert", "bert.embeddings.position_embeddings"),
+        ("roberta", "roberta.embeddings.position_embeddings"),
+        ("distilbert", "distilbert.embeddings.position_embeddings"),
+        ("gpt2", "transformer.wpe"),
+    ],
+)
 def test_position_part_factorizes_learned_position_tables(arch, table):
     model = tiny(arch)
     W = model.get_submodule(table).weight.detach().clone()
@@ -365,12 +381,13 @@ def test_fresh_reduced_heads_are_rebalanced_and_scored_by_the_reduced_dim(arch):
     vanilla model computes the same outputs (1e-5 relative)."""
     from fnl_transformers.hf import recompose
 
-    model = patch_model(tiny(arch), FNLConfig(head_dim=4, reduced_heads="fresh", spectral_init_qk=True,
-                                              spectral_init_ov=True))
+    model = patch_model(
+        tiny(arch), FNLConfig(head_dim=4, reduced_heads="fresh", spectral_init_qk=True, spectral_init_ov=True)
+    )
     entry = plan_of(model).attention
     assert {e.score_dim for e in entry.values()} == {4} and {e.init_qk for e in entry.values()} == {"balanced"}
     owner = model.bert.encoder.layer[0].attention.self if arch == "bert" else model.transformer.h[0].attn
-    assert owner.scaling == pytest.approx(4 ** -0.5)
+    assert owner.scaling == pytest.approx(4**-0.5)
     if arch == "bert":
         q, k = owner.query.weight.detach().view(4, 4, -1), owner.key.weight.detach().view(4, 4, -1)
         ga, gb = q @ q.transpose(1, 2), k @ k.transpose(1, 2)
@@ -378,20 +395,28 @@ def test_fresh_reduced_heads_are_rebalanced_and_scored_by_the_reduced_dim(arch):
     batch = inputs(model)
     vanilla = recompose(model)
     owner = vanilla.bert.encoder.layer[0].attention.self if arch == "bert" else vanilla.transformer.h[0].attn
-    assert owner.scaling == pytest.approx(8 ** -0.5)
+    assert owner.scaling == pytest.approx(8**-0.5)
     assert rel_diff(outputs(vanilla, batch), outputs(model, batch)) < 1e-5
 
 
 # --- refusals -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("settings, cause", [
-    (dict(head_dim=4), r"head_dim=4 \(both attention forms\) changes the QK heads \(8 dims\): give head_dim_ov=4 "
-                       r"instead to shrink the OV forms alone"),
-    (dict(head_dim_qk=4), r"head_dim_qk=4 changes the QK heads \(8 dims\): drop head_dim_qk"),
-    (dict(rank_scale=0.5, factorize=("ffn", "attention")),
-     r"rank_scale=0.5 with 'attention' in factorize \(QK heads to 4 dims\) changes the QK heads \(8 dims\): drop "
-     r"'attention' from factorize"),
-    (dict(spectral_init_qk=True), r"spectral_init_qk=True changes the QK heads \(8 dims\): drop spectral_init_qk"),
-])
+@pytest.mark.parametrize(
+    "settings, cause",
+    [
+        (
+            dict(head_dim=4),
+            r"head_dim=4 \(both attention forms\) changes the QK heads \(8 dims\): give head_dim_ov=4 "
+            r"instead to shrink the OV forms alone",
+        ),
+        (dict(head_dim_qk=4), r"head_dim_qk=4 changes the QK heads \(8 dims\): drop head_dim_qk"),
+        (
+            dict(rank_scale=0.5, factorize=("ffn", "attention")),
+            r"rank_scale=0.5 with 'attention' in factorize \(QK heads to 4 dims\) changes the QK heads \(8 dims\): "
+            r"drop 'attention' from factorize",
+        ),
+        (dict(spectral_init_qk=True), r"spectral_init_qk=True changes the QK heads \(8 dims\): drop spectral_init_qk"),
+    ],
+)
 def test_llama_qk_head_change_is_refused_under_rope_naming_what_was_set(settings, cause):
     with pytest.raises(ValueError, match=r"rotary position embeddings .*; " + cause):
         patch_model(tiny("llama_mha"), FNLConfig(**settings))
@@ -415,8 +440,16 @@ def test_head_dim_that_does_not_fit_is_refused():
 def test_unsupported_architecture_lists_supported_ones():
     from transformers import OPTConfig, OPTForCausalLM
 
-    model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                                     num_attention_heads=2, word_embed_proj_dim=16))
+    model = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+        )
+    )
     with pytest.raises(ValueError, match=r"model_type 'opt'.*bert, distilbert, gpt2, llama, mistral, qwen2, roberta"):
         patch_model(model, FNLConfig())
 
@@ -442,16 +475,28 @@ def test_optimizer_groups_find_the_registered_forms():
     from fnl_transformers.core import fd_grads
     from fnl_transformers.optim import AdamWFD, param_groups
 
-    cfg = FNLConfig(rank_scale=0.5, head_dim_qk=3, head_dim_ov=5, fd_linear=0.1, fd_embedding=0.1, fd_qk=0.1,
-                    fd_ov=0.1, fd_mode="decoupled")
+    cfg = FNLConfig(
+        rank_scale=0.5,
+        head_dim_qk=3,
+        head_dim_ov=5,
+        fd_linear=0.1,
+        fd_embedding=0.1,
+        fd_qk=0.1,
+        fd_ov=0.1,
+        fd_mode="decoupled",
+    )
     model = patch_model(tiny("gpt2"), cfg)
     fd = {f"fd_{k}": v for k, v in cfg.fd.coefficients().items()}
     groups = param_groups(model, **fd)
     names = {id(p): n for n, p in model.named_parameters()}
     fd_group = next(g for g in groups if g.get("fd_forms"))
     in_fd = {names[id(p)] for p in fd_group["params"]}
-    assert {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
-            "transformer.h.0.mlp.c_fc.U", "transformer.wte.V"} <= in_fd
+    assert {
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.attn.c_proj.weight",
+        "transformer.h.0.mlp.c_fc.U",
+        "transformer.wte.V",
+    } <= in_fd
     expected = fd_grads(model, **cfg.fd.coefficients())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = AdamWFD(groups, lr=1.0)

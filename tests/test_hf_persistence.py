@@ -3,6 +3,7 @@
 Tolerances: a reloaded patched model reproduces the saved one exactly (same float32 weights: 0 difference);
 recomposed (multiplied-out, zero-padded) models agree with the patched ones to 1e-5 relative.
 """
+
 import json
 
 import pytest
@@ -83,17 +84,20 @@ def test_tied_weights_stay_tied_through_save_and_recompose(tmp_path):
 def test_a_plan_saved_in_the_former_format_still_loads(tmp_path):
     """config.json written before the settings model (plan format 1: ``qk_head_dim``/``ov_head_dim``, fd_embedding
     0.0, no init records) reloads to the same model; an unknown format is one clear error."""
-    patched = patch_model(tiny("bert"), FNLConfig(rank_scale=0.5, head_dim_qk=3, head_dim_ov=5, fd_qk=1e-3,
-                                                  fd_embedding=0.0))
+    patched = patch_model(
+        tiny("bert"), FNLConfig(rank_scale=0.5, head_dim_qk=3, head_dim_ov=5, fd_qk=1e-3, fd_embedding=0.0)
+    )
     batch = inputs(patched)
     patched.save_pretrained(tmp_path / "old")
     path = tmp_path / "old" / "config.json"
     config = json.loads(path.read_text())
     plan = config["fnl_config"]
     plan["format"] = 1
-    plan["config"] = {("qk_head_dim" if k == "head_dim_qk" else "ov_head_dim" if k == "head_dim_ov" else k): v
-                      for k, v in plan["config"].items()
-                      if k not in ("spectral_init_qk", "spectral_init_ov", "weight_decay_factors")}
+    plan["config"] = {
+        ("qk_head_dim" if k == "head_dim_qk" else "ov_head_dim" if k == "head_dim_ov" else k): v
+        for k, v in plan["config"].items()
+        if k not in ("spectral_init_qk", "spectral_init_ov", "weight_decay_factors")
+    }
     for entry in plan["attention"].values():
         entry["qk_head_dim"], entry["ov_head_dim"] = entry.pop("head_dim_qk"), entry.pop("head_dim_ov")
         del entry["init_qk"], entry["init_ov"]
@@ -111,8 +115,12 @@ def test_plain_transformers_loading_of_a_patched_checkpoint_fails_loudly(tmp_pat
     from transformers import AutoModel, AutoModelForMaskedLM, BertForMaskedLM, pipeline
 
     patch_model(tiny("bert"), FNLConfig(rank_scale=0.5)).save_pretrained(tmp_path)
-    for load in (AutoModelForMaskedLM.from_pretrained, AutoModel.from_pretrained, BertForMaskedLM.from_pretrained,
-                 lambda p: pipeline("fill-mask", model=p)):
+    for load in (
+        AutoModelForMaskedLM.from_pretrained,
+        AutoModel.from_pretrained,
+        BertForMaskedLM.from_pretrained,
+        lambda p: pipeline("fill-mask", model=p),
+    ):
         with pytest.raises(ValueError, match=r"fnl_transformers\.hf\.from_pretrained"):
             load(str(tmp_path))
 
@@ -126,8 +134,11 @@ def test_patched_checkpoint_with_missing_or_foreign_weights_is_refused(tmp_path)
     del state["bert.encoder.layer.1.output.dense.U"]
     state["bert.encoder.layer.1.output.dense.weight"] = torch.zeros(32, 64)
     save_file(state, path, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"missing: bert\.encoder\.layer\.1\.output\.dense\.U.*"
-                                         r"unexpected: bert\.encoder\.layer\.1\.output\.dense\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing: bert\.encoder\.layer\.1\.output\.dense\.U.*"
+        r"unexpected: bert\.encoder\.layer\.1\.output\.dense\.weight",
+    ):
         from_pretrained(tmp_path)
 
 
@@ -137,8 +148,11 @@ def test_checkpoint_from_a_different_configuration_is_refused(tmp_path):
 
     patch_model(tiny("bert"), FNLConfig(rank_scale=0.5)).save_pretrained(tmp_path / "a")
     patch_model(tiny("bert"), FNLConfig(rank_scale=0.25)).save_pretrained(tmp_path / "b")
-    save_file(load_file(tmp_path / "a" / "fnl_model.safetensors"), tmp_path / "b" / "fnl_model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        load_file(tmp_path / "a" / "fnl_model.safetensors"),
+        tmp_path / "b" / "fnl_model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(ValueError, match="shape mismatch: bert.embeddings.word_embeddings.U"):
         from_pretrained(tmp_path / "b")
 

@@ -1,4 +1,5 @@
 """Parameter summary after patching (PEFT's print_trainable_parameters style), against hand counts."""
+
 from fnl_transformers.core import FactorizedEmbedding, FactorizedLinear
 from fnl_transformers.hf import FNLConfig, parameter_summary, patch_model, print_parameter_summary
 
@@ -14,12 +15,23 @@ def test_summary_of_a_patched_bert(capsys):
     s = parameter_summary(model)
     assert s["total"] == _numel(model.parameters()) == model.config.fnl_config["params_after"]
     assert s["original"] == model.config.fnl_config["params_before"] == _numel(tiny("bert").parameters())
-    factors = [getattr(m, k) for m in model.modules() if isinstance(m, (FactorizedLinear, FactorizedEmbedding))
-               for k in ("U", "V")]
+    factors = [
+        getattr(m, k)
+        for m in model.modules()
+        if isinstance(m, (FactorizedLinear, FactorizedEmbedding))
+        for k in ("U", "V")
+    ]
     assert s["factorized"] == _numel(factors)
-    heads = [lin.weight for layer in model.bert.encoder.layer for lin in
-             (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
-              layer.attention.output.dense)]
+    heads = [
+        lin.weight
+        for layer in model.bert.encoder.layer
+        for lin in (
+            layer.attention.self.query,
+            layer.attention.self.key,
+            layer.attention.self.value,
+            layer.attention.output.dense,
+        )
+    ]
     assert s["attention"] == _numel(heads)
     assert s["by_kind"]["qk"] + s["by_kind"]["ov"] == s["attention"]  # q, k in QK forms; v, o in OV forms
     emb = model.bert.embeddings.word_embeddings

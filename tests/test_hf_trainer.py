@@ -106,8 +106,9 @@ def test_gradient_accumulation_equals_twice_the_batch(tmp_path, arch, fd):
     start = params(big_model)
     _trainer(tmp_path, big_model, data, name="big", per_device_train_batch_size=4, **kw).train()
     ga_model = build()
-    _trainer(tmp_path, ga_model, data, name="ga", per_device_train_batch_size=2, gradient_accumulation_steps=2,
-             **kw).train()
+    _trainer(
+        tmp_path, ga_model, data, name="ga", per_device_train_batch_size=2, gradient_accumulation_steps=2, **kw
+    ).train()
     assert max_rel_diff(params(ga_model), params(big_model), start) < TOL
     assert not any("_loss_function" in vars(m) for m in ga_model.modules())  # the loss spy left no trace
 
@@ -122,8 +123,9 @@ def test_plain_trainer_ga_is_off_for_mean_loss_models(tmp_path):
     start = params(big)
     _trainer(tmp_path, big, data, cls=Trainer, name="big", per_device_train_batch_size=4, **kw).train()
     ga = tiny_bert()
-    _trainer(tmp_path, ga, data, cls=Trainer, name="ga", per_device_train_batch_size=2,
-             gradient_accumulation_steps=2, **kw).train()
+    _trainer(
+        tmp_path, ga, data, cls=Trainer, name="ga", per_device_train_batch_size=2, gradient_accumulation_steps=2, **kw
+    ).train()
     assert max_rel_diff(params(ga), params(big), start) > 100 * TOL
 
 
@@ -174,8 +176,9 @@ def test_bad_arguments_fail_clearly(tmp_path):
         _trainer(tmp_path, tiny_bert(), data, trainer_kw=dict(fnl_config={"embedding": 1e-3}))
     from transformers import BertConfig, BertForMaskedLM
 
-    plain = BertForMaskedLM(BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=8))
+    plain = BertForMaskedLM(
+        BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    )
     with pytest.raises(ValueError, match="patch_model"):
         FNLTrainer(model=plain, args=training_args(str(tmp_path / "x")), train_dataset=data)
 
@@ -207,8 +210,9 @@ def test_flambe_fnl_trainer_and_plain_trainer_equal_manual_loop(tmp_path):
     model = tiny_bert(fd_mode="decoupled")
     trainer = _trainer(tmp_path, model, data, name="fnl", trainer_kw=dict(fd_optimizer="flambe"), **kw)
     trainer.train()
-    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
-                      FLAMBe)
+    assert isinstance(
+        trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer, FLAMBe
+    )
     assert max_rel_diff(params(model), want, start) < EXACT
 
     plain = tiny_bert()
@@ -240,8 +244,14 @@ def test_resume_from_mid_run_checkpoint_equals_uninterrupted(tmp_path, fd, dropo
     losses (random order, and dropout in the coupled case: data order and RNG state must be restored;
     the FLAMBe state and FD groups reload through torch.load(weights_only=True))."""
     data = MLMData()
-    kw = dict(max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=2,
-              trainer_kw=dict(fd=fd, fd_optimizer="flambe"), learning_rate=1e-2)
+    kw = dict(
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+        per_device_train_batch_size=2,
+        trainer_kw=dict(fd=fd, fd_optimizer="flambe"),
+        learning_rate=1e-2,
+    )
     full = tiny_bert(dropout=dropout)
     start = params(full)
     t_full = _trainer(tmp_path, full, data, name="full", **kw)
@@ -291,8 +301,12 @@ def test_reloaded_patched_model_brings_its_fd_config(tmp_path):
     model = from_pretrained(str(tmp_path / "saved"))
     trainer = _trainer(tmp_path, model, MLMData(4), max_steps=1)
     # fd_embedding unset follows fd_linear (the model has no embedding forms, so it decays nothing more)
-    assert trainer.fd.coefficients() == {"linear": FD["linear"], "embedding": FD["linear"], "qk": FD["qk"],
-                                         "ov": FD["ov"]}
+    assert trainer.fd.coefficients() == {
+        "linear": FD["linear"],
+        "embedding": FD["linear"],
+        "qk": FD["qk"],
+        "ov": FD["ov"],
+    }
     assert trainer.fd_mode == "decoupled"
     trainer.train()
 
@@ -324,8 +338,15 @@ def test_weight_decay_stays_on_factors_of_kinds_without_fd(tmp_path):
     from fnl_transformers.hf import FNLConfig, patch_model
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=48, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                     max_position_embeddings=16, type_vocab_size=1)
+    cfg = BertConfig(
+        vocab_size=48,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        type_vocab_size=1,
+    )
     model = patch_model(BertForMaskedLM(cfg), FNLConfig(rank_scale=0.5, factorize=("ffn",), fd_ov=1e-3))
     trainer = _trainer(tmp_path, model, MLMData())
     decayed = set(trainer.get_decay_parameter_names(model))

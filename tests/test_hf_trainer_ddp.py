@@ -6,6 +6,7 @@ Global batch 4 = 1 process x 4 = 2 processes x 2 = 2 processes x 1 x 2 accumulat
 order, amplified by Adam in near-zero gradients; 1e-3 leaves 37x); a scale error in the loss or FD (counted per
 process or per micro-batch) or a different data order gives > 1e-2.
 """
+
 import os
 import socket
 import subprocess
@@ -37,14 +38,31 @@ def _run(cmd, out):
 
 
 def _torchrun(out, *args):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                 "127.0.0.1", "--master_port", str(_free_port()), SCRIPT, "--out", str(out), *args], out)
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            SCRIPT,
+            "--out",
+            str(out),
+            *args,
+        ],
+        out,
+    )
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(tmp_path):
-    single = _run([sys.executable, SCRIPT, "--out", str(tmp_path / "single.pt"), "--batch", "4"],
-                  tmp_path / "single.pt")
+    single = _run(
+        [sys.executable, SCRIPT, "--out", str(tmp_path / "single.pt"), "--batch", "4"], tmp_path / "single.pt"
+    )
     ddp = _torchrun(tmp_path / "ddp.pt", "--batch", "2")
     ddp_ga = _torchrun(tmp_path / "ddp_ga.pt", "--batch", "1", "--accum", "2")
     start = params(tiny_bert())

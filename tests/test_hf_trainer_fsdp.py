@@ -13,6 +13,7 @@ per kind, relative 1e-5 (measured <= 1.2e-7). Every FD call sends exactly one al
 (``core.sharded.fd_comm_log`` on the unsharded model) counts, and torch sees no other collective (no all-gather:
 no factor is ever materialized); the worker also makes every other torch.distributed collective raise while FD runs.
 """
+
 import os
 import re
 import socket
@@ -46,8 +47,24 @@ def _run(cmd, out):
 
 
 def _torchrun(out, *args):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                 "127.0.0.1", "--master_port", str(_free_port()), SCRIPT, "--out", str(out), *args], out)
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            SCRIPT,
+            "--out",
+            str(out),
+            *args,
+        ],
+        out,
+    )
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -95,14 +112,21 @@ def test_what_cannot_work_on_shards_is_refused(launches):
     """One line each, naming the order or setting that works (2 processes: the refusals of the worker)."""
     refusals = launches[1]["refusals"]
     assert all("\n" not in message for message in refusals.values()), refusals
-    assert re.fullmatch(r"patch_model cannot factorize a model whose parameters are FSDP2 shards \(DTensors\): "
-                        r"patch first, then shard: .*", refusals["patch"])
-    assert refusals["recompose"].startswith("recompose multiplies whole factors; the model's parameters are FSDP2 "
-                                            "shards")
+    assert re.fullmatch(
+        r"patch_model cannot factorize a model whose parameters are FSDP2 shards \(DTensors\): "
+        r"patch first, then shard: .*",
+        refusals["patch"],
+    )
+    assert refusals["recompose"].startswith(
+        "recompose multiplies whole factors; the model's parameters are FSDP2 shards"
+    )
     assert "pass save_strategy='no'" in refusals["checkpoints"]
-    assert re.fullmatch(r"bert\.encoder\.layer\.0\.attention\.self\.query\.weight: the shard of process 0 "
-                        r"\(rows 0\.\.12 of dim 0\) splits head 1 \(8 rows per head\); shard this parameter along "
-                        r"dim 1 .* divides its 3 heads", refusals["head_split"])
+    assert re.fullmatch(
+        r"bert\.encoder\.layer\.0\.attention\.self\.query\.weight: the shard of process 0 "
+        r"\(rows 0\.\.12 of dim 0\) splits head 1 \(8 rows per head\); shard this parameter along "
+        r"dim 1 .* divides its 3 heads",
+        refusals["head_split"],
+    )
 
 
 def test_deepspeed_with_fd_is_refused(monkeypatch, tmp_path):
@@ -117,8 +141,11 @@ def test_deepspeed_with_fd_is_refused(monkeypatch, tmp_path):
         self.is_deepspeed_enabled = True
 
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", with_deepspeed)
-    with pytest.raises(ValueError, match=r"^FNLTrainer computes FD from whole or FSDP2-sharded parameters; DeepSpeed "
-                                         r"flattens them: train with DDP \(torchrun\) or FSDP2"):
+    with pytest.raises(
+        ValueError,
+        match=r"^FNLTrainer computes FD from whole or FSDP2-sharded parameters; DeepSpeed "
+        r"flattens them: train with DDP \(torchrun\) or FSDP2",
+    ):
         FNLTrainer(model=tiny_bert(), args=training_args(str(tmp_path)), train_dataset=MLMData())
 
 
@@ -132,6 +159,9 @@ def test_fsdp1_with_fd_is_refused(monkeypatch, tmp_path):
 
     plugin = types.SimpleNamespace(fsdp_version=1, activation_checkpointing=False, state_dict_type="FULL_STATE_DICT")
     monkeypatch.setattr(AcceleratorState, "fsdp_plugin", plugin, raising=False)
-    with pytest.raises(ValueError, match=r"^FNLTrainer computes FD on FSDP2 \(DTensor\) shards; FSDP1 flattens the "
-                                         r"parameters: pass fsdp_config=\{'version': 2\}$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^FNLTrainer computes FD on FSDP2 \(DTensor\) shards; FSDP1 flattens the "
+        r"parameters: pass fsdp_config=\{'version': 2\}$",
+    ):
         FNLTrainer(model=tiny_bert(), args=training_args(str(tmp_path)), train_dataset=MLMData())

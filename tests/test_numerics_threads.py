@@ -17,14 +17,22 @@ results of different code paths exactly or with a bound at the last bits.
 Measured with 1 and with 2 threads: SI 1.1e-6, FD 2.1e-7, per-head SI 5e-10; the SI outputs of the two runs
 differ (by 1.6e-6), the FD results here are bitwise equal.
 """
+
 import os
 import subprocess
 import sys
 
 import torch
 
-TOL = {"si_linear": 1e-4, "fd_penalty": 1e-5, "fd_grad_U": 1e-5, "fd_grad_V": 1e-5, "fd_closed_U": 1e-5,
-       "fd_closed_V": 1e-5, "head_si": 1e-4}
+TOL = {
+    "si_linear": 1e-4,
+    "fd_penalty": 1e-5,
+    "fd_grad_U": 1e-5,
+    "fd_grad_V": 1e-5,
+    "fd_closed_U": 1e-5,
+    "fd_closed_V": 1e-5,
+    "head_si": 1e-4,
+}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,7 +50,7 @@ def _cases() -> dict:
     out = {}
     lin = torch.nn.Linear(512, 384)
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(384, 512, generator=g) / 512 ** 0.5)
+        lin.weight.copy_(torch.randn(384, 512, generator=g) / 512**0.5)
         lin.bias.copy_(torch.randn(384, generator=g))
     x = torch.randn(256, 512, generator=g)
     with torch.no_grad():
@@ -76,8 +84,9 @@ def test_numerics_agree_across_thread_counts(tmp_path):
     for n in (1, 2):
         out = tmp_path / f"threads{n}.pt"
         env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
-        res = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, capture_output=True,
-                             text=True, timeout=300)
+        res = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), str(out)], env=env, capture_output=True, text=True, timeout=300
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         runs[n] = torch.load(out, weights_only=True)
     assert (runs[1]["threads"], runs[2]["threads"]) == (1, 2)  # the variable took effect
@@ -92,5 +101,10 @@ def test_numerics_agree_across_thread_counts(tmp_path):
 
 
 if __name__ == "__main__":  # the subprocess: compute every case and save results with the thread count
-    torch.save({"threads": torch.get_num_threads(),
-                "results": {c: (a.detach(), b.detach()) for c, (a, b) in _cases().items()}}, sys.argv[1])
+    torch.save(
+        {
+            "threads": torch.get_num_threads(),
+            "results": {c: (a.detach(), b.detach()) for c, (a, b) in _cases().items()},
+        },
+        sys.argv[1],
+    )

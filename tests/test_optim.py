@@ -1,4 +1,5 @@
 """Optimizers: Lamb vs torch-optimizer and a transcription of NVIDIA's rule, FLAMBe/AdamWFD vs hand formulas."""
+
 import copy
 import io
 import math
@@ -69,6 +70,7 @@ def assert_rel_close(a, b, rel, what=""):
 
 # ---------------------------------------------------------------- Lamb vs references
 
+
 def test_lamb_matches_torch_optimizer_50_steps():
     # float64: two implementations order their float operations differently; in float32 that alone gives
     # 1-2e-7 relative after 50 steps, depending on the thread count, while float64 gives 6e-16, far below 1e-10
@@ -130,8 +132,17 @@ def test_lamb_matches_nvidia_rule_with_bias_correction(max_grad_norm):
         norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
         clipped_once |= max_grad_norm is not None and norm > max_grad_norm
         with torch.no_grad():
-            nvidia_lamb_reference(params, grads, state, step, kw["lr"], *kw["betas"], kw["eps"], kw["weight_decay"],
-                                  max_grad_norm if max_grad_norm is not None else math.inf)
+            nvidia_lamb_reference(
+                params,
+                grads,
+                state,
+                step,
+                kw["lr"],
+                *kw["betas"],
+                kw["eps"],
+                kw["weight_decay"],
+                max_grad_norm if max_grad_norm is not None else math.inf,
+            )
     assert clipped_once == (max_grad_norm is not None)  # the pre-normalization branch was exercised
     for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
         assert_rel_close(a.detach(), b.detach(), 1e-10, name)
@@ -153,6 +164,7 @@ def test_trust_ratio_is_one_for_zero_weights_and_clip_bounds_it():
 
 
 # ---------------------------------------------------------------- FLAMBe
+
 
 def test_flambe_without_fd_is_lamb():
     a, b = make_net(), make_net()
@@ -192,8 +204,9 @@ def test_flambe_one_step_factorized_linear_hand_formula():
         "bias": lamb_first_step(before["bias"], grads["bias"], 0.0, lr, eps),  # bias: no decay at all
     }
     for name, p in layer.named_parameters():
-        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-12, atol=1e-12,
-                                   msg=lambda m, name=name: name + m)
+        torch.testing.assert_close(
+            p.detach(), expected[name], rtol=1e-12, atol=1e-12, msg=lambda m, name=name: name + m
+        )
 
 
 def test_flambe_one_step_deep_factorized_linear_hand_formula():
@@ -214,8 +227,9 @@ def test_flambe_one_step_deep_factorized_linear_hand_formula():
         "V": lamb_first_step(V, g["V"], lam * (W.T @ U @ M), lr, eps),  # dFD/dV = W^T U M
     }
     for name, p in layer.named_parameters():
-        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-12, atol=1e-12,
-                                   msg=lambda m, name=name: name + m)
+        torch.testing.assert_close(
+            p.detach(), expected[name], rtol=1e-12, atol=1e-12, msg=lambda m, name=name: name + m
+        )
 
 
 def test_flambe_one_step_attention_ov_form_hand_formula():
@@ -246,11 +260,13 @@ def test_flambe_one_step_attention_ov_form_hand_formula():
     for name in ("q", "v", "o"):
         expected[f"{name}.bias"] = lamb_first_step(before[f"{name}.bias"], grads[f"{name}.bias"], 0.0, lr, eps)
     for name, p in att.named_parameters():
-        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-12, atol=1e-12,
-                                   msg=lambda m, name=name: name + m)
+        torch.testing.assert_close(
+            p.detach(), expected[name], rtol=1e-12, atol=1e-12, msg=lambda m, name=name: name + m
+        )
 
 
 # ---------------------------------------------------------------- AdamWFD
+
 
 def test_adamwfd_without_fd_is_torch_adamw():
     a, b = make_net(), make_net()
@@ -283,11 +299,13 @@ def test_adamwfd_one_step_hand_formula():
 
 # ---------------------------------------------------------------- state_dict
 
+
 @pytest.mark.parametrize("cls", [FLAMBe, AdamWFD])
 def test_save_reload_mid_run_gives_identical_trajectory(cls):
     def make_opt(model):
-        return cls(param_groups(model, fd_embedding=1e-2, fd_qk=1e-2, fd_ov=2e-2, fd_linear=1e-3, weight_decay=0.01),
-                   lr=1e-2)
+        return cls(
+            param_groups(model, fd_embedding=1e-2, fd_qk=1e-2, fd_ov=2e-2, fd_linear=1e-3, weight_decay=0.01), lr=1e-2
+        )
 
     straight = make_net()
     opt = make_opt(straight)
@@ -357,6 +375,7 @@ def test_half_precision_parameters_are_updated_in_float32_and_rounded_once(cls, 
 
 # ---------------------------------------------------------------- groups and bad input
 
+
 def test_param_groups_split():
     net = make_net()
     groups = param_groups(net, fd_ov=1e-2, fd_linear=1e-3, fd_embedding=0.0, weight_decay=0.01)
@@ -377,22 +396,26 @@ def test_param_groups_split():
     assert sorted(names[id(p)] for p in groups[0]["params"]) == ["emb.U", "emb.V", "ffn.U", "ffn.V"]
 
     # weight_decay_factors=False: factors of forms without FD get no decay either
-    groups = param_groups(net, fd_ov=1e-2, fd_linear=1e-3, fd_embedding=0.0, weight_decay=0.01,
-                          weight_decay_factors=False)
+    groups = param_groups(
+        net, fd_ov=1e-2, fd_linear=1e-3, fd_embedding=0.0, weight_decay=0.01, weight_decay_factors=False
+    )
     by = [sorted(names[id(p)] for p in g["params"]) for g in groups]
     assert by[1] == ["head.weight"] and groups[1]["weight_decay"] == 0.01
     assert by[2] == sorted(biases_norms + ["att.k.weight", "att.q.weight", "emb.U", "emb.V"])
 
 
 @pytest.mark.parametrize("cls", [Lamb, FLAMBe, AdamWFD])
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(lr=-1e-3), "lr must be in"),
-    (dict(eps=-1e-8), "eps must be in"),
-    (dict(weight_decay=-0.1), "weight_decay must be in"),
-    (dict(betas=(1.0, 0.999)), r"betas\[0\] must be in \[0.0, 1.0\)"),
-    (dict(betas=(0.9, -0.1)), r"betas\[1\] must be in"),
-    (dict(lr=float("nan")), "lr must be in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1e-3), "lr must be in"),
+        (dict(eps=-1e-8), "eps must be in"),
+        (dict(weight_decay=-0.1), "weight_decay must be in"),
+        (dict(betas=(1.0, 0.999)), r"betas\[0\] must be in \[0.0, 1.0\)"),
+        (dict(betas=(0.9, -0.1)), r"betas\[1\] must be in"),
+        (dict(lr=float("nan")), "lr must be in"),
+    ],
+)
 def test_bad_hyperparameters(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(make_net().parameters(), **kwargs)
@@ -427,6 +450,7 @@ def test_bad_groups():
 
 # ---------------------------------------------------------------- batched update paths
 
+
 @pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
 def test_lamb_large_tensor_path_equals_foreach_path(monkeypatch, max_grad_norm):
     """Tensors above FOREACH_MAX_ELEMENTS are updated one at a time in a reused workspace, the others together
@@ -436,8 +460,9 @@ def test_lamb_large_tensor_path_equals_foreach_path(monkeypatch, max_grad_norm):
     def run(limit):
         monkeypatch.setattr(lamb_module, "FOREACH_MAX_ELEMENTS", limit)
         net = make_net()
-        opt = FLAMBe(param_groups(net, fd_ov=1e-2, fd_linear=1e-3, weight_decay=0.01), lr=1e-2,
-                     max_grad_norm=max_grad_norm)
+        opt = FLAMBe(
+            param_groups(net, fd_ov=1e-2, fd_linear=1e-3, weight_decay=0.01), lr=1e-2, max_grad_norm=max_grad_norm
+        )
         ptrs = []
         for step in range(8):
             train_step(net, opt, step)

@@ -1,6 +1,7 @@
 """Recipe helpers: the SQuAD v1.1 metric against hand-checked cases, the synthetic corpora, raw-corpus checks and
 cleaning, BLEU scoring of fairseq-generate output, the summary table/plot, the scripts' options and errors.
 (End-to-end smoke runs of every recipe: tests/test_recipes_smoke.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -23,22 +24,25 @@ EVAL = os.path.join(RECIPES, "iwslt14", "eval.sh")
 
 
 # ------------------------------------------------------------------------------ SQuAD v1.1 metric, by hand
-@pytest.mark.parametrize("text, normalized", [
-    ("Paris", "paris"),                                  # lower case
-    ("PARIS", "paris"),
-    ("Paris!", "paris"),                                 # ASCII punctuation removed
-    ("U.S.A.", "usa"),                                   # ... without leaving a space
-    ("state-of-the-art", "stateoftheart"),               # hyphens too; 'the' is then inside a word, kept
-    ("(1,000)", "1000"),
-    ("Paris\u2026", "paris\u2026"),                      # non-ASCII punctuation (ellipsis) is NOT removed
-    ("The Eiffel Tower", "eiffel tower"),                # articles a / an / the as whole words
-    ("an apple a day", "apple day"),
-    ("theater banana", "theater banana"),                # ... not inside words
-    ("the.", ""),                                        # punctuation first, then the article goes
-    ("a.b", "ab"),                                       # punctuation first: 'ab' is no article
-    ("  New \t York \n", "new york"),                    # whitespace collapsed
-    ("The  Beatles ,  a band", "beatles band"),
-])
+@pytest.mark.parametrize(
+    "text, normalized",
+    [
+        ("Paris", "paris"),  # lower case
+        ("PARIS", "paris"),
+        ("Paris!", "paris"),  # ASCII punctuation removed
+        ("U.S.A.", "usa"),  # ... without leaving a space
+        ("state-of-the-art", "stateoftheart"),  # hyphens too; 'the' is then inside a word, kept
+        ("(1,000)", "1000"),
+        ("Paris\u2026", "paris\u2026"),  # non-ASCII punctuation (ellipsis) is NOT removed
+        ("The Eiffel Tower", "eiffel tower"),  # articles a / an / the as whole words
+        ("an apple a day", "apple day"),
+        ("theater banana", "theater banana"),  # ... not inside words
+        ("the.", ""),  # punctuation first, then the article goes
+        ("a.b", "ab"),  # punctuation first: 'ab' is no article
+        ("  New \t York \n", "new york"),  # whitespace collapsed
+        ("The  Beatles ,  a band", "beatles band"),
+    ],
+)
 def test_normalize_answer_rules(text, normalized):
     assert normalize_answer(text) == normalized
 
@@ -68,11 +72,20 @@ def test_max_over_ground_truths():
 
 
 def test_evaluate_dataset_percentages_and_unanswered():
-    data = [{"paragraphs": [{"context": "...", "qas": [
-        {"id": "a", "answers": [{"text": "Denver Broncos"}, {"text": "Broncos"}]},
-        {"id": "b", "answers": [{"text": "a red dog"}]},
-        {"id": "c", "answers": [{"text": "1999"}]},
-    ]}]}]
+    data = [
+        {
+            "paragraphs": [
+                {
+                    "context": "...",
+                    "qas": [
+                        {"id": "a", "answers": [{"text": "Denver Broncos"}, {"text": "Broncos"}]},
+                        {"id": "b", "answers": [{"text": "a red dog"}]},
+                        {"id": "c", "answers": [{"text": "1999"}]},
+                    ],
+                }
+            ]
+        }
+    ]
     preds = {"a": "Broncos", "b": "the big red dog"}  # 'c' unanswered: scores 0, is counted
     r = evaluate(data, preds)
     assert r["questions"] == 3 and r["unanswered"] == 1
@@ -123,7 +136,7 @@ def test_synthetic_squad_answers_are_exact_spans():
     for p in data["data"][0]["paragraphs"]:
         for qa in p["qas"]:
             a = qa["answers"][0]
-            assert p["context"][a["answer_start"]:a["answer_start"] + len(a["text"])] == a["text"]
+            assert p["context"][a["answer_start"] : a["answer_start"] + len(a["text"])] == a["text"]
             n += 1
     assert n == 90
 
@@ -185,7 +198,7 @@ def test_extract_iwslt_layout(tmp_path):
         (base / f"train.tags.de-en.{lang}").write_text("\n".join(lines) + "\n")
         for part in textprep._TEST_PARTS:
             segs = "\n".join(f'<seg id="{i}"> {part} {lang} {i} it\u2019s </seg>' for i in range(1, 3))
-            (base / f"{part}.de-en.{lang}.xml").write_text(f"<refset>\n<doc docid=\"1\">\n{segs}\n</doc>\n</refset>\n")
+            (base / f"{part}.de-en.{lang}.xml").write_text(f'<refset>\n<doc docid="1">\n{segs}\n</doc>\n</refset>\n')
     counts = textprep.extract_iwslt(str(tmp_path / "orig"), str(tmp_path / "raw"), "de", "en")
     # 47 text lines (the title's text stays, tags go): lines 23 and 46 are valid, 5 test parts x 2 segments
     assert counts == {"train": 45, "valid": 2, "test": 10}
@@ -200,8 +213,10 @@ def test_read_hypotheses_orders_by_id_and_scores_with_sacrebleu(tmp_path):
     import sacrebleu
 
     gen = tmp_path / "gen.txt"
-    gen.write_text("S-1\tsrc b\nH-1\t-0.1\tb hyp\nD-1\t-0.1\tthe cat sat on the mat.\n"
-                   "S-0\tsrc a\nD-0\t-0.2\tHello world!\nD-0\t-0.9\tsecond best\n")
+    gen.write_text(
+        "S-1\tsrc b\nH-1\t-0.1\tb hyp\nD-1\t-0.1\tthe cat sat on the mat.\n"
+        "S-0\tsrc a\nD-0\t-0.2\tHello world!\nD-0\t-0.9\tsecond best\n"
+    )
     hyps = fairseq_eval.read_hypotheses(str(gen))
     assert hyps == ["Hello world!", "the cat sat on the mat."]
     refs = ["Hello world!", "the cat sat on a mat."]
@@ -228,17 +243,44 @@ def _result(path, **kw):
 
 def test_summary_table_and_plot(tmp_path):
     runs = tmp_path / "runs"
-    _result(str(runs / "base" / "checkpoint_best.test.results.json"), metric="bleu", score=30.5, variant="baseline",
-            params=1000, coef=0.0, regularizer="none", updates=10, sacrebleu_signature="nrefs:1|tok:13a")
-    _result(str(runs / "fd1" / "checkpoint_best.test.results.json"), metric="bleu", score=31.25, variant="fd-ov",
-            params=1000, coef=1e-5, regularizer="fd", updates=10)
-    _result(str(runs / "fd2" / "checkpoint_best.test.results.json"), metric="bleu", score=29.0, variant="fd-ov",
-            params=1000, coef=1e-4, regularizer="fd", updates=10)
+    _result(
+        str(runs / "base" / "checkpoint_best.test.results.json"),
+        metric="bleu",
+        score=30.5,
+        variant="baseline",
+        params=1000,
+        coef=0.0,
+        regularizer="none",
+        updates=10,
+        sacrebleu_signature="nrefs:1|tok:13a",
+    )
+    _result(
+        str(runs / "fd1" / "checkpoint_best.test.results.json"),
+        metric="bleu",
+        score=31.25,
+        variant="fd-ov",
+        params=1000,
+        coef=1e-5,
+        regularizer="fd",
+        updates=10,
+    )
+    _result(
+        str(runs / "fd2" / "checkpoint_best.test.results.json"),
+        metric="bleu",
+        score=29.0,
+        variant="fd-ov",
+        params=1000,
+        coef=1e-4,
+        regularizer="fd",
+        updates=10,
+    )
     _result(str(tmp_path / "mlm.eval.results.json"), metric="mlm_loss", score=2.5, variant="lamb-full", params=50)
-    _result(str(tmp_path / "mlm2" / "mlm.eval.results.json"), metric="mlm_loss", score=2.0, variant="flambe-full",
-            params=50)
-    out = summary.summarize([str(runs), str(tmp_path / "mlm.eval.results.json"), str(tmp_path / "mlm2")],
-                            str(tmp_path / "sum"))
+    _result(
+        str(tmp_path / "mlm2" / "mlm.eval.results.json"), metric="mlm_loss", score=2.0, variant="flambe-full", params=50
+    )
+    out = summary.summarize(
+        [str(runs), str(tmp_path / "mlm.eval.results.json"), str(tmp_path / "mlm2")], str(tmp_path / "sum")
+    )
     text = open(out["table"]).read()
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| run")]
     # best first: BLEU descending, MLM loss ascending; a run is named by its directory
@@ -253,19 +295,45 @@ def test_summary_table_and_plot(tmp_path):
 
 
 # ------------------------------------------------------------------------------ scripts: options and errors
-PAPER = ["--optimizer nag", "--lr 0.25", "--lr-scheduler inverse_sqrt", "--warmup-init-lr 0.25",
-         "--warmup-updates 4000", "--clip-norm 0.1", "--dropout 0.2", "--max-tokens 4000", "--label-smoothing 0.1",
-         "--max-update 100000", "--arch fnl_transformer_small", "--factor-init dense", "--reduced-heads fresh"]
+PAPER = [
+    "--optimizer nag",
+    "--lr 0.25",
+    "--lr-scheduler inverse_sqrt",
+    "--warmup-init-lr 0.25",
+    "--warmup-updates 4000",
+    "--clip-norm 0.1",
+    "--dropout 0.2",
+    "--max-tokens 4000",
+    "--label-smoothing 0.1",
+    "--max-update 100000",
+    "--arch fnl_transformer_small",
+    "--factor-init dense",
+    "--reduced-heads fresh",
+]
 ONE_KNOB = "--factorize ffn,embedding,position,attention"
 VARIANT_FLAGS = {
     "baseline": ["--criterion label_smoothed_cross_entropy"],
     "wd": ["--criterion label_smoothed_cross_entropy", "--weight-decay 1e-4"],
     "fd-ov": ["--criterion fd_label_smoothed_cross_entropy", "--fd-ov 1e-4"],
     "fd-qkov": ["--fd-qk 1e-4", "--fd-ov 1e-4"],
-    "lowrank-si-fd": ["--rank-scale 0.5", ONE_KNOB, "--spectral-init", "--spectral-init-qk", "--spectral-init-ov",
-                      "--fd-linear 1e-4", "--fd-qk 1e-4", "--fd-ov 1e-4"],
-    "lowrank-nosi": ["--rank-scale 0.5", ONE_KNOB, "--fd-linear 1e-4", "--no-spectral-init", "--no-spectral-init-qk",
-                     "--no-spectral-init-ov"],
+    "lowrank-si-fd": [
+        "--rank-scale 0.5",
+        ONE_KNOB,
+        "--spectral-init",
+        "--spectral-init-qk",
+        "--spectral-init-ov",
+        "--fd-linear 1e-4",
+        "--fd-qk 1e-4",
+        "--fd-ov 1e-4",
+    ],
+    "lowrank-nosi": [
+        "--rank-scale 0.5",
+        ONE_KNOB,
+        "--fd-linear 1e-4",
+        "--no-spectral-init",
+        "--no-spectral-init-qk",
+        "--no-spectral-init-ov",
+    ],
     "head-dim-half": ["--head-dim 32", "--spectral-init-qk", "--spectral-init-ov", "--fd-ov 1e-4"],
 }
 
@@ -285,9 +353,31 @@ def _dry(variant, data, *args):
     return r.stdout.strip()
 
 
-OVERRIDES = ("--coef", "5e-6", "--rank-scale", "0.25", "--lr", "0.5", "--max-update", "77", "--seed", "3",
-             "--warmup-updates", "10", "--max-tokens", "999", "--dropout", "0.3", "--clip-norm", "0", "--rules",
-             "library", "--", "--fd-qk", "0")
+OVERRIDES = (
+    "--coef",
+    "5e-6",
+    "--rank-scale",
+    "0.25",
+    "--lr",
+    "0.5",
+    "--max-update",
+    "77",
+    "--seed",
+    "3",
+    "--warmup-updates",
+    "10",
+    "--max-tokens",
+    "999",
+    "--dropout",
+    "0.3",
+    "--clip-norm",
+    "0",
+    "--rules",
+    "library",
+    "--",
+    "--fd-qk",
+    "0",
+)
 
 
 @pytest.fixture(scope="module")
@@ -326,8 +416,11 @@ def test_train_overrides_and_fairseq_accepts_every_variant(dry_runs):
     assert (args.fd_linear, args.fd_ov, args.fd_qk, args.rank_scale) == (5e-6, 5e-6, 0.0, 0.25)
     assert (args.lr, args.warmup_init_lr, args.max_update, args.seed) == ([0.5], 0.5, 77, 3)
     assert (args.warmup_updates, args.max_tokens, args.dropout, args.clip_norm) == (10, 999, 0.3, 0.0)
-    assert (args.factor_init, args.reduced_heads, args.factorize) == ("random", "truncate",
-                                                                      "ffn,embedding,position,attention")
+    assert (args.factor_init, args.reduced_heads, args.factorize) == (
+        "random",
+        "truncate",
+        "ffn,embedding,position,attention",
+    )
     assert cmd[cmd.index("--save-dir") + 1] == "runs/iwslt14/lowrank-si-fd-c5e-6-r0.25-library-s3"
     for key, line in dry_runs.items():
         args = options.parse_args_and_arch(options.get_training_parser(), shlex.split(line)[1:])
@@ -338,19 +431,22 @@ def test_train_overrides_and_fairseq_accepts_every_variant(dry_runs):
     assert "--no-spectral-init --no-spectral-init-qk --no-spectral-init-ov" in cmd and "--weight-decay 1e-4" in cmd
 
 
-@pytest.mark.parametrize("args, message", [
-    (["nope"], "unknown variant 'nope': choose one of baseline wd fd-ov"),
-    (["baseline", "--coef", "1e-4"], "baseline has no regularizer"),
-    (["head-dim-half", "--rank-scale", "0.5"], "--rank-scale does not apply to head-dim-half"),
-    (["lowrank-si-fd", "--no-si"], "lowrank-si-fd is the SI variant: use lowrank-nosi"),
-    (["wd", "--rules", "official"], "--rules must be paper or library, got 'official'"),
-    (["lowrank-si-fd", "--rank-scale", "0"], "--rank-scale must be > 0"),
-    (["lowrank-si-fd", "--rank-scale", "abc"], "--rank-scale must be a non-negative number, got 'abc'"),
-    (["wd", "--max-update", "0"], "--max-update must be >= 1"),
-    (["wd", "--seed"], "--seed needs a value"),
-    (["wd", "--bogus"], "unknown option '--bogus'"),
-    (["wd", "--head-dim", "8"], "--head-dim applies to the head-dim-half variant"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nope"], "unknown variant 'nope': choose one of baseline wd fd-ov"),
+        (["baseline", "--coef", "1e-4"], "baseline has no regularizer"),
+        (["head-dim-half", "--rank-scale", "0.5"], "--rank-scale does not apply to head-dim-half"),
+        (["lowrank-si-fd", "--no-si"], "lowrank-si-fd is the SI variant: use lowrank-nosi"),
+        (["wd", "--rules", "official"], "--rules must be paper or library, got 'official'"),
+        (["lowrank-si-fd", "--rank-scale", "0"], "--rank-scale must be > 0"),
+        (["lowrank-si-fd", "--rank-scale", "abc"], "--rank-scale must be a non-negative number, got 'abc'"),
+        (["wd", "--max-update", "0"], "--max-update must be >= 1"),
+        (["wd", "--seed"], "--seed needs a value"),
+        (["wd", "--bogus"], "unknown option '--bogus'"),
+        (["wd", "--head-dim", "8"], "--head-dim applies to the head-dim-half variant"),
+    ],
+)
 def test_train_bad_input(args, message, fake_data):
     r = run_script(TRAIN, *args, "--data", fake_data, "--dry-run")
     assert r.returncode == 2
@@ -371,7 +467,8 @@ def test_eval_bad_input(tmp_path):
     r = run_script(EVAL, str(tmp_path / "c.pt"))
     assert r.returncode == 2 and last_line(r.stderr) == (
         f"eval.sh: error: {tmp_path / 'c.pt'} is a text file, not a PyTorch checkpoint; give a checkpoint_*.pt "
-        "written by fairseq-train (e.g. checkpoints/checkpoint_best.pt)")
+        "written by fairseq-train (e.g. checkpoints/checkpoint_best.pt)"
+    )
     torch.save({"weights": torch.zeros(2)}, str(tmp_path / "c.pt"))  # a PyTorch file, not a fairseq checkpoint
     r = run_script(EVAL, str(tmp_path / "c.pt"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
@@ -384,11 +481,14 @@ def test_eval_bad_input(tmp_path):
     assert r.returncode == 2 and "--beam must be a positive integer" in r.stderr
 
 
-@pytest.mark.parametrize("break_it, message", [
-    (lambda d: (d / "valid.en").unlink(), "missing file {d}/valid.en"),
-    (lambda d: (d / "test.de").write_text("a\nb\nc\n"), "mismatched line counts in split 'test'"),
-    (lambda d: (d / "train.en").write_text(""), "empty file {d}/train.en"),
-])
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda d: (d / "valid.en").unlink(), "missing file {d}/valid.en"),
+        (lambda d: (d / "test.de").write_text("a\nb\nc\n"), "mismatched line counts in split 'test'"),
+        (lambda d: (d / "train.en").write_text(""), "empty file {d}/train.en"),
+    ],
+)
 def test_prepare_raw_dir_failures_leave_no_output(break_it, message, tmp_path):
     d = _raw(tmp_path)
     break_it(d)
@@ -402,11 +502,13 @@ def test_prepare_raw_dir_failures_leave_no_output(break_it, message, tmp_path):
 
 def test_prepare_option_errors(tmp_path):
     d = _raw(tmp_path)
-    for args, message in ((["--raw-dir", str(d), "--smoke"], "give --raw-dir or --smoke, not both"),
-                          (["--smoke", "--vocab-size", "abc"], "--vocab-size must be a positive integer"),
-                          (["--raw-dir", str(tmp_path / "nope")], "is not a directory"),
-                          (["--src", "fr", "--tgt", "es"], "for fr-es give --raw-dir DIR"),
-                          (["--spm-model-type", "char"], "--spm-model-type must be bpe or unigram")):
+    for args, message in (
+        (["--raw-dir", str(d), "--smoke"], "give --raw-dir or --smoke, not both"),
+        (["--smoke", "--vocab-size", "abc"], "--vocab-size must be a positive integer"),
+        (["--raw-dir", str(tmp_path / "nope")], "is not a directory"),
+        (["--src", "fr", "--tgt", "es"], "for fr-es give --raw-dir DIR"),
+        (["--spm-model-type", "char"], "--spm-model-type must be bpe or unigram"),
+    ):
         r = run_script(PREPARE, *args, "--out", str(tmp_path / "o"))
         assert r.returncode == 2 and message in last_line(r.stderr), (args, r.stderr)
 
@@ -448,8 +550,10 @@ def test_prepare_suggested_vocabulary_works_on_the_rerun(tmp_path):
         (d / f"{split}.en").write_text("".join(" ".join(w for _, w in p) + "\n" for p in pairs))
     out = tmp_path / "out"
     r = run_script(PREPARE, "--raw-dir", str(d), "--out", str(out))
-    m = re.search(r"--vocab-size 10000 is too large for this training corpus: pass --vocab-size (\d+) or less",
-                  last_line(r.stderr))
+    m = re.search(
+        r"--vocab-size 10000 is too large for this training corpus: pass --vocab-size (\d+) or less",
+        last_line(r.stderr),
+    )
     assert r.returncode == 2 and m, r.stderr
     assert not (out / "settings.txt").exists()
     r = run_script(PREPARE, "--raw-dir", str(d), "--out", str(out), "--vocab-size", m.group(1))
@@ -465,8 +569,11 @@ def test_summary_cli_error(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "fnl_transformers.recipes.summary", str(tmp_path), "--out",
-                        str(tmp_path / "s")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "fnl_transformers.recipes.summary", str(tmp_path), "--out", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "no *.results.json under" in r.stderr
 
 
@@ -488,11 +595,16 @@ def _official_runs():
         for si in ("", "+si"):
             flag = "--si" if si else "--no-si"
             configs.append((f"{r:g}/baseline{si}/0", f"baseline --rank-scale {r:g} {flag}"))
-            configs += [(f"{r:g}/{v}{si}/{c:g}", f"{v} --coef {c:g} --rank-scale {r:g} {flag}")
-                        for v in ("wd", "fd-qkov") for c in MAKE_COMPRESSED[1:]]
-    return {f"{name}/seed{s}": args.split(" ", 1)[0] + f" --seed {s}" + (" " + args.split(" ", 1)[1] if " " in args
-                                                                         else "")
-            for name, args in configs for s in MAKE_SEEDS}
+            configs += [
+                (f"{r:g}/{v}{si}/{c:g}", f"{v} --coef {c:g} --rank-scale {r:g} {flag}")
+                for v in ("wd", "fd-qkov")
+                for c in MAKE_COMPRESSED[1:]
+            ]
+    return {
+        f"{name}/seed{s}": args.split(" ", 1)[0] + f" --seed {s}" + (" " + args.split(" ", 1)[1] if " " in args else "")
+        for name, args in configs
+        for s in MAKE_SEEDS
+    }
 
 
 def _listed(stdout):
@@ -539,8 +651,9 @@ def test_sweep_dry_run_lists_exactly_the_official_grid():
     assert f"{size} runs (66 configurations x seeds [1, 2, 3])" in r.stdout and size == 198
     assert _listed(r.stdout) == _official_runs()
     # no GPU measurement here: the official budget, labelled as such
-    assert f"estimated GPU hours: {size * 4:.1f} (not measured: the official code's own budget of 240 minutes" \
-        in r.stdout
+    assert (
+        f"estimated GPU hours: {size * 4:.1f} (not measured: the official code's own budget of 240 minutes" in r.stdout
+    )
 
 
 @pytest.mark.parametrize("args, count", SWEEP_FILTERS)
@@ -564,10 +677,18 @@ def test_sweep_gpu_hours_from_a_measured_step_time(tmp_path):
 
     runs = figure4.select(figure4.grid(), seeds=[1])
     path = tmp_path / "results-gpu.json"
-    path.write_text(json.dumps({"device": {"name": "H200"}, "training": [
-        {"variant": "baseline", "precision": "float32", "s_per_update": 0.02},
-        {"variant": "fd-qkov", "precision": "float32", "s_per_update": 0.03},
-        {"variant": "fd-qkov:fp16", "precision": "fp16", "s_per_update": 0.01}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "device": {"name": "H200"},
+                "training": [
+                    {"variant": "baseline", "precision": "float32", "s_per_update": 0.02},
+                    {"variant": "fd-qkov", "precision": "float32", "s_per_update": 0.03},
+                    {"variant": "fd-qkov:fp16", "precision": "fp16", "s_per_update": 0.01},
+                ],
+            }
+        )
+    )
     hours, how = figure4.gpu_hours(runs, 100_000, str(path))
     n_fd = sum(r.variant.startswith("fd") for r in runs)
     assert hours == pytest.approx((n_fd * 0.03 + (len(runs) - n_fd) * 0.02) * 100_000 / 3600, rel=1e-12)
@@ -581,8 +702,15 @@ def _grid_result(root, run, subset, bleu, beam=5):
 
     folder = os.path.join(root, run.name)
     figure4.write_grid_file(folder, run)
-    _result(os.path.join(folder, f"checkpoint_best.{subset}.results.json"), metric="bleu", score=bleu, bleu=bleu,
-            subset=subset, beam=beam, recipe="iwslt14")
+    _result(
+        os.path.join(folder, f"checkpoint_best.{subset}.results.json"),
+        metric="bleu",
+        score=bleu,
+        bleu=bleu,
+        subset=subset,
+        beam=beam,
+        recipe="iwslt14",
+    )
 
 
 def test_figure4_panels_choose_the_coefficient_on_valid(tmp_path):

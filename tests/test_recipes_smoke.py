@@ -4,6 +4,7 @@ table with every grid point, resuming), prepare.sh --raw-dir on a small corpus, 
 FLAMBe half, 300 updates; the other BERT runs are in test_recipes_bert.py) and SQuAD fine-tuning of the real
 MiniLM. Scores are recomputed here from the written hypotheses / predictions with sacrebleu and the SQuAD metric
 and must equal the results JSONs."""
+
 from __future__ import annotations
 
 import glob
@@ -76,14 +77,26 @@ def test_prepare_and_train_are_idempotent(demo):
     assert r.returncode == 2 and "was prepared with other settings" in last_line(r.stderr) and "--force" in r.stderr
     # the same training command again: nothing retrained (fairseq would resume and add an update)
     before = os.path.getmtime(out / "baseline" / "checkpoint_best.pt")
-    r = run_script(os.path.join(RECIPES, "iwslt14", "train.sh"), "baseline", "--smoke", "--data", str(out / "data"),
-                   "--save-dir", str(out / "baseline"))
+    r = run_script(
+        os.path.join(RECIPES, "iwslt14", "train.sh"),
+        "baseline",
+        "--smoke",
+        "--data",
+        str(out / "data"),
+        "--save-dir",
+        str(out / "baseline"),
+    )
     assert r.returncode == 0 and "already trained" in r.stdout
     assert os.path.getmtime(out / "baseline" / "checkpoint_best.pt") == before
 
 
-VARIANT_LOG_KEYS = {"wd": [], "fd-ov": ["fd_ov"], "fd-qkov": ["fd_qk", "fd_ov"],
-                    "lowrank-nosi": ["fd_linear", "fd_qk", "fd_ov"], "head-dim-half": ["fd_qk", "fd_ov"]}
+VARIANT_LOG_KEYS = {
+    "wd": [],
+    "fd-ov": ["fd_ov"],
+    "fd-qkov": ["fd_qk", "fd_ov"],
+    "lowrank-nosi": ["fd_linear", "fd_qk", "fd_ov"],
+    "head-dim-half": ["fd_qk", "fd_ov"],
+}
 
 
 def test_every_other_variant_trains(demo, tmp_path):
@@ -91,8 +104,9 @@ def test_every_other_variant_trains(demo, tmp_path):
     train = os.path.join(RECIPES, "iwslt14", "train.sh")
 
     def one(v):
-        return v, run_script(train, v, "--smoke", "--data", str(out / "data"), "--save-dir", str(tmp_path / v),
-                             "--max-update", "3")
+        return v, run_script(
+            train, v, "--smoke", "--data", str(out / "data"), "--save-dir", str(tmp_path / v), "--max-update", "3"
+        )
 
     with ThreadPoolExecutor(2) as pool:
         runs = dict(pool.map(one, VARIANT_LOG_KEYS))
@@ -118,13 +132,16 @@ def test_prepare_raw_dir_small_corpus(tmp_path):
     prepare = os.path.join(RECIPES, "iwslt14", "prepare.sh")
     r = run_script(prepare, "--raw-dir", str(raw), "--src", "fr", "--tgt", "es", "--out", str(tmp_path / "big"))
     assert r.returncode == 2
-    m = re.search(r"--vocab-size 10000 is too large for this training corpus: pass --vocab-size (\d+) or less",
-                  last_line(r.stderr))
+    m = re.search(
+        r"--vocab-size 10000 is too large for this training corpus: pass --vocab-size (\d+) or less",
+        last_line(r.stderr),
+    )
     assert m, r.stderr
     assert not os.path.exists(tmp_path / "big" / "bin")  # nothing that looks prepared
     out = tmp_path / "out"
-    r = run_script(prepare, "--raw-dir", str(raw), "--src", "fr", "--tgt", "es", "--out", str(out),
-                   "--vocab-size", "300")
+    r = run_script(
+        prepare, "--raw-dir", str(raw), "--src", "fr", "--tgt", "es", "--out", str(out), "--vocab-size", "300"
+    )
     assert r.returncode == 0, r.stderr
     info = load_json(out / "bin" / "fnl_prepare.json")
     assert info["pairs"] == {"train": 400, "valid": 30, "test": 30} and info["vocab_size"] == 300
@@ -132,8 +149,9 @@ def test_prepare_raw_dir_small_corpus(tmp_path):
         assert os.path.isfile(out / "bin" / name)
     assert open(out / "bin" / "dict.fr.txt").read() == open(out / "bin" / "dict.es.txt").read()  # joined
     assert open(info["test_ref"]).read() == open(raw / "test.es").read()  # references untouched
-    r = run_script(prepare, "--raw-dir", str(raw), "--src", "fr", "--tgt", "es", "--out", str(out),
-                   "--vocab-size", "300")
+    r = run_script(
+        prepare, "--raw-dir", str(raw), "--src", "fr", "--tgt", "es", "--out", str(out), "--vocab-size", "300"
+    )
     assert r.returncode == 0 and "already prepared" in r.stdout
 
 
@@ -158,8 +176,12 @@ def test_bert_pretrain_smoke(pretrained):
         assert res["mlm_loss"] < res["unigram_baseline_loss"] - 0.2  # learned context beyond token frequencies
     assert (lamb["head_dim"], flambe["head_dim"]) == (32, 16)
     assert flambe["params"] < lamb["params"]
-    assert (lamb["regularizer"], lamb["fd_ov"], flambe["regularizer"], flambe["fd_ov"]) == \
-        ("weight_decay", 0.0, "decoupled_fd_ov+weight_decay", 0.01)
+    assert (lamb["regularizer"], lamb["fd_ov"], flambe["regularizer"], flambe["fd_ov"]) == (
+        "weight_decay",
+        0.0,
+        "decoupled_fd_ov+weight_decay",
+        0.01,
+    )
     curve = load_json(lamb["loss_curve"])["eval"]
     assert curve[0]["update"] == 0 and curve[-1]["update"] == 300 and curve[-1]["mlm_loss"] < curve[0]["mlm_loss"] - 1
     from fnl_transformers.hf import from_pretrained
@@ -172,8 +194,11 @@ def test_squad_smoke_minilm_and_pretrained(pretrained, tmp_path):
     squad = os.path.join(RECIPES, "bert", "squad.sh")
     root, runs = pretrained
     results = {}
-    for name, args in (("minilm", []), ("untrained-head", ["--eval-only"]),
-                       ("from-pretrain", ["--model", runs[("flambe", "half")]["model_dir"], "--epochs", "1"])):
+    for name, args in (
+        ("minilm", []),
+        ("untrained-head", ["--eval-only"]),
+        ("from-pretrain", ["--model", runs[("flambe", "half")]["model_dir"], "--epochs", "1"]),
+    ):
         r = run_script(squad, "--smoke", "--out", str(tmp_path / name), *args)
         assert r.returncode == 0, r.stderr[-3000:]
         res = load_json(tmp_path / name / "squad.dev.results.json")
@@ -194,8 +219,11 @@ def test_squad_smoke_minilm_and_pretrained(pretrained, tmp_path):
     # MiniLM's SQuAD runs in the table by metric; the pretrained runs and the SQuAD of one in the Table 4 layout
     assert "### SQuAD v1.1 F1" in s["markdown"] and "| minilm |" in s["markdown"]
     f = results["from-pretrain"]
-    assert re.search(rf"^\| FLAMBe \| half \(16\) \| mlm-nsp \| 1 \| .* \| {f['exact_match']:.2f} \| {f['f1']:.2f} \|$",
-                     s["markdown"], re.M)
+    assert re.search(
+        rf"^\| FLAMBe \| half \(16\) \| mlm-nsp \| 1 \| .* \| {f['exact_match']:.2f} \| {f['f1']:.2f} \|$",
+        s["markdown"],
+        re.M,
+    )
     assert "| from-pretrain |" not in s["markdown"]
     assert all(is_png(p) for p in s["plots"]) and len(s["plots"]) == 2
 
@@ -206,8 +234,13 @@ def test_eval_refuses_a_checkpoint_of_another_configuration(demo, tmp_path):
     out, _ = demo
     for name in ("checkpoint_best.pt", "recipe.json"):
         shutil.copy(out / "baseline" / name, tmp_path / name)
-    r = run_script(os.path.join(RECIPES, "iwslt14", "eval.sh"), str(tmp_path / "checkpoint_best.pt"), "--",
-                   "--model-overrides", "{'rank_scale': 0.5}")
+    r = run_script(
+        os.path.join(RECIPES, "iwslt14", "eval.sh"),
+        str(tmp_path / "checkpoint_best.pt"),
+        "--",
+        "--model-overrides",
+        "{'rank_scale': 0.5}",
+    )
     assert r.returncode == 2
     line = last_line(r.stderr)
     assert line.startswith("eval.sh: error: fairseq-generate failed: ValueError: checkpoint does not match")
@@ -238,8 +271,9 @@ def test_sweep_smoke_draws_both_panels_and_resumes(demo, tmp_path):
         assert re.search(rf"^\| {line} \| [^|]+ \| {coef} \| 1 \| {value} \| {value} \|", table, re.M), (line, coef)
     for line in ("wd", "fd", "wd+si", "fd+si"):
         for coef in ("0", "0.0001"):
-            assert re.search(rf"^\| {re.escape(line)} \| [^|]+ \| 0\.5 \| {coef} \| 1 \| {value} \| {value} \|",
-                             table, re.M), (line, coef)
+            assert re.search(
+                rf"^\| {re.escape(line)} \| [^|]+ \| 0\.5 \| {coef} \| 1 \| {value} \| {value} \|", table, re.M
+            ), (line, coef)
         assert re.search(rf"^\| {re.escape(line)} \| 0\.5 \| (0|0\.0001) \| {value} \| {value} \|$", table, re.M)
     assert "Missing results" not in table and "beam 2" in table
     runs = glob.glob(str(fig / "*" / "*" / "*" / "seed1"))
@@ -250,8 +284,20 @@ def test_sweep_smoke_draws_both_panels_and_resumes(demo, tmp_path):
         assert load_json(f"{run}/grid.json")["grid"] == "figure4"
     # resume: two finished runs again, one per simulated GPU: nothing trained or evaluated again
     before = {p: os.path.getmtime(p) for p in glob.glob(str(fig / "0" / "*" / "*" / "seed1" / "checkpoint_best*"))}
-    r = run_script(sweep, "--smoke", "--data", str(out_dir / "data"), "--out", str(fig), "--only", "fd-ov",
-                   "--scales", "0", "--gpus", "0,1")
+    r = run_script(
+        sweep,
+        "--smoke",
+        "--data",
+        str(out_dir / "data"),
+        "--out",
+        str(fig),
+        "--only",
+        "fd-ov",
+        "--scales",
+        "0",
+        "--gpus",
+        "0,1",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert ": 2 runs (" in r.stdout and len(re.findall(r"\(GPU [01]\): done", r.stdout)) == 2
     log = (fig / "0" / "fd-ov" / "0.0001" / "seed1" / "sweep.log").read_text()

@@ -1,6 +1,7 @@
 """The two integrations agree by construction: the same setting through the fairseq parser and through ``FNLConfig``
 gives equal core specs (every field), and an equivalent model gets the same decay (FD / weight decay / none) for
 the same kind of parameter."""
+
 import dataclasses
 import re
 
@@ -19,11 +20,31 @@ from fnl_transformers.hf import FNLConfig  # noqa: E402
 
 # three settings that together give every flat setting a value other than its default
 CASES = [
-    dict(rank_scale=0.5, factorize=("ffn", "attention"), ranks={"*.fc1": 3, "*dense": 2}, head_dim=4, head_dim_ov=2,
-         spectral_init=False, spectral_init_qk=True, spectral_init_ov=False, deep=True, fd_linear=0.1,
-         fd_embedding=0.05, fd_qk=0.2, fd_ov=0.3, fd_mode="decoupled", weight_decay_factors=False),
-    dict(target_param_ratio=0.6, factorize=("embedding",), head_dim_qk=3, fd_linear=0.1, factor_init="dense",
-         reduced_heads="fresh"),
+    dict(
+        rank_scale=0.5,
+        factorize=("ffn", "attention"),
+        ranks={"*.fc1": 3, "*dense": 2},
+        head_dim=4,
+        head_dim_ov=2,
+        spectral_init=False,
+        spectral_init_qk=True,
+        spectral_init_ov=False,
+        deep=True,
+        fd_linear=0.1,
+        fd_embedding=0.05,
+        fd_qk=0.2,
+        fd_ov=0.3,
+        fd_mode="decoupled",
+        weight_decay_factors=False,
+    ),
+    dict(
+        target_param_ratio=0.6,
+        factorize=("embedding",),
+        head_dim_qk=3,
+        fd_linear=0.1,
+        factor_init="dense",
+        reduced_heads="fresh",
+    ),
     dict(rank_scale=1.5, fd_qk=1e-4, activation_aware=True, damping=0.05),
 ]
 
@@ -52,8 +73,16 @@ def test_cases_cover_every_setting():
 def test_fairseq_flags_and_fnlconfig_give_equal_specs(values):
     from fairseq import options
 
-    argv = ["unused-data", "--task", "translation", "--arch", "fnl_transformer_tiny", "--user-dir", fh.user_dir(),
-            *_argv(values)]
+    argv = [
+        "unused-data",
+        "--task",
+        "translation",
+        "--arch",
+        "fnl_transformer_tiny",
+        "--user-dir",
+        fh.user_dir(),
+        *_argv(values),
+    ]
     args = options.parse_args_and_arch(options.get_training_parser(), argv)
     structure, fd, policy = fnl_specs(args)
     cfg = FNLConfig(**values)
@@ -114,25 +143,50 @@ def test_both_integrations_give_the_same_decay_per_parameter(tmp_path, weight_de
 
     from hf_trainer_helpers import MLMData, training_args
 
-    values = dict(rank_scale=0.5, fd_linear=0.1, fd_embedding=0.0, fd_ov=0.1, fd_mode="decoupled",
-                  weight_decay_factors=weight_decay_factors)
+    values = dict(
+        rank_scale=0.5,
+        fd_linear=0.1,
+        fd_embedding=0.0,
+        fd_ov=0.1,
+        fd_mode="decoupled",
+        weight_decay_factors=weight_decay_factors,
+    )
     data = fh.make_tiny_data(tmp_path / "data")
-    model, _, args = fh.build_model(fh.tiny_train_args(data, "unused", *_argv(values), "--optimizer", "flambe",
-                                                       "--weight-decay", "0.01", "--no-decay-bias-norm"))
+    model, _, args = fh.build_model(
+        fh.tiny_train_args(
+            data, "unused", *_argv(values), "--optimizer", "flambe", "--weight-decay", "0.01", "--no-decay-bias-norm"
+        )
+    )
     opt = fairseq_optim.build_optimizer(convert_namespace_to_omegaconf(args).optimizer, list(model.parameters()))
     fairseq_roles = _decay_by_role(_group_decays(opt, model))
 
     torch.manual_seed(0)
-    bert = BertForMaskedLM(BertConfig(vocab_size=48, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                      intermediate_size=64, max_position_embeddings=16, type_vocab_size=1))
+    bert = BertForMaskedLM(
+        BertConfig(
+            vocab_size=48,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=16,
+            type_vocab_size=1,
+        )
+    )
     bert = patch_model(bert, FNLConfig(**values))
     trainer = FNLTrainer(model=bert, args=training_args(str(tmp_path / "hf")), train_dataset=MLMData(4))
     hf_roles = _decay_by_role(_group_decays(trainer.create_optimizer(), bert))
 
     factors = "weight_decay" if weight_decay_factors else "none"
-    expected = {("ffn", "factor"): {"fd"}, ("ov", "factor"): {"fd"}, ("embedding", "factor"): {factors},
-                ("qk", "factor"): {factors}, ("ffn", "bias"): {"none"}, ("attention", "bias"): {"none"},
-                ("norm", "weight"): {"none"}, ("norm", "bias"): {"none"}}
+    expected = {
+        ("ffn", "factor"): {"fd"},
+        ("ov", "factor"): {"fd"},
+        ("embedding", "factor"): {factors},
+        ("qk", "factor"): {factors},
+        ("ffn", "bias"): {"none"},
+        ("attention", "bias"): {"none"},
+        ("norm", "weight"): {"none"},
+        ("norm", "bias"): {"none"},
+    }
     assert fairseq_roles == hf_roles == expected
     # the same policy object decides on both sides
     assert model.fnl_policy == DecayPolicy(FDSpec(0.1, 0.0, 0.0, 0.1, "decoupled"), weight_decay_factors, False)

@@ -15,6 +15,7 @@ fidelity to the original model (cosine of mean-pooled hidden states, nearest-nei
 next-token LM loss: :mod:`fnl_transformers.hf.fidelity`) on the calibration texts, or on ``--eval-text FILE``
 (which alone measures weight-only SI). The fidelity is stored in the plan, so ``fnl inspect`` shows it too.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,28 +24,45 @@ import tempfile
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model_dir", help="a save_pretrained directory of a supported model (BERT, RoBERTa, "
-                        "DistilBERT, GPT-2, Llama, Mistral, Qwen2)")
+    parser.add_argument(
+        "model_dir",
+        help="a save_pretrained directory of a supported model (BERT, RoBERTa, "
+        "DistilBERT, GPT-2, Llama, Mistral, Qwen2)",
+    )
     parser.add_argument("out_dir", help="where to save the compressed model (must not exist, or be empty)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--rank-scale", type=float, help="rank = round(scale * min(m, n)) per layer, in (0, 1]")
-    size.add_argument("--target-param-ratio", type=float,
-                      help="choose the rank scale that keeps this fraction of the parameters, in (0, 1]")
+    size.add_argument(
+        "--target-param-ratio",
+        type=float,
+        help="choose the rank scale that keeps this fraction of the parameters, in (0, 1]",
+    )
     parser.add_argument("--head-dim", type=int, help="reduced per-head dimension of every attention head")
     parser.add_argument("--head-dim-qk", type=int, help="reduced per-head dimension of the QK forms only")
     parser.add_argument("--head-dim-ov", type=int, help="reduced per-head dimension of the OV forms only")
-    parser.add_argument("--factorize", default="ffn,embedding",
-                        help="comma-separated parts to factorize at the rank scale: ffn, embedding, position "
-                        "(learned position tables), attention (default: ffn,embedding)")
-    parser.add_argument("--calibration", metavar="FILE",
-                        help="UTF-8 text file, one text per line: truncate each layer in the norm of its outputs on "
-                        "these texts (activation-aware) and report the output fidelity on them")
-    parser.add_argument("--damping", type=float,
-                        help="with --calibration: damping of the inputs' second moment C + damping * mean(diag C) * I "
-                        "(default 0.01)")
-    parser.add_argument("--eval-text", metavar="FILE",
-                        help="UTF-8 text file, one text per line: report the output fidelity to the original model on "
-                        "these texts (default: the --calibration texts)")
+    parser.add_argument(
+        "--factorize",
+        default="ffn,embedding",
+        help="comma-separated parts to factorize at the rank scale: ffn, embedding, position "
+        "(learned position tables), attention (default: ffn,embedding)",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="UTF-8 text file, one text per line: truncate each layer in the norm of its outputs on "
+        "these texts (activation-aware) and report the output fidelity on them",
+    )
+    parser.add_argument(
+        "--damping",
+        type=float,
+        help="with --calibration: damping of the inputs' second moment C + damping * mean(diag C) * I (default 0.01)",
+    )
+    parser.add_argument(
+        "--eval-text",
+        metavar="FILE",
+        help="UTF-8 text file, one text per line: report the output fidelity to the original model on "
+        "these texts (default: the --calibration texts)",
+    )
 
 
 def _option(name: str) -> str:
@@ -64,12 +82,24 @@ def run(args) -> int:
         raise ValueError(f"OUT_DIR {args.out_dir} already exists and is not empty; choose a new directory")
     if args.rank_scale is not None and not 0 < args.rank_scale <= 1:
         raise ValueError(f"--rank-scale must be in (0, 1] to compress, got {args.rank_scale}")
-    if args.rank_scale is None and args.target_param_ratio is None and args.head_dim is None \
-            and args.head_dim_qk is None and args.head_dim_ov is None:
+    if (
+        args.rank_scale is None
+        and args.target_param_ratio is None
+        and args.head_dim is None
+        and args.head_dim_qk is None
+        and args.head_dim_ov is None
+    ):
         raise ValueError("nothing to compress: give --rank-scale or --target-param-ratio, and/or --head-dim")
-    flat = dict(rank_scale=args.rank_scale, target_param_ratio=args.target_param_ratio, factorize=args.factorize,
-                head_dim=args.head_dim, head_dim_qk=args.head_dim_qk, head_dim_ov=args.head_dim_ov,
-                activation_aware=args.calibration is not None, damping=args.damping)
+    flat = dict(
+        rank_scale=args.rank_scale,
+        target_param_ratio=args.target_param_ratio,
+        factorize=args.factorize,
+        head_dim=args.head_dim,
+        head_dim_qk=args.head_dim_qk,
+        head_dim_ov=args.head_dim_ov,
+        activation_aware=args.calibration is not None,
+        damping=args.damping,
+    )
     flat = {k: v for k, v in flat.items() if v is not None}
     specs_from_flat(flat, namer=_option)  # FNLConfig's validation, spelled as options, before the heavy imports
     calibration = None if args.calibration is None else read_texts(args.calibration, "--calibration")
@@ -100,8 +130,10 @@ def run(args) -> int:
             del reference
         print(format_table(model.config.fnl_config))
         if evaluation is None:
-            print("output fidelity not measured: give --eval-text FILE (or --calibration FILE) to compare the "
-                  "compressed model's outputs with the original's")
+            print(
+                "output fidelity not measured: give --eval-text FILE (or --calibration FILE) to compare the "
+                "compressed model's outputs with the original's"
+            )
         parent = os.path.dirname(os.path.abspath(args.out_dir))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".fnl-compress-", dir=parent)
@@ -118,9 +150,11 @@ def run(args) -> int:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    print(f"saved to {args.out_dir} with {len(copied)} other files of MODEL_DIR"
-          + (f" (not copied, weights of the original: {', '.join(skipped)})" if skipped else "")
-          + f"; load it with fnl_transformers.hf.from_pretrained({args.out_dir!r})")
+    print(
+        f"saved to {args.out_dir} with {len(copied)} other files of MODEL_DIR"
+        + (f" (not copied, weights of the original: {', '.join(skipped)})" if skipped else "")
+        + f"; load it with fnl_transformers.hf.from_pretrained({args.out_dir!r})"
+    )
     return 0
 
 
@@ -132,8 +166,10 @@ def load_tokenizer(model_dir: str):
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{model_dir} has no usable tokenizer ({reason}); --calibration and --eval-text need the "
-                         "model's tokenizer files in MODEL_DIR") from None
+        raise ValueError(
+            f"{model_dir} has no usable tokenizer ({reason}); --calibration and --eval-text need the "
+            "model's tokenizer files in MODEL_DIR"
+        ) from None
 
 
 def load_vanilla(model_dir: str):

@@ -1,5 +1,6 @@
 """``fnl inspect DIR``: print the per-layer table (ranks, parameters, relative approximation error at patch
 time) of a model saved after ``patch_model`` / ``fnl compress``. Reads DIR/config.json only."""
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,16 @@ def run(args) -> int:
         config = json.load(f)
     plan = config.get(CONFIG_KEY)
     if not isinstance(plan, dict):
-        raise ValueError(f"{args.dir} is not a fnl_transformers checkpoint (config.json has no {CONFIG_KEY!r}); "
-                         "`fnl compress` makes one")
+        raise ValueError(
+            f"{args.dir} is not a fnl_transformers checkpoint (config.json has no {CONFIG_KEY!r}); "
+            "`fnl compress` makes one"
+        )
     plan = Plan.from_dict(plan)
     defaults = FNLConfig().to_dict()
     settings = {k: v for k, v in plan.config.to_dict().items() if v != defaults[k]}
-    print(f"{args.dir}: {config.get('architectures', ['?'])[0]} patched by fnl_transformers ({plan.arch}); "
-          f"settings: {json.dumps(settings)}")
+    print(
+        f"{args.dir}: {config.get('architectures', ['?'])[0]} patched by fnl_transformers ({plan.arch}); "
+        f"settings: {json.dumps(settings)}"
+    )
     print(format_table(plan))
     return 0

@@ -34,6 +34,7 @@ Reported errors (:class:`FitErrors`): ``rel_error``, the relative error of the m
 ``sqrt(sum_{i>r} s_i^2 / sum_i s_i^2)`` of the scaled matrix; ``output_rel_error``, the relative output error on the
 calibration inputs themselves (undamped ``C``); ``weight_rel_error``, ``||W - W'||_F / ||W||_F`` (SI's number).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -182,8 +183,10 @@ class FitErrors:
 # ----------------------------------------------------------------------------------------------------------------
 def _sym(C: torch.Tensor, n: int, name: str) -> torch.Tensor:
     if not isinstance(C, torch.Tensor) or C.shape[-2:] != (n, n):
-        raise ValueError(f"{name} must be a {n} x {n} matrix (E[x x^T] of the layer's inputs), got "
-                         f"{tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__}")
+        raise ValueError(
+            f"{name} must be a {n} x {n} matrix (E[x x^T] of the layer's inputs), got "
+            f"{tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__}"
+        )
     C = C.detach().double()
     return (C + C.transpose(-1, -2)) / 2
 
@@ -246,7 +249,7 @@ def _sq_norm(A, B, CL=None, CR=None) -> torch.Tensor:
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
     n, d = max(float(num), 0.0), float(den)
-    return (n / d) ** 0.5 if d > 0 else n ** 0.5
+    return (n / d) ** 0.5 if d > 0 else n**0.5
 
 
 def _balanced(A: torch.Tensor, B: torch.Tensor, rank: int, pad_std, generator):
@@ -315,8 +318,10 @@ def embedding_activation_init(
     check_positive_int("rank", rank)
     vocab, d = weight.shape
     if not isinstance(counts, torch.Tensor) or counts.shape != (vocab,):
-        raise ValueError(f"counts must be a tensor of {vocab} token counts, got "
-                         f"{tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}")
+        raise ValueError(
+            f"counts must be a tensor of {vocab} token counts, got "
+            f"{tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}"
+        )
     damping = check_damping(damping)
     c = counts.detach().double()
     if bool((c < 0).any()) or not bool(torch.isfinite(c).all()):
@@ -328,8 +333,10 @@ def embedding_activation_init(
     p = c / c.sum() if float(c.sum()) > 0 else torch.full_like(c, 1.0 / vocab)  # no counts: weight-only SI
     w = p + damping * p.mean()
     if bool((w <= 0).any()):
-        raise ValueError(f"{int((w <= 0).sum())} tokens have weight 0 (never seen) and damping={damping}: "
-                         f"use damping > 0 (e.g. {DEFAULT_DAMPING})")
+        raise ValueError(
+            f"{int((w <= 0).sum())} tokens have weight 0 (never seen) and damping={damping}: "
+            f"use damping > 0 (e.g. {DEFAULT_DAMPING})"
+        )
     # right singular vectors of diag(sqrt w) E from its d x d Gram E^T diag(w) E (vocab >> d): E' = E P_r
     lam, Q = torch.linalg.eigh(E.t() @ (w.unsqueeze(1) * E))
     lam, Q = lam.flip(0).clamp_min(0), Q.flip(1)  # descending; s_i^2 = lam_i
@@ -410,8 +417,18 @@ def attention_activation_init(
     q_s = Wq @ Sq
     kb, vb, ob = (None if b is None else b.detach().double() for b in (k_bias, v_bias, o_bias))
     si = attention_spectral_init(
-        q_s[:, :d], Wk @ Sk, _per_head(Wv, Sv, H, torch.matmul), Wo, H, qk_rank=qk_rank, ov_rank=ov_rank,
-        q_bias=None if q_bias is None else q_s[:, d], k_bias=kb, v_bias=vb, o_bias=ob, num_kv_heads=num_kv_heads,
+        q_s[:, :d],
+        Wk @ Sk,
+        _per_head(Wv, Sv, H, torch.matmul),
+        Wo,
+        H,
+        qk_rank=qk_rank,
+        ov_rank=ov_rank,
+        q_bias=None if q_bias is None else q_s[:, d],
+        k_bias=kb,
+        v_bias=vb,
+        o_bias=ob,
+        num_kv_heads=num_kv_heads,
     )
     q2, k2, v2, o2 = (_given(si, f"{k}_weight") for k in "qkvo")
     if q_bias is not None:

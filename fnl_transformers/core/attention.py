@@ -17,6 +17,7 @@ exactly:
 
 The caller must keep the attention's original score scaling (``1/sqrt(original head_dim)``).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence

@@ -26,6 +26,7 @@ Coupled FD goes through one autograd node per plan (:class:`_PlanSqNorms`, close
 FD (the optimizers) calls :meth:`FDPlan.add_grads`, which accumulates ``w_f dFD/dp`` into caller buffers
 (for FLAMBe, the update direction itself) inside the matrix products.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -45,6 +46,7 @@ STACK_MAX_ELEMENTS = 1 << 14
 
 
 # ------------------------------------------------------------------------------------------ single-batch math
+
 
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     """float64 if any factor is float64, else float32 (half-precision factors are computed in float32)."""
@@ -174,6 +176,7 @@ def product_grads(A, B, M, W, AM, w, need=(True, True, True)):
 
 # ------------------------------------------------------------------------------------------ plans
 
+
 def _factor_shape(view: FactorView, shape: Sequence[int]) -> Tuple[int, int, int]:
     """``(heads, dim, head_dim)`` of the batched factor ``view`` reads from a 2-D tensor of ``shape``."""
     if len(shape) != 2:
@@ -247,8 +250,10 @@ class FDPlan:
             H, m, k = _factor_shape(spec.a, sa)
             G, n, kb = _factor_shape(spec.b, sb)
             if kb != k or H % G:
-                raise ValueError(f"{spec.kind} form: factors of {H} x {m} x {k} and {G} x {n} x {kb} (heads x dim x "
-                                 "head_dim) do not pair")
+                raise ValueError(
+                    f"{spec.kind} form: factors of {H} x {m} x {k} and {G} x {n} x {kb} (heads x dim x "
+                    "head_dim) do not pair"
+                )
             dm = None
             if im is not None:
                 sm, dm, devm = metas[im]
@@ -308,8 +313,14 @@ class FDPlan:
 
     # -------------------------------------------------------------------------- gradients
 
-    def add_grads(self, tensors: Sequence[torch.Tensor], weights: torch.Tensor, out: Dict[int, torch.Tensor],
-                  need: Optional[Sequence[bool]] = None, saved=None) -> Dict[int, torch.Tensor]:
+    def add_grads(
+        self,
+        tensors: Sequence[torch.Tensor],
+        weights: torch.Tensor,
+        out: Dict[int, torch.Tensor],
+        need: Optional[Sequence[bool]] = None,
+        saved=None,
+    ) -> Dict[int, torch.Tensor]:
         """``out[i] += sum_f weights[f] * d(1/2 ||W_f||_F^2)/d tensors[i]`` (plan order ``f``), for every tensor
         ``i`` with ``need[i]`` (default all). Missing buffers are created in the compute dtype (float32 or
         float64) with the tensor's layout; buffers given in ``out`` receive the products in place."""
@@ -434,8 +445,10 @@ def _inplace_grads(g: _Group, tensors, saved, w: torch.Tensor, sink: _Sink):
     for slot, (Ga, Gb), wf in zip(g.slots, saved, w.unbind()):
         A, B, M = _views(slot, tensors, g.dtype)
         need = _needs(slot, sink)
-        out = (sink.target(slot.ia, slot.a, g.dtype) if need[0] else None,
-               sink.target(slot.ib, slot.b, g.dtype) if need[1] else None)
+        out = (
+            sink.target(slot.ia, slot.a, g.dtype) if need[0] else None,
+            sink.target(slot.ib, slot.b, g.dtype) if need[1] else None,
+        )
         dA, dB, dM = gram_grads(A, B, M, Ga, Gb, wf.expand(g.H), need, out)
         _put(slot, sink, dA, dB, dM)
 
@@ -461,8 +474,13 @@ def _stacked_grads(g: _Group, tensors, saved, w: torch.Tensor, sink: _Sink):
     dA, dB, dM = gram_grads(A, B, M, Ga, Gb, w.repeat_interleave(g.H), need)
     for f, (slot, n) in enumerate(zip(g.slots, needs)):
         heads, groups = slice(f * g.H, (f + 1) * g.H), slice(f * g.G, (f + 1) * g.G)
-        _put(slot, sink, None if dA is None or not n[0] else dA[heads], None if dB is None or not n[1] else dB[groups],
-             None if dM is None or not n[2] else dM[heads])
+        _put(
+            slot,
+            sink,
+            None if dA is None or not n[0] else dA[heads],
+            None if dB is None or not n[1] else dB[groups],
+            None if dM is None or not n[2] else dM[heads],
+        )
 
 
 # dense route (overcomplete factors): per form, through the m x n product
@@ -485,6 +503,7 @@ def _product_grads(g: _Group, tensors, saved, w: torch.Tensor, sink: _Sink):
 
 
 # ------------------------------------------------------------------------------------------ plan caches
+
 
 def _meta(t: torch.Tensor) -> Meta:
     return (t.shape, t.dtype, t.device)
@@ -590,4 +609,3 @@ def model_plan(model: nn.Module, kinds: Sequence[str]):
     plan = FDPlan([_rekey(*ref) for ref in refs], key[1])
     per_model[kinds_key] = (key, plan)
     return plan, tensors
-

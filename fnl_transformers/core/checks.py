@@ -1,4 +1,5 @@
 """Numerical guards: report a non-finite loss or factor by name instead of letting it propagate silently."""
+
 from __future__ import annotations
 
 import math

@@ -13,6 +13,7 @@ projections such as GPT-2's ``c_attn``), and split the rows into heads. Integrat
 with these specs (:func:`register_attention_forms`); the math in :mod:`.frobenius` never sees layouts.
 Specs are plain data, so they survive ``deepcopy``, pickling and ``.to(device)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -223,7 +224,7 @@ def attention_forms(
         if w.dim() != 2:
             raise ValueError(f"{name}_weight must be 2-D, got shape {tuple(w.shape)}")
     G = num_kv_heads or num_heads
-    rows = lambda w, t: (w.shape[1] if t else w.shape[0])  # noqa: E731
+    rows = lambda w, t: w.shape[1] if t else w.shape[0]  # noqa: E731
     _split(rows(q_weight, transposed), num_heads, "q_weight")
     _split(rows(k_weight, transposed), G, "k_weight")
     _split(rows(v_weight, transposed), G, "v_weight")

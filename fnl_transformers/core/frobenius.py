@@ -15,6 +15,7 @@ With grouped-query attention ``B`` has ``G`` heads shared by ``H / G`` query hea
 (:func:`frobenius_penalty`, :func:`frobenius_penalty_by_kind`, :func:`fd_grads`, :func:`accumulate_fd_grads`)
 run every form in grouped, batched calls; :func:`form_sq_norms` / :func:`form_grads` handle one bound form.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -40,8 +41,16 @@ from .settings import FDSpec, check_fd_coefficients
 from .sharded import accumulate_sharded_fd_grads, is_dtensor
 from .spectral import qr_core
 
-__all__ = ["accumulate_fd_grads", "fd_grads", "form_diagnostics", "form_grads", "form_sq_norms", "frobenius_penalty",
-           "frobenius_penalty_by_kind", "use_product"]
+__all__ = [
+    "accumulate_fd_grads",
+    "fd_grads",
+    "form_diagnostics",
+    "form_grads",
+    "form_sq_norms",
+    "frobenius_penalty",
+    "frobenius_penalty_by_kind",
+    "use_product",
+]
 
 
 def _bound(f: BoundForm):

@@ -17,6 +17,7 @@ layouts to and from these dicts.
   1) and OV forms ``W_o,h W_v,h``, for reports; :func:`form_rel_errors` compares two sets of them;
 * the shrink-only rule is :func:`fnl_transformers.core.settings.check_shrink`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -68,8 +69,12 @@ class HeadDims:
 
     def per_key(self) -> Dict[str, Tuple[int, int]]:
         """``{q,k,v,o}: (heads, per-head dim)`` of each projection."""
-        return {"q": (self.heads, self.qk), "k": (self.kv_heads, self.qk), "v": (self.kv_heads, self.ov),
-                "o": (self.heads, self.ov)}
+        return {
+            "q": (self.heads, self.qk),
+            "k": (self.kv_heads, self.qk),
+            "v": (self.kv_heads, self.ov),
+            "o": (self.heads, self.ov),
+        }
 
 
 def weights(t: Tensors) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,8 +108,14 @@ def form_param_counts(t: Tensors, dims: HeadDims) -> Dict[str, int]:
     return {form: sum(count(shapes[k]) for k in keys) for form, keys in FORM_KEYS.items()}
 
 
-def shrink_heads(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Optional[str],
-                 fresh: Optional[FreshInit] = None, calibration: Optional[HeadCalibration] = None) -> Tensors:
+def shrink_heads(
+    t: Tensors,
+    dims: HeadDims,
+    init_qk: Optional[str],
+    init_ov: Optional[str],
+    fresh: Optional[FreshInit] = None,
+    calibration: Optional[HeadCalibration] = None,
+) -> Tensors:
     """Tensors of the attention ``t`` (full heads) resized to ``dims``, form by form.
 
     ``init_<form>``: ``"spectral"`` (per-head SI, :func:`~fnl_transformers.core.attention_spectral_init`: exact
@@ -118,16 +129,23 @@ def shrink_heads(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Op
     return shrink_heads_with_errors(t, dims, init_qk, init_ov, fresh, calibration)[0]
 
 
-def shrink_heads_with_errors(t: Tensors, dims: HeadDims, init_qk: Optional[str], init_ov: Optional[str],
-                             fresh: Optional[FreshInit] = None, calibration: Optional[HeadCalibration] = None
-                             ) -> Tuple[Tensors, Dict[str, FitErrors]]:
+def shrink_heads_with_errors(
+    t: Tensors,
+    dims: HeadDims,
+    init_qk: Optional[str],
+    init_ov: Optional[str],
+    fresh: Optional[FreshInit] = None,
+    calibration: Optional[HeadCalibration] = None,
+) -> Tuple[Tensors, Dict[str, FitErrors]]:
     """:func:`shrink_heads` and ``{form: FitErrors}`` of the forms initialized ``"activation"`` (the minimized,
     output and weight relative errors over all heads)."""
     inits = {"qk": init_qk, "ov": init_ov}
     for form, init in inits.items():
         if init is None and dims.shrinks(form):
-            raise ValueError(f"the {form.upper()} heads shrink from {dims.head_dim} to {getattr(dims, form)}: choose "
-                             f"their initialization ({' or '.join(INITS)})")
+            raise ValueError(
+                f"the {form.upper()} heads shrink from {dims.head_dim} to {getattr(dims, form)}: choose "
+                f"their initialization ({' or '.join(INITS)})"
+            )
         if init is not None and init not in INITS:
             raise ValueError(f"head initialization must be one of {INITS} or None, got {init!r}")
     out = dict(t)
@@ -139,13 +157,27 @@ def shrink_heads_with_errors(t: Tensors, dims: HeadDims, init_qk: Optional[str],
     activation = [form for form, init in inits.items() if init == "activation"]
     if activation:
         if calibration is None:
-            raise ValueError("activation-aware head initialization needs the attention input's statistics "
-                             "(calibration)")
+            raise ValueError(
+                "activation-aware head initialization needs the attention input's statistics (calibration)"
+            )
         q, k, v, o = weights(t)
         new, fits = attention_activation_init(
-            q, k, v, o, dims.heads, calibration.second_moment, calibration.mean, qk_rank=dims.qk, ov_rank=dims.ov,
-            q_bias=t.get("q_bias"), k_bias=t.get("k_bias"), v_bias=t.get("v_bias"), o_bias=t.get("o_bias"),
-            num_kv_heads=kv_heads, ov_second_moment=calibration.ov_second_moment, damping=calibration.damping,
+            q,
+            k,
+            v,
+            o,
+            dims.heads,
+            calibration.second_moment,
+            calibration.mean,
+            qk_rank=dims.qk,
+            ov_rank=dims.ov,
+            q_bias=t.get("q_bias"),
+            k_bias=t.get("k_bias"),
+            v_bias=t.get("v_bias"),
+            o_bias=t.get("o_bias"),
+            num_kv_heads=kv_heads,
+            ov_second_moment=calibration.ov_second_moment,
+            damping=calibration.damping,
         )
         for form in activation:
             out.update({k: new[k] for k in FORM_KEYS[form]})
@@ -169,9 +201,19 @@ def _spectral(t: Tensors, dims: HeadDims, forms) -> Tensors:
     """Per-head SI of the ``forms`` of ``t`` at ``dims`` (core :func:`attention_spectral_init`)."""
     q, k, v, o = weights(t)
     si = attention_spectral_init(
-        q, k, v, o, dims.heads, qk_rank=dims.qk, ov_rank=dims.ov, q_bias=t.get("q_bias"), k_bias=t.get("k_bias"),
-        v_bias=t.get("v_bias"), o_bias=t.get("o_bias"),
-        num_kv_heads=None if dims.kv_heads == dims.heads else dims.kv_heads, forms=forms,
+        q,
+        k,
+        v,
+        o,
+        dims.heads,
+        qk_rank=dims.qk,
+        ov_rank=dims.ov,
+        q_bias=t.get("q_bias"),
+        k_bias=t.get("k_bias"),
+        v_bias=t.get("v_bias"),
+        o_bias=t.get("o_bias"),
+        num_kv_heads=None if dims.kv_heads == dims.heads else dims.kv_heads,
+        forms=forms,
     )
     out: Tensors = {}
     for form in forms:
@@ -181,8 +223,9 @@ def _spectral(t: Tensors, dims: HeadDims, forms) -> Tensors:
 
 def _views(dims: HeadDims) -> Dict[str, FactorView]:
     """The per-head view of each projection, as the QK / OV forms read it (q, k, v rows; o columns)."""
-    qk, ov = attention_form_specs("q", "k", "v", "o", dims.heads,
-                                  None if dims.kv_heads == dims.heads else dims.kv_heads)
+    qk, ov = attention_form_specs(
+        "q", "k", "v", "o", dims.heads, None if dims.kv_heads == dims.heads else dims.kv_heads
+    )
     return {"q": qk.a, "k": qk.b, "v": ov.b, "o": ov.a}
 
 
@@ -234,5 +277,15 @@ def form_rel_errors(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tens
     return out
 
 
-__all__ = ["FORM_KEYS", "HeadDims", "KEYS", "form_param_counts", "form_rel_errors", "head_products", "head_shapes",
-           "pad_heads", "shrink_heads", "shrink_heads_with_errors"]
+__all__ = [
+    "FORM_KEYS",
+    "HeadDims",
+    "KEYS",
+    "form_param_counts",
+    "form_rel_errors",
+    "head_products",
+    "head_shapes",
+    "pad_heads",
+    "shrink_heads",
+    "shrink_heads_with_errors",
+]

@@ -10,6 +10,7 @@ and ``dense`` (each factor drawn from the dense layer's own initialization, give
 PyTorch's default for the layer type: ``U(-1/sqrt(in), 1/sqrt(in))`` for ``nn.Linear``, ``N(0, 1)`` for
 ``nn.Embedding``).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,9 @@ def embedding_default_fill(t: torch.Tensor) -> torch.Tensor:
     return nn.init.normal_(t)
 
 
-def init_dense(weight: torch.Tensor, rank: int, generator=None, fill: Optional[Fill] = None
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
+def init_dense(
+    weight: torch.Tensor, rank: int, generator=None, fill: Optional[Fill] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Each factor's entries drawn from the dense layer's own initialization ``fill`` (the rule of the paper's
     official code, e.g. ``U(-0.1, 0.1)`` for both factors of its linear layers): ``U (m x r)``, ``V (n x r)``.
     ``fill`` defaults to ``nn.Linear``'s distribution for a weight of this shape."""
@@ -83,12 +85,16 @@ def _init(weight: torch.Tensor, rank: int, init, generator=None, fill: Optional[
         U, V = init(weight, rank, generator=generator)
         m, n = weight.shape
         if tuple(U.shape) != (m, rank) or tuple(V.shape) != (n, rank):
-            raise ValueError(f"init returned factors of shapes {tuple(U.shape)} and {tuple(V.shape)}; a rank-{rank} "
-                             f"factorization of a {m} x {n} weight needs ({m}, {rank}) and ({n}, {rank})")
+            raise ValueError(
+                f"init returned factors of shapes {tuple(U.shape)} and {tuple(V.shape)}; a rank-{rank} "
+                f"factorization of a {m} x {n} weight needs ({m}, {rank}) and ({n}, {rank})"
+            )
         return U, V
     if init not in INIT_METHODS:
-        raise ValueError(f"init must be one of {sorted(INIT_METHODS)} or a callable (weight, rank, generator) -> "
-                         f"(U, V), got {init!r}")
+        raise ValueError(
+            f"init must be one of {sorted(INIT_METHODS)} or a callable (weight, rank, generator) -> "
+            f"(U, V), got {init!r}"
+        )
     if init == "dense":
         return init_dense(weight, rank, generator=generator, fill=fill)
     if fill is not None:
@@ -144,8 +150,16 @@ class FactorizedLinear(_Factorized):
 
     fd_kind = "linear"
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, deep: bool = False,
-                 dtype=None, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        deep: bool = False,
+        dtype=None,
+        device=None,
+    ):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
@@ -170,9 +184,16 @@ class FactorizedLinear(_Factorized):
         return F.linear(x, self._left() @ self.V.t(), self.bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: Optional[int] = None, rank_scale: Optional[float] = None,
-                    init: str = "spectral", deep: bool = False, generator=None,
-                    fill: Optional[Fill] = None) -> "FactorizedLinear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: Optional[int] = None,
+        rank_scale: Optional[float] = None,
+        init: str = "spectral",
+        deep: bool = False,
+        generator=None,
+        fill: Optional[Fill] = None,
+    ) -> "FactorizedLinear":
         """Factorize ``linear`` at ``rank`` (or ``rank_scale``); ``init='spectral'`` copies its best rank-r
         approximation, ``'random'`` and ``'dense'`` start fresh factors (``fill``: the dense layer's
         initialization, for ``'dense'``). The bias is copied."""
@@ -180,8 +201,15 @@ class FactorizedLinear(_Factorized):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         W = check_matrix("linear.weight", linear.weight)
         rank = resolve_rank(W.shape[0], W.shape[1], rank=rank, rank_scale=rank_scale)
-        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None, deep=deep,
-                    dtype=W.dtype, device=W.device)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            rank,
+            bias=linear.bias is not None,
+            deep=deep,
+            dtype=W.dtype,
+            device=W.device,
+        )
         layer._set_factors(*_init(W, rank, init, generator, fill))
         if linear.bias is not None and layer.bias is not None:
             with torch.no_grad():
@@ -190,8 +218,9 @@ class FactorizedLinear(_Factorized):
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` whose weight is ``product()`` (multiplied out in float32)."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        dtype=self.U.dtype, device=self.U.device)
+        out = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, dtype=self.U.dtype, device=self.U.device
+        )
         with torch.no_grad():
             out.weight.copy_(self.product())
             if self.bias is not None:
@@ -199,8 +228,10 @@ class FactorizedLinear(_Factorized):
         return out
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"bias={self.bias is not None}, deep={self.deep}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, deep={self.deep}"
+        )
 
 
 class FactorizedEmbedding(_Factorized):
@@ -213,8 +244,16 @@ class FactorizedEmbedding(_Factorized):
 
     fd_kind = "embedding"
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: Optional[int] = None,
-                 deep: bool = False, dtype=None, device=None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        padding_idx: Optional[int] = None,
+        deep: bool = False,
+        dtype=None,
+        device=None,
+    ):
         super().__init__()
         self.num_embeddings = check_positive_int("num_embeddings", num_embeddings)
         self.embedding_dim = check_positive_int("embedding_dim", embedding_dim)
@@ -257,17 +296,31 @@ class FactorizedEmbedding(_Factorized):
         return self._left() @ self.V.t()
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, rank: Optional[int] = None,
-                       rank_scale: Optional[float] = None, init: str = "spectral", deep: bool = False,
-                       generator=None, fill: Optional[Fill] = None) -> "FactorizedEmbedding":
+    def from_embedding(
+        cls,
+        embedding: nn.Embedding,
+        rank: Optional[int] = None,
+        rank_scale: Optional[float] = None,
+        init: str = "spectral",
+        deep: bool = False,
+        generator=None,
+        fill: Optional[Fill] = None,
+    ) -> "FactorizedEmbedding":
         """Factorize ``embedding`` (as :meth:`FactorizedLinear.from_linear`; ``'dense'`` without ``fill`` draws
         ``nn.Embedding``'s ``N(0, 1)``); the padding row of ``U`` is zero."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
         W = check_matrix("embedding.weight", embedding.weight)
         rank = resolve_rank(W.shape[0], W.shape[1], rank=rank, rank_scale=rank_scale)
-        layer = cls(embedding.num_embeddings, embedding.embedding_dim, rank, embedding.padding_idx, deep,
-                    dtype=W.dtype, device=W.device)
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            rank,
+            embedding.padding_idx,
+            deep,
+            dtype=W.dtype,
+            device=W.device,
+        )
         if init == "dense" and fill is None:
             fill = embedding_default_fill
         layer._set_factors(*_init(W, rank, init, generator, fill))
@@ -275,12 +328,19 @@ class FactorizedEmbedding(_Factorized):
         return layer
 
     def to_embedding(self) -> nn.Embedding:
-        out = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
-                           dtype=self.U.dtype, device=self.U.device)
+        out = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            padding_idx=self.padding_idx,
+            dtype=self.U.dtype,
+            device=self.U.device,
+        )
         with torch.no_grad():
             out.weight.copy_(self.product())
         return out
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, padding_idx={self.padding_idx}, "
-                f"deep={self.deep}")
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, padding_idx={self.padding_idx}, "
+            f"deep={self.deep}"
+        )

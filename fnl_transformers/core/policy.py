@@ -20,6 +20,7 @@ parameter, the forms it belongs to (plain data, e.g. stored in ``p.optim_overrid
 :func:`forms_from_memberships` rebuilds the forms as :class:`~fnl_transformers.core.FormSpec` s keyed by
 indices into whatever list of parameters (or fp32 copies of them) the optimizer receives.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,11 +49,18 @@ class DecayPolicy:
     """FD / weight decay / none for each parameter (see the module docstring for the rule)."""
 
     fd: FDSpec = field(default_factory=FDSpec)
-    weight_decay_factors: bool = field(default=True, metadata={"help": (
-        "weight decay on the factors of forms without FD (U, V of factorized layers, attention projections); "
-        "False gives them no decay")})
-    decay_bias_norm: bool = field(default=False, metadata={"help": (
-        "weight decay on biases and normalization layers too")})
+    weight_decay_factors: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "weight decay on the factors of forms without FD (U, V of factorized layers, attention projections); "
+                "False gives them no decay"
+            )
+        },
+    )
+    decay_bias_norm: bool = field(
+        default=False, metadata={"help": ("weight decay on biases and normalization layers too")}
+    )
     bias_norm: BiasNormRule = default_no_decay
 
     def __post_init__(self):
@@ -128,5 +136,13 @@ def forms_from_memberships(memberships: Sequence[Optional[Sequence[dict]]]) -> L
     return specs
 
 
-__all__ = ["DECAYS", "FD", "NO_DECAY", "WEIGHT_DECAY", "DecayPolicy", "default_no_decay", "form_memberships",
-           "forms_from_memberships"]
+__all__ = [
+    "DECAYS",
+    "FD",
+    "NO_DECAY",
+    "WEIGHT_DECAY",
+    "DecayPolicy",
+    "default_no_decay",
+    "form_memberships",
+    "forms_from_memberships",
+]

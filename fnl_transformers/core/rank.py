@@ -4,6 +4,7 @@ The paper (Khodak et al., ICLR 2021, Section 2) parameterizes a factorized layer
 *rank scale* ``rho``: a layer ``W in R^{m x n}`` gets rank ``round(rho * min(m, n))``.
 ``rho < 1`` compresses, ``rho >= 1`` is overcomplete (teacher-free distillation).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -83,8 +84,9 @@ def factorized_total(shapes: Sequence[Tuple[int, int]], rest: int, scale: float,
     return rest + sum(factorized_param_count(m, n, rank_from_scale(m, n, scale), deep) for m, n in shapes)
 
 
-def rank_scale_for_budget(shapes: Sequence[Tuple[int, int]], rest: int, budget: float, deep: bool = False,
-                          tol: float = 1e-4) -> float:
+def rank_scale_for_budget(
+    shapes: Sequence[Tuple[int, int]], rest: int, budget: float, deep: bool = False, tol: float = 1e-4
+) -> float:
     """Largest rank scale whose factorized layers (``m x n`` each, from shapes alone) plus ``rest`` other
     parameters count at most ``budget``. Bisection: the rank rule makes the count a step function.
     Raises ValueError when even rank 1 everywhere exceeds the budget."""
@@ -93,8 +95,10 @@ def rank_scale_for_budget(shapes: Sequence[Tuple[int, int]], rest: int, budget: 
     lo, hi = 1e-9, 1.0
     smallest = factorized_total(shapes, rest, lo, deep)
     if smallest > budget:
-        raise ValueError(f"unreachable: rank 1 in every factorized layer still keeps {smallest:,} parameters, more "
-                         f"than the budget of {int(budget):,}")
+        raise ValueError(
+            f"unreachable: rank 1 in every factorized layer still keeps {smallest:,} parameters, more "
+            f"than the budget of {int(budget):,}"
+        )
     while factorized_total(shapes, rest, hi, deep) <= budget and hi < 1e6:
         hi *= 2
     for _ in range(200):
@@ -137,8 +141,9 @@ def rank_scale_for_param_ratio(
     return rank_scale_for_budget(shapes, rest, target_ratio * total, deep, tol)
 
 
-def plan_ranks(layers: Sequence[Tuple[str, int, int]], structure, params_before: int,
-               params_now: Optional[int] = None) -> Dict[str, int]:
+def plan_ranks(
+    layers: Sequence[Tuple[str, int, int]], structure, params_before: int, params_now: Optional[int] = None
+) -> Dict[str, int]:
     """``{layer name: rank}`` of the layers to factorize, from shapes only.
 
     ``layers``: ``(qualified name, m, n)`` of every candidate layer (the parts in ``structure.factorize``);
@@ -161,25 +166,42 @@ def plan_ranks(layers: Sequence[Tuple[str, int, int]], structure, params_before:
     unused = [p for p in structure.ranks if p not in used]
     if unused:
         examples = ", ".join(name for name, _, _ in layers[:4]) or "none"
-        raise SettingsError(lambda n: f"{n('ranks')}: pattern(s) {unused} match no layer of the parts "
-                                      f"{list(structure.factorize)} (layer names look like: {examples})")
+        raise SettingsError(
+            lambda n: (
+                f"{n('ranks')}: pattern(s) {unused} match no layer of the parts "
+                f"{list(structure.factorize)} (layer names look like: {examples})"
+            )
+        )
     scale = structure.rank_scale
     if structure.target_param_ratio is not None:
         scaled = [(m, n) for name, m, n in layers if name not in explicit]
         if not scaled:
-            raise SettingsError(lambda n: f"{n('target_param_ratio')}: every layer has an explicit rank in "
-                                          f"{n('ranks')}; nothing left to scale")
-        rest = params_now - sum(m * n for m, n in scaled) + sum(
-            factorized_param_count(m, n, explicit[name], structure.deep) - m * n
-            for name, m, n in layers if name in explicit)
+            raise SettingsError(
+                lambda n: (
+                    f"{n('target_param_ratio')}: every layer has an explicit rank in "
+                    f"{n('ranks')}; nothing left to scale"
+                )
+            )
+        rest = (
+            params_now
+            - sum(m * n for m, n in scaled)
+            + sum(
+                factorized_param_count(m, n, explicit[name], structure.deep) - m * n
+                for name, m, n in layers
+                if name in explicit
+            )
+        )
         try:
             scale = rank_scale_for_budget(scaled, rest, structure.target_param_ratio * params_before, structure.deep)
         except ValueError:
             smallest = factorized_total(scaled, rest, 1e-9, structure.deep)
-            raise SettingsError(lambda n: (
-                f"{n('target_param_ratio')} {structure.target_param_ratio} is unreachable: rank 1 in every "
-                f"factorized layer still keeps {smallest / params_before:.4f} of the parameters; raise the ratio or "
-                "factorize more parts")) from None
+            raise SettingsError(
+                lambda n: (
+                    f"{n('target_param_ratio')} {structure.target_param_ratio} is unreachable: rank 1 in every "
+                    f"factorized layer still keeps {smallest / params_before:.4f} of the parameters; raise the ratio "
+                    "or factorize more parts"
+                )
+            ) from None
     ranks = {}
     for name, m, n in layers:
         if name in explicit:
@@ -196,14 +218,21 @@ def _warn_growth(layers, ranks: Dict[str, int], explicit: Dict[str, int], struct
     if structure.deep:
         return
     intended = structure.rank_scale is not None and structure.rank_scale >= 1
-    grown = [(name, m, n, ranks[name], factorized_param_count(m, n, ranks[name])) for name, m, n in layers
-             if name in ranks and (name in explicit or not intended)
-             and factorized_param_count(m, n, ranks[name]) > m * n]
+    grown = [
+        (name, m, n, ranks[name], factorized_param_count(m, n, ranks[name]))
+        for name, m, n in layers
+        if name in ranks and (name in explicit or not intended) and factorized_param_count(m, n, ranks[name]) > m * n
+    ]
     if not grown:
         return
-    shown = "; ".join(f"{name} rank {r} of {m} x {n}: {m * n:,} -> {after:,} parameters"
-                      for name, m, n, r, after in grown[:3]) + (f"; +{len(grown) - 3} more" if len(grown) > 3 else "")
+    shown = "; ".join(
+        f"{name} rank {r} of {m} x {n}: {m * n:,} -> {after:,} parameters" for name, m, n, r, after in grown[:3]
+    ) + (f"; +{len(grown) - 3} more" if len(grown) > 3 else "")
     growth = sum(after - m * n for _, m, n, _, after in grown)
-    warnings.warn(f"{len(grown)} factorized layer(s) get more parameters than their dense weights ({shown}; "
-                  f"{growth:+,} in all): ranks below m n / (m + n) compress; for overcomplete factors on purpose "
-                  "use a rank scale >= 1 or deep", UserWarning, stacklevel=2)
+    warnings.warn(
+        f"{len(grown)} factorized layer(s) get more parameters than their dense weights ({shown}; "
+        f"{growth:+,} in all): ranks below m n / (m + n) compress; for overcomplete factors on purpose "
+        "use a rank scale >= 1 or deep",
+        UserWarning,
+        stacklevel=2,
+    )

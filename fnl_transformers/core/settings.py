@@ -15,6 +15,7 @@ The integrations are thin converters to these specs, with the same names on both
 Bad values raise :class:`SettingsError`, a ``ValueError`` whose message names the setting; a converter re-spells
 it in its own terms (``SettingsError.spelled(namer)``, e.g. ``--rank-scale`` instead of ``rank_scale``).
 """
+
 from __future__ import annotations
 
 import math
@@ -87,9 +88,13 @@ def check_param_ratio(value, name: str = "target_param_ratio") -> float:
     if not math.isfinite(t) or t <= 0:
         raise SettingsError(lambda n: f"{n(name)} must be a number in (0, 1], got {value!r}")
     if t > 1:
-        raise SettingsError(lambda n: f"{n(name)} must be a number in (0, 1], got {value!r}: keeping more parameters "
-                                      "than the model has would need factorized layers larger than the dense ones; "
-                                      "ask for a smaller fraction (overcomplete factors come from a rank scale >= 1)")
+        raise SettingsError(
+            lambda n: (
+                f"{n(name)} must be a number in (0, 1], got {value!r}: keeping more parameters "
+                "than the model has would need factorized layers larger than the dense ones; "
+                "ask for a smaller fraction (overcomplete factors come from a rank scale >= 1)"
+            )
+        )
     return t
 
 
@@ -97,8 +102,12 @@ def check_damping(value, name: str = "damping") -> float:
     """The one rule for the damping of a second moment (activation-aware truncation): a finite number >= 0."""
     d = _number(name, value, ">= 0")
     if not (math.isfinite(d) and d >= 0):
-        raise SettingsError(lambda n: f"{n(name)} must be a finite number >= 0 (relative damping of the inputs' "
-                                      f"second moment; default {DEFAULT_DAMPING}), got {value!r}")
+        raise SettingsError(
+            lambda n: (
+                f"{n(name)} must be a finite number >= 0 (relative damping of the inputs' "
+                f"second moment; default {DEFAULT_DAMPING}), got {value!r}"
+            )
+        )
     return d
 
 
@@ -108,8 +117,10 @@ def fits_heads(value, full: int) -> bool:
 
 
 def shrink_message(label: str, value, full: int, where: str = "") -> str:
-    return (f"{label} {value} does not fit {where or 'the attention'}: its heads have dimension {full} and can only "
-            f"shrink; use an integer in [1, {full}]")
+    return (
+        f"{label} {value} does not fit {where or 'the attention'}: its heads have dimension {full} and can only "
+        f"shrink; use an integer in [1, {full}]"
+    )
 
 
 def check_shrink(label: str, value, full: int, where: str = "") -> int:
@@ -122,15 +133,20 @@ def check_shrink(label: str, value, full: int, where: str = "") -> int:
 def _head_dim_error(source: str, form: str, value: int, full: int, where: str, scale) -> SettingsError:
     def message(n: Namer) -> str:
         if source == "rank_scale":
-            return shrink_message(f"the {form.upper()} head dim", f"{value} (from {n('rank_scale')} {scale:g} with "
-                                  f"'attention' in {n('factorize')})", full, where)
+            return shrink_message(
+                f"the {form.upper()} head dim",
+                f"{value} (from {n('rank_scale')} {scale:g} with 'attention' in {n('factorize')})",
+                full,
+                where,
+            )
         return shrink_message(n(source), value, full, where)
 
     return SettingsError(message)
 
 
-def specific_head_dims(head_dim: Optional[int], head_dim_qk: Optional[int],
-                       head_dim_ov: Optional[int]) -> Tuple[Optional[int], Optional[int]]:
+def specific_head_dims(
+    head_dim: Optional[int], head_dim_qk: Optional[int], head_dim_ov: Optional[int]
+) -> Tuple[Optional[int], Optional[int]]:
     """``(head_dim_qk, head_dim_ov)`` from the converters' convenience ``head_dim`` (both forms) and the specific
     ones: the specific value overrides the general one."""
     _positive_int("head_dim", head_dim, hint=" (the reduced per-head dimension; None keeps the model's)")
@@ -144,27 +160,30 @@ def parse_parts(value) -> Tuple[str, ...]:
     try:
         parts = tuple(value)
     except TypeError:
-        raise SettingsError(lambda n: f"{n('factorize')} must be a list of parts among {list(PARTS)}, "
-                                      f"got {value!r}") from None
+        raise SettingsError(
+            lambda n: f"{n('factorize')} must be a list of parts among {list(PARTS)}, got {value!r}"
+        ) from None
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         hint = " ('embeddings' is now spelled 'embedding')" if "embeddings" in unknown else ""
-        raise SettingsError(lambda n: f"{n('factorize')}: unknown part(s) {unknown}; choose among "
-                                      f"{list(PARTS)}{hint}")
+        raise SettingsError(lambda n: f"{n('factorize')}: unknown part(s) {unknown}; choose among {list(PARTS)}{hint}")
     if not parts:
-        raise SettingsError(lambda n: f"{n('factorize')} must name at least one part among {list(PARTS)}, "
-                                      f"got {value!r}")
+        raise SettingsError(
+            lambda n: f"{n('factorize')} must name at least one part among {list(PARTS)}, got {value!r}"
+        )
     return tuple(dict.fromkeys(parts))
 
 
 def _ranks_key_error(pattern) -> SettingsError:
-    return SettingsError(lambda n: f"{n('ranks')}: keys must be module-name patterns (non-empty strings), got "
-                                   f"{pattern!r}")
+    return SettingsError(
+        lambda n: f"{n('ranks')}: keys must be module-name patterns (non-empty strings), got {pattern!r}"
+    )
 
 
 def _coefficient_error(name: str, value) -> SettingsError:
-    return SettingsError(lambda n: f"{n(name)} must be a finite number >= 0 (Frobenius decay coefficient; 0 turns "
-                                   f"it off), got {value!r}")
+    return SettingsError(
+        lambda n: f"{n(name)} must be a finite number >= 0 (Frobenius decay coefficient; 0 turns it off), got {value!r}"
+    )
 
 
 def parse_ranks(value) -> Dict[str, int]:
@@ -174,8 +193,9 @@ def parse_ranks(value) -> Dict[str, int]:
         for item in (s.strip() for s in value.split(",") if s.strip()):
             pattern, sep, rank = item.rpartition("=")
             if not sep or not pattern.strip():
-                raise SettingsError(lambda n: f"{n('ranks')} must be PATTERN=RANK pairs separated by commas, "
-                                              f"got {value!r}")
+                raise SettingsError(
+                    lambda n: f"{n('ranks')} must be PATTERN=RANK pairs separated by commas, got {value!r}"
+                )
             try:
                 out[pattern.strip()] = int(rank)
             except ValueError:
@@ -205,58 +225,116 @@ def _choice(name: str, value, choices: Tuple[str, ...]) -> str:
 class StructureSpec:
     """What is factorized, at which rank, and how it starts (validated on construction, immutable)."""
 
-    rank_scale: Optional[float] = field(default=None, metadata=_help(
-        "factorize the parts in factorize at rank round(R * min(m, n)) per layer (R < 1 compresses, R >= 1 is "
-        "overcomplete); with 'attention' in factorize heads shrink to max(1, int(R * head_dim)); "
-        "default: no rank scale"))
-    factorize: Tuple[str, ...] = field(default=("ffn", "embedding"), metadata=_help(
-        "parts the rank scale factorizes, among ffn (feed-forward layers), embedding (token embeddings and an "
-        "untied output embedding), position (learned positional embeddings) and attention (head dims)"))
-    ranks: Mapping[str, int] = field(default_factory=dict, metadata=_help(
-        "per-module ranks {glob over qualified module names: rank} (first match wins over the rank scale; a "
-        "pattern matching no layer is an error); command line: PATTERN=RANK,..."))
-    target_param_ratio: Optional[float] = field(default=None, metadata=_help(
-        "instead of a rank scale, the one whose factorized model keeps this fraction of the parameters, in (0, 1]"))
-    head_dim_qk: Optional[int] = field(default=None, metadata=_help(
-        "reduced per-head dimension of the attention QK forms (None: keep, or the rank scale with 'attention')"))
-    head_dim_ov: Optional[int] = field(default=None, metadata=_help(
-        "reduced per-head dimension of the attention OV forms (None: keep, or the rank scale with 'attention')"))
-    spectral_init: bool = field(default=True, metadata=_help(
-        "spectral initialization (SI, Definition 3.1) of factorized layers and of shrunk heads; False draws "
-        "fresh random factors / projections"))
-    spectral_init_qk: Optional[bool] = field(default=None, metadata=_help(
-        "per-head SI of the QK forms: None follows spectral_init where the heads shrink and leaves full-size "
-        "heads untouched; True at full head dim re-balances each head's factors (function unchanged); False "
-        "where heads shrink draws random projections"))
-    spectral_init_ov: Optional[bool] = field(default=None, metadata=_help(
-        "per-head SI of the OV forms (as spectral_init_qk)"))
-    factor_init: str = field(default="random", metadata=_help(
-        "factors of layers factorized without SI: random (each factor initialized as its own nn.Linear would be, "
-        "Kaiming-uniform) or dense (each factor drawn entry by entry from the dense layer's own initialization, "
-        "the rule of the paper's official code)", FACTOR_INITS))
-    reduced_heads: str = field(default="truncate", metadata=_help(
-        "how shrunk heads start and score: truncate (SI keeps each full-size head's best rank-r approximation, "
-        "scores scaled by 1/sqrt(original head dim), so the shrunk model is the truncated dense one) or fresh "
-        "(projections drawn at the reduced dims by the model's initialization, SI re-balances each reduced head's "
-        "own product, scores scaled by 1/sqrt(reduced head dim): the rule of the paper's official code)",
-        HEAD_RULES))
-    deep: bool = field(default=False, metadata=_help(
-        "overcomplete U M V^T factors (M starts at the identity), multiplied out after training (Sec. 5)"))
-    activation_aware: bool = field(default=False, metadata=_help(
-        "SI of pretrained weights in the norm of each layer's outputs on calibration data instead of the weights' "
-        "norm (the inputs' second moments; token frequencies for embeddings; per head for shrunk QK/OV forms); "
-        "needs calibration data when the model is patched, so HuggingFace only (fairseq models train from scratch)"))
-    damping: float = field(default=DEFAULT_DAMPING, metadata=_help(
-        "with activation_aware: the inputs' second moment C is damped to C + damping * mean(diag C) * I, which "
-        "keeps input directions the calibration data never visited (0: no damping)"))
+    rank_scale: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "factorize the parts in factorize at rank round(R * min(m, n)) per layer (R < 1 compresses, R >= 1 is "
+            "overcomplete); with 'attention' in factorize heads shrink to max(1, int(R * head_dim)); "
+            "default: no rank scale"
+        ),
+    )
+    factorize: Tuple[str, ...] = field(
+        default=("ffn", "embedding"),
+        metadata=_help(
+            "parts the rank scale factorizes, among ffn (feed-forward layers), embedding (token embeddings and an "
+            "untied output embedding), position (learned positional embeddings) and attention (head dims)"
+        ),
+    )
+    ranks: Mapping[str, int] = field(
+        default_factory=dict,
+        metadata=_help(
+            "per-module ranks {glob over qualified module names: rank} (first match wins over the rank scale; a "
+            "pattern matching no layer is an error); command line: PATTERN=RANK,..."
+        ),
+    )
+    target_param_ratio: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "instead of a rank scale, the one whose factorized model keeps this fraction of the parameters, in (0, 1]"
+        ),
+    )
+    head_dim_qk: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "reduced per-head dimension of the attention QK forms (None: keep, or the rank scale with 'attention')"
+        ),
+    )
+    head_dim_ov: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "reduced per-head dimension of the attention OV forms (None: keep, or the rank scale with 'attention')"
+        ),
+    )
+    spectral_init: bool = field(
+        default=True,
+        metadata=_help(
+            "spectral initialization (SI, Definition 3.1) of factorized layers and of shrunk heads; False draws "
+            "fresh random factors / projections"
+        ),
+    )
+    spectral_init_qk: Optional[bool] = field(
+        default=None,
+        metadata=_help(
+            "per-head SI of the QK forms: None follows spectral_init where the heads shrink and leaves full-size "
+            "heads untouched; True at full head dim re-balances each head's factors (function unchanged); False "
+            "where heads shrink draws random projections"
+        ),
+    )
+    spectral_init_ov: Optional[bool] = field(
+        default=None, metadata=_help("per-head SI of the OV forms (as spectral_init_qk)")
+    )
+    factor_init: str = field(
+        default="random",
+        metadata=_help(
+            "factors of layers factorized without SI: random (each factor initialized as its own nn.Linear would be, "
+            "Kaiming-uniform) or dense (each factor drawn entry by entry from the dense layer's own initialization, "
+            "the rule of the paper's official code)",
+            FACTOR_INITS,
+        ),
+    )
+    reduced_heads: str = field(
+        default="truncate",
+        metadata=_help(
+            "how shrunk heads start and score: truncate (SI keeps each full-size head's best rank-r approximation, "
+            "scores scaled by 1/sqrt(original head dim), so the shrunk model is the truncated dense one) or fresh "
+            "(projections drawn at the reduced dims by the model's initialization, SI re-balances each reduced head's "
+            "own product, scores scaled by 1/sqrt(reduced head dim): the rule of the paper's official code)",
+            HEAD_RULES,
+        ),
+    )
+    deep: bool = field(
+        default=False,
+        metadata=_help(
+            "overcomplete U M V^T factors (M starts at the identity), multiplied out after training (Sec. 5)"
+        ),
+    )
+    activation_aware: bool = field(
+        default=False,
+        metadata=_help(
+            "SI of pretrained weights in the norm of each layer's outputs on calibration data instead of the weights' "
+            "norm (the inputs' second moments; token frequencies for embeddings; per head for shrunk QK/OV forms); "
+            "needs calibration data when the model is patched, so HuggingFace only (fairseq models train from scratch)"
+        ),
+    )
+    damping: float = field(
+        default=DEFAULT_DAMPING,
+        metadata=_help(
+            "with activation_aware: the inputs' second moment C is damped to C + damping * mean(diag C) * I, which "
+            "keeps input directions the calibration data never visited (0: no damping)"
+        ),
+    )
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
         if self.rank_scale is not None:
             r = _number("rank_scale", self.rank_scale, "> 0")
             if not math.isfinite(r) or r <= 0:
-                raise SettingsError(lambda n: f"{n('rank_scale')} must be a finite number > 0 (< 1 compresses, "
-                                              f">= 1 is overcomplete), got {self.rank_scale!r}")
+                raise SettingsError(
+                    lambda n: (
+                        f"{n('rank_scale')} must be a finite number > 0 (< 1 compresses, "
+                        f">= 1 is overcomplete), got {self.rank_scale!r}"
+                    )
+                )
             set_("rank_scale", r)
         set_("factorize", parse_parts(self.factorize))
         set_("ranks", parse_ranks(self.ranks))
@@ -265,10 +343,13 @@ class StructureSpec:
             if self.rank_scale is not None:
                 raise SettingsError(lambda n: f"give {n('rank_scale')} or {n('target_param_ratio')}, not both")
             if "attention" in self.factorize and self.head_dim_qk is None and self.head_dim_ov is None:
-                raise SettingsError(lambda n: (
-                    f"{n('target_param_ratio')} sets the rank scale of FFN/embedding layers only: with 'attention' "
-                    f"in {n('factorize')} give {n('head_dim_qk')}/{n('head_dim_ov')} explicitly, or drop "
-                    "'attention'"))
+                raise SettingsError(
+                    lambda n: (
+                        f"{n('target_param_ratio')} sets the rank scale of FFN/embedding layers only: with 'attention' "
+                        f"in {n('factorize')} give {n('head_dim_qk')}/{n('head_dim_ov')} explicitly, or drop "
+                        "'attention'"
+                    )
+                )
         for name in ("head_dim_qk", "head_dim_ov"):
             _positive_int(name, getattr(self, name), hint=" (the reduced per-head dimension; None keeps the model's)")
         for name in ("spectral_init", "deep", "activation_aware"):
@@ -278,19 +359,35 @@ class StructureSpec:
         _choice("factor_init", self.factor_init, FACTOR_INITS)
         _choice("reduced_heads", self.reduced_heads, HEAD_RULES)
         if self.deep and not self.factorizes:
-            raise SettingsError(lambda n: f"{n('deep')} needs {n('rank_scale')}, {n('ranks')} or "
-                                          f"{n('target_param_ratio')} (which layers to factorize at which rank)")
+            raise SettingsError(
+                lambda n: (
+                    f"{n('deep')} needs {n('rank_scale')}, {n('ranks')} or "
+                    f"{n('target_param_ratio')} (which layers to factorize at which rank)"
+                )
+            )
         set_("damping", check_damping(self.damping))
         if self.activation_aware:
             if not self.spectral_init:
-                raise SettingsError(lambda n: f"{n('activation_aware')} is spectral initialization in the norm of the "
-                                              f"outputs: it needs {n('spectral_init')} (drop one of them)")
+                raise SettingsError(
+                    lambda n: (
+                        f"{n('activation_aware')} is spectral initialization in the norm of the "
+                        f"outputs: it needs {n('spectral_init')} (drop one of them)"
+                    )
+                )
             if not self.factorizes and self.head_dim_qk is None and self.head_dim_ov is None:
-                raise SettingsError(lambda n: f"{n('activation_aware')} truncates nothing: give {n('rank_scale')}, "
-                                              f"{n('ranks')}, {n('target_param_ratio')} or a reduced head dim")
+                raise SettingsError(
+                    lambda n: (
+                        f"{n('activation_aware')} truncates nothing: give {n('rank_scale')}, "
+                        f"{n('ranks')}, {n('target_param_ratio')} or a reduced head dim"
+                    )
+                )
         elif self.damping != DEFAULT_DAMPING:
-            raise SettingsError(lambda n: f"{n('damping')} applies to activation-aware truncation only: set "
-                                          f"{n('activation_aware')} too, or leave {n('damping')} at its default")
+            raise SettingsError(
+                lambda n: (
+                    f"{n('damping')} applies to activation-aware truncation only: set "
+                    f"{n('activation_aware')} too, or leave {n('damping')} at its default"
+                )
+            )
 
     def __hash__(self):  # ranks is a dict
         return hash(tuple((f.name, repr(getattr(self, f.name))) for f in fields(self)))
@@ -354,14 +451,19 @@ class StructureSpec:
 class FDSpec:
     """Frobenius decay ``lambda/2 ||W||_F^2`` on the product of each form (paper Definition 3.2)."""
 
-    linear: float = field(default=0.0, metadata=_help(
-        "FD coefficient of factorized linear (FFN) layers; 0 turns it off"))
-    embedding: Optional[float] = field(default=None, metadata=_help(
-        "FD coefficient of factorized embeddings (None: the same as the linear coefficient)"))
+    linear: float = field(
+        default=0.0, metadata=_help("FD coefficient of factorized linear (FFN) layers; 0 turns it off")
+    )
+    embedding: Optional[float] = field(
+        default=None,
+        metadata=_help("FD coefficient of factorized embeddings (None: the same as the linear coefficient)"),
+    )
     qk: float = field(default=0.0, metadata=_help("FD coefficient of the attention QK forms W_q,h W_k,h^T"))
     ov: float = field(default=0.0, metadata=_help("FD coefficient of the attention OV forms W_o,h W_v,h"))
-    mode: str = field(default="coupled", metadata=_help(
-        "coupled: FD in the loss; decoupled: FD applied by the optimizer (FLAMBe / AdamWFD)", FD_MODES))
+    mode: str = field(
+        default="coupled",
+        metadata=_help("coupled: FD in the loss; decoupled: FD applied by the optimizer (FLAMBe / AdamWFD)", FD_MODES),
+    )
 
     def __post_init__(self):
         for kind in KINDS:
@@ -378,8 +480,12 @@ class FDSpec:
 
     def coefficients(self) -> Dict[str, float]:
         """``{kind: lambda}`` for every kind (the embedding coefficient resolved)."""
-        return {"linear": self.linear, "embedding": self.linear if self.embedding is None else self.embedding,
-                "qk": self.qk, "ov": self.ov}
+        return {
+            "linear": self.linear,
+            "embedding": self.linear if self.embedding is None else self.embedding,
+            "qk": self.qk,
+            "ov": self.ov,
+        }
 
     @property
     def active(self) -> Tuple[str, ...]:
@@ -409,10 +515,13 @@ class FDSpec:
                 idle.append((f"fd_{kind}", covers))
         if idle:
             kinds = "/".join(sorted(set().union(*(c for _, c in idle))))
-            raise SettingsError(lambda n: (
-                f"{', '.join(n(name) for name, _ in idle)} > 0 but the model has no {kinds} forms to decay "
-                f"(it has {sorted(present)}): factorize those layers ({n('rank_scale')}) or register the "
-                "attention forms, or set the coefficient to 0"))
+            raise SettingsError(
+                lambda n: (
+                    f"{', '.join(n(name) for name, _ in idle)} > 0 but the model has no {kinds} forms to decay "
+                    f"(it has {sorted(present)}): factorize those layers ({n('rank_scale')}) or register the "
+                    "attention forms, or set the coefficient to 0"
+                )
+            )
 
 
 def check_fd_coefficients(linear=0.0, embedding=0.0, qk=0.0, ov=0.0) -> Dict[str, float]:
@@ -460,8 +569,9 @@ def flat_settings() -> List[Setting]:
         return f.default_factory() if callable(f.default_factory) else f.default
 
     def setting(name, spec, f):
-        return Setting(name, spec, f.name, default(f), f.metadata["help"], *_value_type(str(f.type)),
-                       f.metadata.get("choices"))
+        return Setting(
+            name, spec, f.name, default(f), f.metadata["help"], *_value_type(str(f.type)), f.metadata.get("choices")
+        )
 
     out = []
     for f in fields(StructureSpec):
@@ -470,8 +580,13 @@ def flat_settings() -> List[Setting]:
         out.append(setting(f.name, "StructureSpec", f))
     for f in fields(FDSpec):
         out.append(setting(f"fd_{f.name}", "FDSpec", f))
-    out.append(setting("weight_decay_factors", "DecayPolicy",
-                       next(f for f in fields(DecayPolicy) if f.name == "weight_decay_factors")))
+    out.append(
+        setting(
+            "weight_decay_factors",
+            "DecayPolicy",
+            next(f for f in fields(DecayPolicy) if f.name == "weight_decay_factors"),
+        )
+    )
     return out
 
 
@@ -482,10 +597,12 @@ def specs_from_flat(values: Mapping[str, Any], namer: Namer = _plain):
     try:
         qk, ov = specific_head_dims(get("head_dim"), get("head_dim_qk"), get("head_dim_ov"))
         structure_fields = {f.name for f in fields(StructureSpec)} - {"head_dim_qk", "head_dim_ov"}
-        structure = StructureSpec(head_dim_qk=qk, head_dim_ov=ov,
-                                  **{k: values[k] for k in structure_fields if values.get(k) is not None})
-        fd = FDSpec(**{f.name: values[f"fd_{f.name}"] for f in fields(FDSpec)
-                       if values.get(f"fd_{f.name}") is not None})
+        structure = StructureSpec(
+            head_dim_qk=qk, head_dim_ov=ov, **{k: values[k] for k in structure_fields if values.get(k) is not None}
+        )
+        fd = FDSpec(
+            **{f.name: values[f"fd_{f.name}"] for f in fields(FDSpec) if values.get(f"fd_{f.name}") is not None}
+        )
         wdf = values.get("weight_decay_factors")
         wdf = True if wdf is None else _boolean("weight_decay_factors", wdf)
     except SettingsError as e:
@@ -493,7 +610,27 @@ def specs_from_flat(values: Mapping[str, Any], namer: Namer = _plain):
     return structure, fd, wdf
 
 
-__all__ = ["DEFAULT_DAMPING", "FACTOR_INITS", "FD_MODES", "FDSpec", "HEAD_FORMS", "HEAD_RULES", "KINDS", "PARTS",
-           "Setting", "SettingsError", "StructureSpec", "check_damping", "check_fd_coefficients", "check_shrink",
-           "fits_heads", "flag", "flat_settings", "parse_parts", "parse_ranks", "shrink_message", "specific_head_dims",
-           "specs_from_flat"]
+__all__ = [
+    "DEFAULT_DAMPING",
+    "FACTOR_INITS",
+    "FD_MODES",
+    "FDSpec",
+    "HEAD_FORMS",
+    "HEAD_RULES",
+    "KINDS",
+    "PARTS",
+    "Setting",
+    "SettingsError",
+    "StructureSpec",
+    "check_damping",
+    "check_fd_coefficients",
+    "check_shrink",
+    "fits_heads",
+    "flag",
+    "flat_settings",
+    "parse_parts",
+    "parse_ranks",
+    "shrink_message",
+    "specific_head_dims",
+    "specs_from_flat",
+]

@@ -37,6 +37,7 @@ to count what one update sends for a given model and sharding.
 The penalty and the gradients equal :func:`~fnl_transformers.core.frobenius.frobenius_penalty` and
 :func:`~fnl_transformers.core.frobenius.fd_grads` of the unsharded model (tests: 2 gloo processes, 1e-5).
 """
+
 from __future__ import annotations
 
 import functools
@@ -125,8 +126,10 @@ class Sharded:
 
     def __post_init__(self):
         if tuple(self.local.shape) != self.layout.local_shape():
-            raise ValueError(f"Sharded: local shape {tuple(self.local.shape)} does not match the layout's "
-                             f"{self.layout.local_shape()} ({self.layout})")
+            raise ValueError(
+                f"Sharded: local shape {tuple(self.local.shape)} does not match the layout's "
+                f"{self.layout.local_shape()} ({self.layout})"
+            )
 
 
 # ---------------------------------------------------------------- communication
@@ -287,8 +290,10 @@ def sharded_fd(
         ia, ib = factor(spec.a), factor(spec.b)
         fa, fb = factors[ia][0], factors[ib][0]
         if fa.k != fb.k or fa.heads % fb.heads:
-            raise ValueError(f"{spec.kind} form {spec.a.key} / {spec.b.key}: factors of {fa.heads} heads x {fa.k} "
-                             f"and {fb.heads} heads x {fb.k} do not pair")
+            raise ValueError(
+                f"{spec.kind} form {spec.a.key} / {spec.b.key}: factors of {fa.heads} heads x {fa.k} "
+                f"and {fb.heads} heads x {fb.k} do not pair"
+            )
         m = None if spec.m is None else lookup(spec.m)
         local = m is None and _same_owners(fa, fb)  # dM would need every head: deep forms are never local
         forms.append(_Form(spec, lam, ia, ib, m, local))
@@ -471,15 +476,22 @@ def accumulate_sharded_fd_grads(
             elif is_dtensor(p):
                 from torch.distributed.tensor import DTensor
 
-                out[id(p)] = DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                                stride=torch.empty(p.shape, device="meta").stride())
+                out[id(p)] = DTensor.from_local(
+                    g,
+                    p.device_mesh,
+                    p.placements,
+                    run_check=False,
+                    shape=p.shape,
+                    stride=torch.empty(p.shape, device="meta").stride(),
+                )
             else:
                 out[id(p)] = g
     return penalty, out
 
 
-def model_sharded_fd(model: nn.Module, coeffs: Dict[str, float], comm: Optional[Comm] = None
-                     ) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+def model_sharded_fd(
+    model: nn.Module, coeffs: Dict[str, float], comm: Optional[Comm] = None
+) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
     """FD penalty of ``model`` (its parameters FSDP2 DTensors, sharded at the time of the call) and
     ``{id(p): lambda dFD/dp}`` (DTensors laid out as the parameters), from local shards and one all-reduce."""
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -543,8 +555,9 @@ def qkv_along_inputs(*suffixes: str) -> Placement:
     return placement
 
 
-def shard_model(model: nn.Module, world_size: int, rank: int, placement: Placement = fsdp_default
-                ) -> Dict[str, Sharded]:
+def shard_model(
+    model: nn.Module, world_size: int, rank: int, placement: Placement = fsdp_default
+) -> Dict[str, Sharded]:
     """``{name: Sharded}`` of every 2-D parameter of ``model``, chunked as FSDP2 would with ``placement``
     (``name, parameter -> dim or None``); the local tensors are views of the parameters (meta ones stay meta)."""
     out = {}
@@ -555,13 +568,15 @@ def shard_model(model: nn.Module, world_size: int, rank: int, placement: Placeme
     return out
 
 
-def fd_comm_log(model: nn.Module, coeffs: Dict[str, float], world_size: int, placement: Placement = fsdp_default
-                ) -> CommLog:
+def fd_comm_log(
+    model: nn.Module, coeffs: Dict[str, float], world_size: int, placement: Placement = fsdp_default
+) -> CommLog:
     """The collectives one process issues for one :func:`sharded_fd` call (one update) on ``model`` sharded over
     ``world_size`` processes with ``placement``: the code path of a real run on meta copies of the parameters
     with a :class:`DryRunComm` (nothing computed or sent). Every process issues the same calls."""
-    shards = {name: Sharded(s.local.to("meta"), s.layout)
-              for name, s in shard_model(model, world_size, 0, placement).items()}
+    shards = {
+        name: Sharded(s.local.to("meta"), s.layout) for name, s in shard_model(model, world_size, 0, placement).items()
+    }
     comm = DryRunComm()
     sharded_fd(model_specs(model), shards.__getitem__, coeffs, comm)
     return comm.log
@@ -577,12 +592,14 @@ class _Attention(nn.Module):
         inner = heads * head_dim
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, inner) for _ in range(3))
         self.out_proj = nn.Linear(inner, d)
-        register_attention_forms(self, attention_form_specs("q_proj.weight", "k_proj.weight", "v_proj.weight",
-                                                            "out_proj.weight", heads))
+        register_attention_forms(
+            self, attention_form_specs("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight", heads)
+        )
 
 
-def attention_stack(attentions: int, d: int, heads: int, head_dim: int, ffn: Sequence[Tuple[int, int, int]] = ()
-                    ) -> nn.Module:
+def attention_stack(
+    attentions: int, d: int, heads: int, head_dim: int, ffn: Sequence[Tuple[int, int, int]] = ()
+) -> nn.Module:
     """A meta-device module with ``attentions`` attention layers (d, heads x head_dim) and factorized linear
     layers ``(in, out, rank)``: the forms of a Transformer, for :func:`fd_comm_log`."""
     from .layers import FactorizedLinear
@@ -616,13 +633,20 @@ def comm_table() -> List[dict]:
         ("BERT-base, QK + OV", bert, attn, 8, qkv, "q/k/v along dim 1, 8 processes"),
         ("IWSLT'14 Transformer, QK + OV", iwslt, attn, 4, fsdp_default, "dim 0 (FSDP2 default), 4 processes"),
         ("IWSLT'14 Transformer, QK + OV", iwslt, attn, 8, qkv, "q/k/v along dim 1, 8 processes"),
-        ("IWSLT'14 Transformer, QK + OV + FFN at rank 128", iwslt_lowrank, {**attn, "linear": 1.0}, 4, fsdp_default,
-         "dim 0 (FSDP2 default), 4 processes"),
+        (
+            "IWSLT'14 Transformer, QK + OV + FFN at rank 128",
+            iwslt_lowrank,
+            {**attn, "linear": 1.0},
+            4,
+            fsdp_default,
+            "dim 0 (FSDP2 default), 4 processes",
+        ),
     ]:
         log = fd_comm_log(model, coeffs, world, placement)
         grad = 4 * bert_param_count() if name.startswith("BERT") else None
-        rows.append(dict(model=name, sharding=how, calls=len(log.calls), numel=log.numel, bytes=log.bytes,
-                         gradient_bytes=grad))
+        rows.append(
+            dict(model=name, sharding=how, calls=len(log.calls), numel=log.numel, bytes=log.bytes, gradient_bytes=grad)
+        )
     return rows
 
 
@@ -633,8 +657,9 @@ def main() -> None:
     for r in comm_table():
         share = "-" if r["gradient_bytes"] is None else f"{100 * r['bytes'] / r['gradient_bytes']:.2f}%"
         print(f"| {r['model']} | {r['sharding']} | {r['calls']} | {r['numel']:,} | {r['bytes']:,} | {share} |")
-    print(f"\nBERT-base gradient all-reduce: {bert_param_count():,} float32 parameters = "
-          f"{4 * bert_param_count():,} bytes")
+    print(
+        f"\nBERT-base gradient all-reduce: {bert_param_count():,} float32 parameters = {4 * bert_param_count():,} bytes"
+    )
 
 
 if __name__ == "__main__":

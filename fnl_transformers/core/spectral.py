@@ -14,6 +14,7 @@ Behaviour at the edges (all documented here, none silent):
   whole weight is zero), so revived columns have the scale of live ones.
 * SVDs are computed in float32 (float64 inputs stay float64); results are cast back to the weight's dtype.
 """
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@ Counts (each parameter once, however often it is shared or tied):
 * ``other``: everything that is no factor of any form (biases, norms, position embeddings, ...);
 * ``original``: the parameter count before factorization when the caller knows it (``None`` otherwise).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
@@ -45,10 +46,13 @@ def format_parameter_summary(summary: Dict[str, Any]) -> str:
     [|| of the original N: R]``."""
     total = summary["total"]
     share = lambda n: f"{100.0 * n / total:.2f}%" if total else "0%"  # noqa: E731
-    parts = [f"trainable params: {summary['trainable']:,}", f"all params: {total:,}",
-             f"trainable%: {summary['trainable_percent']:.4f}",
-             f"factorized (U, V): {summary['factorized']:,} ({share(summary['factorized'])})",
-             f"attention forms (QK/OV projections): {summary['attention']:,} ({share(summary['attention'])})"]
+    parts = [
+        f"trainable params: {summary['trainable']:,}",
+        f"all params: {total:,}",
+        f"trainable%: {summary['trainable_percent']:.4f}",
+        f"factorized (U, V): {summary['factorized']:,} ({share(summary['factorized'])})",
+        f"attention forms (QK/OV projections): {summary['attention']:,} ({share(summary['attention'])})",
+    ]
     if summary.get("original"):
         parts.append(f"of the original {summary['original']:,}: {total / summary['original']:.3f}")
     return " || ".join(parts)

@@ -1,5 +1,6 @@
 """Texts for calibration and evaluation (torch-free, so the ``fnl`` command checks a text file before the heavy
 imports): one rule for a list of texts and one for a text file of one text per line."""
+
 from __future__ import annotations
 
 import os

@@ -18,6 +18,7 @@ spawned distributed workers, or ``import fnl_transformers`` before fairseq never
 duplicate". ``fnl userdir`` prints ``user_dir/fnl_fairseq_plugin``, a shim package whose only content is
 ``import fnl_transformers.fairseq_plugin``: its basename is unique, and it works from any working directory.
 """
+
 from __future__ import annotations
 
 from . import distributed, precision, safe_loading
@@ -42,7 +43,8 @@ def register() -> None:
             register_model_architecture(MODEL_NAME, arch)(fn)
     if CRITERION_NAME not in CRITERION_REGISTRY:
         register_criterion(CRITERION_NAME, dataclass=FDLabelSmoothedCrossEntropyConfig)(
-            FDLabelSmoothedCrossEntropyCriterion)
+            FDLabelSmoothedCrossEntropyCriterion
+        )
     for name, (cls, config) in OPTIMIZERS.items():
         if name not in OPTIMIZER_REGISTRY:
             register_optimizer(name, dataclass=config)(cls)

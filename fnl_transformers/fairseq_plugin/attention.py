@@ -13,6 +13,7 @@ exact and a zero-padded dense copy is the same function); under ``--reduced-head
 rule) ``1/sqrt(head_dim_qk)``, which recompose folds into the padded query. It never takes the fused PyTorch
 fast path (which assumes one head dim equal to ``embed_dim / heads``).
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -164,8 +165,10 @@ class ReducedHeadAttention(MultiheadAttention):
         return attn, weights
 
     def extra_repr(self) -> str:
-        return (f"num_heads={self.num_heads}, head_dim_qk={self.head_dim_qk}, head_dim_ov={self.head_dim_ov}, "
-                f"scaling=1/sqrt({round(self.scaling ** -2)})")
+        return (
+            f"num_heads={self.num_heads}, head_dim_qk={self.head_dim_qk}, head_dim_ov={self.head_dim_ov}, "
+            f"scaling=1/sqrt({round(self.scaling**-2)})"
+        )
 
 
 def _linear(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
@@ -193,25 +196,31 @@ def read_projections(attn: MultiheadAttention) -> Tensors:
 def check_attention(attn: MultiheadAttention, name: str) -> None:
     """Options of fairseq's attention that the factorized forms do not cover: one clear error each."""
     if attn.bias_k is not None or attn.add_zero_attn:
-        raise ValueError(f"{name}: --add-bias-kv / --add-zero-attn are not supported with --head-dim or "
-                         "--spectral-init-qk/-ov (the extra key/value is outside the QK/OV forms); drop them")
+        raise ValueError(
+            f"{name}: --add-bias-kv / --add-zero-attn are not supported with --head-dim or "
+            "--spectral-init-qk/-ov (the extra key/value is outside the QK/OV forms); drop them"
+        )
     if getattr(attn, "use_xformers", False):
         raise ValueError(f"{name}: xformers attention is not supported with --head-dim; drop --xformers-att-config")
     for proj in PROJ.values():
         if type(getattr(attn, proj)) is not nn.Linear:
-            raise ValueError(f"{name}.{proj} is a {type(getattr(attn, proj)).__name__}, not an nn.Linear: "
-                             "--head-dim and --spectral-init-qk/-ov need fairseq's plain projections")
+            raise ValueError(
+                f"{name}.{proj} is a {type(getattr(attn, proj)).__name__}, not an nn.Linear: "
+                "--head-dim and --spectral-init-qk/-ov need fairseq's plain projections"
+            )
 
 
 def head_dims(attn: MultiheadAttention) -> HeadDims:
     """The per-head dims of a (possibly reduced) fairseq attention module."""
     hd = attn.embed_dim // attn.num_heads
-    return HeadDims(attn.num_heads, attn.num_heads, hd, getattr(attn, "head_dim_qk", hd),
-                    getattr(attn, "head_dim_ov", hd))
+    return HeadDims(
+        attn.num_heads, attn.num_heads, hd, getattr(attn, "head_dim_qk", hd), getattr(attn, "head_dim_ov", hd)
+    )
 
 
-def reduce_attention(attn: MultiheadAttention, structure: StructureSpec, name: str = "attention",
-                     fresh: Optional[FreshInit] = None) -> int:
+def reduce_attention(
+    attn: MultiheadAttention, structure: StructureSpec, name: str = "attention", fresh: Optional[FreshInit] = None
+) -> int:
     """Resize ``attn``'s heads in place as ``structure`` says (its head dims, per-head initialization and score
     scaling, core :meth:`~fnl_transformers.core.StructureSpec.head_dims` / ``head_init`` / ``score_head_dim``);
     returns the parameters removed. ``fresh``: the model's initialization of new projections (random heads).

@@ -45,8 +45,12 @@ from ..core import KINDS, form_diagnostics, frobenius_penalty_by_kind
 @dataclass
 class FDLabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
     form_diagnostics_interval: int = field(
-        default=0, metadata={"help": "log Frobenius / nuclear norms, the weight-decay bound and the effective step "
-                                     "of each form kind every N updates (0: never)"})
+        default=0,
+        metadata={
+            "help": "log Frobenius / nuclear norms, the weight-decay bound and the effective step "
+            "of each form kind every N updates (0: never)"
+        },
+    )
 
 
 def _current_lr() -> Optional[float]:
@@ -55,11 +59,21 @@ def _current_lr() -> Optional[float]:
 
 
 class FDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
-    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
-                 form_diagnostics_interval=0):
+    def __init__(
+        self,
+        task,
+        sentence_avg,
+        label_smoothing,
+        ignore_prefix_size=0,
+        report_accuracy=False,
+        form_diagnostics_interval=0,
+    ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        if isinstance(form_diagnostics_interval, bool) or int(form_diagnostics_interval) != form_diagnostics_interval \
-                or form_diagnostics_interval < 0:
+        if (
+            isinstance(form_diagnostics_interval, bool)
+            or int(form_diagnostics_interval) != form_diagnostics_interval
+            or form_diagnostics_interval < 0
+        ):
             raise ValueError(f"--form-diagnostics-interval must be an integer >= 0, got {form_diagnostics_interval!r}")
         self.diag_interval = int(form_diagnostics_interval)
         self._diag_update = -1
@@ -107,8 +121,9 @@ class FDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         if count > 0:
             keys = sorted({k for log in logging_outputs for k in log if k.startswith("form/")})
             for key in keys:
-                metrics.log_scalar(key, utils.item(sum(log.get(key, 0) for log in logging_outputs)) / count,
-                                   count, round=6)
+                metrics.log_scalar(
+                    key, utils.item(sum(log.get(key, 0) for log in logging_outputs)) / count, count, round=6
+                )
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

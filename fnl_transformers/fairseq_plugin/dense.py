@@ -17,6 +17,7 @@ recompose maps them back onto a stock ``transformer``):
 ``padding_idx + 1``, the incremental-decoding step position) on a factorized table ``U [M] V^T`` (the part
 ``position`` of ``--factorize``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,21 @@ Fill = Callable[[Tensor], Tensor]
 
 def add_dense_args(parser) -> None:
     g = parser.add_argument_group("fnl_transformers (the dense model under the factorization)")
-    g.add_argument("--projection-bias", action=argparse.BooleanOptionalAction, default=None,
-                   help="biases in the attention projections and FFN layers (fairseq's transformer has them; the "
-                        "paper's official transformer_small, fnl_transformer_small's default, has none)")
-    g.add_argument("--dense-init", choices=DENSE_INITS, default=None,
-                   help="initialization of the dense model: fairseq (its own) or paper (linear weights U(-0.1, "
-                        "0.1), embeddings N(0, 0.1^2): the official transformer_small, fnl_transformer_small's "
-                        "default); also the rule of --factor-init dense and of fresh reduced heads")
+    g.add_argument(
+        "--projection-bias",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="biases in the attention projections and FFN layers (fairseq's transformer has them; the "
+        "paper's official transformer_small, fnl_transformer_small's default, has none)",
+    )
+    g.add_argument(
+        "--dense-init",
+        choices=DENSE_INITS,
+        default=None,
+        help="initialization of the dense model: fairseq (its own) or paper (linear weights U(-0.1, "
+        "0.1), embeddings N(0, 0.1^2): the official transformer_small, fnl_transformer_small's "
+        "default); also the rule of --factor-init dense and of fresh reduced heads",
+    )
 
 
 def dense_defaults(args, projection_bias: bool = True, dense_init: str = "fairseq") -> None:
@@ -117,9 +126,12 @@ def fresh_projection(attn: MultiheadAttention, rule: str):
     share a dim; q/k/v biases as ``nn.Linear`` draws them; zero output bias), or under ``paper``
     ``U(-0.1, 0.1)`` for every weight and bias."""
     if rule == "paper":
+
         def paper(key: str, shape, like: Tensor) -> Tensor:
-            return torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(-PAPER_LINEAR_BOUND,
-                                                                                    PAPER_LINEAR_BOUND)
+            return torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(
+                -PAPER_LINEAR_BOUND, PAPER_LINEAR_BOUND
+            )
+
         return paper
     gain = 1 / math.sqrt(2) if attn.qkv_same_dim else 1.0
     fan_in = {"q": attn.embed_dim, "k": attn.kdim, "v": attn.vdim}
@@ -143,12 +155,17 @@ class FactorizedPositionalEmbedding(FactorizedEmbedding):
 
     onnx_trace = False
 
-    def forward(self, input: Tensor, incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
-                positions: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        input: Tensor,
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        positions: Optional[Tensor] = None,
+    ) -> Tensor:
         if positions is None:
             if incremental_state is not None:
-                positions = torch.full((1, 1), int(self.padding_idx + input.size(1)), device=input.device,
-                                       dtype=torch.long)
+                positions = torch.full(
+                    (1, 1), int(self.padding_idx + input.size(1)), device=input.device, dtype=torch.long
+                )
             else:
                 positions = utils.make_positions(input, self.padding_idx, onnx_trace=self.onnx_trace)
         return super().forward(positions)
@@ -158,8 +175,9 @@ class FactorizedPositionalEmbedding(FactorizedEmbedding):
         return self.num_embeddings - self.padding_idx - 1
 
     @classmethod
-    def from_learned(cls, embedding: LearnedPositionalEmbedding, rank: int, init: str, deep: bool,
-                     fill: Optional[Fill] = None) -> "FactorizedPositionalEmbedding":
+    def from_learned(
+        cls, embedding: LearnedPositionalEmbedding, rank: int, init: str, deep: bool, fill: Optional[Fill] = None
+    ) -> "FactorizedPositionalEmbedding":
         if embedding.padding_idx is None:
             raise ValueError("factorized learned positions need fairseq's padding offset (padding_idx set)")
         layer = FactorizedEmbedding.from_embedding(embedding, rank=rank, init=init, deep=deep, fill=fill)
@@ -167,5 +185,14 @@ class FactorizedPositionalEmbedding(FactorizedEmbedding):
         return layer
 
 
-__all__ = ["DENSE_INITS", "FactorizedPositionalEmbedding", "MODEL_OPTIONS", "add_dense_args", "dense_defaults",
-           "dense_fill", "drop_projection_biases", "fresh_projection", "paper_init"]
+__all__ = [
+    "DENSE_INITS",
+    "FactorizedPositionalEmbedding",
+    "MODEL_OPTIONS",
+    "add_dense_args",
+    "dense_defaults",
+    "dense_fill",
+    "drop_projection_biases",
+    "fresh_projection",
+    "paper_init",
+]

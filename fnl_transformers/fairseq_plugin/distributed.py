@@ -35,6 +35,7 @@ which on CPU is zero processes: the command exits 0 having trained nothing.
   heads without those options are not refused: they only change the module tree before fairseq wraps it
   (untested: fairscale's FSDP needs CUDA).
 """
+
 from __future__ import annotations
 
 import os
@@ -71,8 +72,12 @@ def resolve_launch(dist_cfg, cpu: bool = False, environ=None) -> None:
     one-line ``ValueError`` for a launch that cannot work (see the module docstring)."""
     run = torchrun_env(environ)
     pipeline = bool(getattr(dist_cfg, "pipeline_model_parallel", False))
-    if run is not None and dist_cfg.distributed_init_method is None and not getattr(dist_cfg, "tpu", False) \
-            and not pipeline:
+    if (
+        run is not None
+        and dist_cfg.distributed_init_method is None
+        and not getattr(dist_cfg, "tpu", False)
+        and not pipeline
+    ):
         default = max(1, torch.cuda.device_count())  # fairseq's default --distributed-world-size
         given = dist_cfg.distributed_world_size
         if given not in (default, run["world_size"]):
@@ -87,8 +92,13 @@ def resolve_launch(dist_cfg, cpu: bool = False, environ=None) -> None:
         dist_cfg.device_id = run["local_rank"]
         dist_cfg.distributed_no_spawn = True
         return
-    if (dist_cfg.distributed_init_method is not None and not dist_cfg.distributed_no_spawn and not pipeline
-            and dist_cfg.distributed_world_size > 1 and _visible_gpus(cpu) == 0):
+    if (
+        dist_cfg.distributed_init_method is not None
+        and not dist_cfg.distributed_no_spawn
+        and not pipeline
+        and dist_cfg.distributed_world_size > 1
+        and _visible_gpus(cpu) == 0
+    ):
         raise ValueError(
             f"--distributed-init-method {dist_cfg.distributed_init_method} spawns one process per visible GPU and "
             "there is none: launch one process per rank with `torchrun --nproc-per-node N fairseq-train ...`, or "

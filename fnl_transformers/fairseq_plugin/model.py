@@ -55,6 +55,7 @@ The options are recorded in the model args (``cfg["model"]`` of a checkpoint, ``
 fairseq's own ``encoder_embed_dim``, ``..._ffn_embed_dim``, ``..._attention_heads`` and ``share_*`` flags: the
 same rules rebuild the same shapes (``fnl recompose``, ``fairseq-generate``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -134,8 +135,9 @@ def fnl_specs(args) -> Tuple[StructureSpec, FDSpec, DecayPolicy]:
     values = {s.name: getattr(args, s.name, None) for s in flat_settings()}
     structure, fd, weight_decay_factors = specs_from_flat(values, namer=flag)
     # fairseq's stock optimizers decay every parameter: biases and norms too unless --no-decay-bias-norm
-    policy = DecayPolicy(fd, weight_decay_factors=weight_decay_factors,
-                         decay_bias_norm=not getattr(args, "no_decay_bias_norm", False))
+    policy = DecayPolicy(
+        fd, weight_decay_factors=weight_decay_factors, decay_bias_norm=not getattr(args, "no_decay_bias_norm", False)
+    )
     return structure, fd, policy
 
 
@@ -157,18 +159,25 @@ class TiedFactorizedProjection(nn.Module):
 
 
 def _shrinks_heads(s: StructureSpec) -> bool:
-    return s.head_dim_qk is not None or s.head_dim_ov is not None or (
-        "attention" in s.factorize and s.rank_scale is not None)
+    return (
+        s.head_dim_qk is not None
+        or s.head_dim_ov is not None
+        or ("attention" in s.factorize and s.rank_scale is not None)
+    )
 
 
 def _check_model_options(args, s: StructureSpec) -> None:
     if s.activation_aware:
-        raise ValueError("--activation-aware truncates pretrained weights in the norm of their outputs on calibration "
-                         "data, and fnl_transformer models are trained from scratch: drop it (--spectral-init "
-                         "factorizes the initialization)")
+        raise ValueError(
+            "--activation-aware truncates pretrained weights in the norm of their outputs on calibration "
+            "data, and fnl_transformer models are trained from scratch: drop it (--spectral-init "
+            "factorizes the initialization)"
+        )
     if s.factorizes and "embedding" in s.factorize and getattr(args, "adaptive_softmax_cutoff", None):
-        raise ValueError("--adaptive-softmax-cutoff is not supported with factorized embeddings; "
-                         "use --factorize ffn or drop the adaptive softmax")
+        raise ValueError(
+            "--adaptive-softmax-cutoff is not supported with factorized embeddings; "
+            "use --factorize ffn or drop the adaptive softmax"
+        )
     touches = _shrinks_heads(s) or s.spectral_init_qk or s.spectral_init_ov
     if (s.factorizes or touches) and (getattr(args, "quant_noise_pq", 0) or 0) > 0:
         raise ValueError("--quant-noise-pq is not supported with fnl options (it wraps the dense layers); set it to 0")
@@ -185,9 +194,11 @@ def _layer_candidates(model: TransformerModel, s: StructureSpec) -> List[Tuple[s
         for side in ("encoder", "decoder"):
             pos = getattr(model, side).embed_positions
             if not isinstance(pos, LearnedPositionalEmbedding):
-                raise ValueError(f"--factorize position needs learned positional embeddings, but the {side}'s are "
-                                 f"{type(pos).__name__}: add --encoder-learned-pos --decoder-learned-pos (as "
-                                 "fnl_transformer_small) or drop 'position' from --factorize")
+                raise ValueError(
+                    f"--factorize position needs learned positional embeddings, but the {side}'s are "
+                    f"{type(pos).__name__}: add --encoder-learned-pos --decoder-learned-pos (as "
+                    "fnl_transformer_small) or drop 'position' from --factorize"
+                )
             out.append((f"{side}.embed_positions", pos))
     if "ffn" in s.factorize:
         for side in ("encoder", "decoder"):
@@ -291,19 +302,28 @@ class FnlTransformerModel(TransformerModel):
             own = self.state_dict()
             missing = sorted(set(own) - set(state_dict))
             unexpected = sorted(set(state_dict) - set(own))
-            shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                      if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+            shapes = [
+                f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+                for k in own
+                if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)
+            ]
             if not (missing or unexpected or shapes):
                 raise
             show = lambda xs: ", ".join(xs[:4]) + (f" (+{len(xs) - 4} more)" if len(xs) > 4 else "")  # noqa: E731
-            parts = [f"{label}: {show(xs)}" for label, xs in (("missing", missing), ("unexpected", unexpected),
-                                                                ("checkpoint vs model shape", shapes)) if xs]
+            parts = [
+                f"{label}: {show(xs)}"
+                for label, xs in (
+                    ("missing", missing),
+                    ("unexpected", unexpected),
+                    ("checkpoint vs model shape", shapes),
+                )
+                if xs
+            ]
             raise ValueError(
                 "checkpoint does not match this fnl_transformer configuration (" + "; ".join(parts) + "); build the "
                 "model with the options it was trained with (--rank-scale, --factorize, --deep, --head-dim*, "
                 "--share-*), which are stored in the checkpoint's cfg['model']"
             ) from exc
-
 
 
 def set_optim_overrides(model: nn.Module, policy: DecayPolicy) -> None:
@@ -330,8 +350,9 @@ def _check_training_setup(model: FnlTransformerModel, args) -> None:
     """The criterion and optimizer must apply the FD spec and decay policy the model holds (skipped when the
     args name none, e.g. when a checkpoint is rebuilt for recomposing)."""
     fd, policy = model.fnl_fd, model.fnl_policy
-    flags = ", ".join(f"--fd-{k}" for k in ("linear", "embedding", "qk", "ov")
-                      if getattr(fd, k) is not None and getattr(fd, k) > 0)
+    flags = ", ".join(
+        f"--fd-{k}" for k in ("linear", "embedding", "qk", "ov") if getattr(fd, k) is not None and getattr(fd, k) > 0
+    )
     criterion = getattr(args, "criterion", None)
     if fd.coupled and criterion is not None and criterion != FD_CRITERION:
         raise ValueError(
@@ -347,8 +368,11 @@ def _check_training_setup(model: FnlTransformerModel, args) -> None:
     wd = float(getattr(args, "weight_decay", 0.0) or 0.0)
     kept_out = [decay for _, p, decay in policy.assign(model) if p.requires_grad and decay != WEIGHT_DECAY]
     if optimizer is not None and optimizer not in FD_AWARE_OPTIMIZERS and wd > 0 and kept_out:
-        why = (f"{flags} replaces weight decay on the factors it decays" if FD in kept_out else
-               "--no-weight-decay-factors keeps the factors out of weight decay")
+        why = (
+            f"{flags} replaces weight decay on the factors it decays"
+            if FD in kept_out
+            else "--no-weight-decay-factors keeps the factors out of weight decay"
+        )
         raise ValueError(
             f"{why}, but --optimizer {optimizer} applies --weight-decay {wd:g} to every parameter. Use --optimizer "
             "fnl_adam (fairseq's adam with the decay policy's groups), flambe or fnl_lamb, or set --weight-decay 0"

@@ -66,8 +66,14 @@ def fnl_param_groups(params, weight_decay: float, no_decay_bias_norm: bool = Fal
             decay.append(p)
     groups = []
     if fd_params:
-        groups.append({"params": fd_params, "weight_decay": 0.0, "fd": dict(coeffs),
-                       "fd_forms": forms_from_memberships(memberships)})
+        groups.append(
+            {
+                "params": fd_params,
+                "weight_decay": 0.0,
+                "fd": dict(coeffs),
+                "fd_forms": forms_from_memberships(memberships),
+            }
+        )
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay})
     if none:
@@ -88,8 +94,12 @@ def _betas(betas) -> tuple:
 @dataclass
 class FnlAdamConfig(FairseqAdamConfig):
     no_decay_bias_norm: bool = field(
-        default=False, metadata={"help": "no weight decay on biases and normalization layers (the fnl_transformer "
-                                              "model reads it when it is built)"})
+        default=False,
+        metadata={
+            "help": "no weight decay on biases and normalization layers (the fnl_transformer "
+            "model reads it when it is built)"
+        },
+    )
 
 
 class FnlAdam(FairseqAdam):
@@ -107,8 +117,12 @@ class FnlLambConfig(FairseqDataclass):
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (inside the trust ratio)"})
     trust_clip: Optional[float] = field(default=None, metadata={"help": "upper bound on the trust ratio"})
     no_decay_bias_norm: bool = field(
-        default=False, metadata={"help": "no weight decay on biases and normalization layers (the fnl_transformer "
-                                              "model reads it when it is built)"})
+        default=False,
+        metadata={
+            "help": "no weight decay on biases and normalization layers (the fnl_transformer "
+            "model reads it when it is built)"
+        },
+    )
     lr: List[float] = II("optimization.lr")
 
 
@@ -129,8 +143,13 @@ class FnlLamb(FairseqOptimizer):
 
     @property
     def optimizer_config(self):
-        return {"lr": _lr(self.cfg), "betas": _betas(self.cfg.lamb_betas), "eps": self.cfg.lamb_eps,
-                "weight_decay": self.cfg.weight_decay, "trust_clip": self.cfg.trust_clip}
+        return {
+            "lr": _lr(self.cfg),
+            "betas": _betas(self.cfg.lamb_betas),
+            "eps": self.cfg.lamb_eps,
+            "weight_decay": self.cfg.weight_decay,
+            "trust_clip": self.cfg.trust_clip,
+        }
 
 
 class FairseqFLAMBe(FnlLamb):

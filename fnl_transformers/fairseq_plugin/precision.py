@@ -32,6 +32,7 @@ multiplies it, so it is scaled and unscaled exactly as the cross entropy; an ove
 ``step``; ``GradScaler.step`` skips the optimizer), so decoupled FD, which lives in the optimizer's ``step``, is
 skipped with it; the logged ``fd_*`` values are computed before any scaling.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -59,8 +60,11 @@ def per_parameter_copies(cfg) -> bool:
     if getattr(common, "fp16_no_flatten_grads", False) or getattr(common, "bf16", False) or not plugin_optimizer(cfg):
         return False
     common.fp16_no_flatten_grads = True
-    logger.info("fnl: --optimizer %s keeps a decay per parameter, so --fp16 makes per-parameter float32 master "
-                "copies (as --fp16-no-flatten-grads)", cfg.optimizer._name)
+    logger.info(
+        "fnl: --optimizer %s keeps a decay per parameter, so --fp16 makes per-parameter float32 master "
+        "copies (as --fp16-no-flatten-grads)",
+        cfg.optimizer._name,
+    )
     return True
 
 
@@ -82,8 +86,10 @@ def resolve_bf16(cfg) -> bool:
                 section.tpu = False
         elif section is not None and hasattr(section, "keys") and "tpu" in section and section.tpu:
             section.tpu = False
-    logger.info("fnl: --bf16 without torch_xla: training in bfloat16 on the %s, not on a TPU",
-                "CPU" if getattr(common, "cpu", False) else "GPU")
+    logger.info(
+        "fnl: --bf16 without torch_xla: training in bfloat16 on the %s, not on a TPU",
+        "CPU" if getattr(common, "cpu", False) else "GPU",
+    )
     return True
 
 

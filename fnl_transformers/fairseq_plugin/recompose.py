@@ -31,6 +31,7 @@ the stock ``label_smoothed_cross_entropy`` criterion and no optimizer state, so 
 at all: stock ``fairseq-generate`` / ``-interactive`` / hub loading read it under torch >= 2.6 without
 ``--user-dir``. It is written atomically (temporary file in the output folder, then rename).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,10 @@ VERIFY_RTOL = 1e-4
 
 # ---------------------------------------------------------------- tensors (the math is the core's)
 
-def dense_attention(p: Dict[str, Optional[torch.Tensor]], num_heads: int, embed_dim: int,
-                    scaling: float) -> Dict[str, Optional[torch.Tensor]]:
+
+def dense_attention(
+    p: Dict[str, Optional[torch.Tensor]], num_heads: int, embed_dim: int, scaling: float
+) -> Dict[str, Optional[torch.Tensor]]:
     """Stock-fairseq attention tensors from reduced-head ones (``nn.Linear`` layout, keys ``q_weight``,
     ``q_bias``, ``k_*``, ``v_*``, ``o_weight``, ``o_bias``; per-head dims read from the shapes): heads zero-padded
     to ``D = embed_dim / heads`` and the score scaling ``scaling`` folded into the query (core
@@ -63,7 +66,7 @@ def dense_attention(p: Dict[str, Optional[torch.Tensor]], num_heads: int, embed_
     qk, ov = p["q_weight"].shape[0] // num_heads, p["v_weight"].shape[0] // num_heads
     for label, value in (("QK", qk), ("OV", ov)):
         check_shrink(f"per-head {label} dim", value, D, "fairseq's transformer (stock head dim)")
-    return pad_heads(p, HeadDims(num_heads, num_heads, D, qk, ov), fold=scaling / D ** -0.5)  # s_used / s_stock
+    return pad_heads(p, HeadDims(num_heads, num_heads, D, qk, ov), fold=scaling / D**-0.5)  # s_used / s_stock
 
 
 def _dense_linear(module: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -102,17 +105,19 @@ def dense_state_dict(model: nn.Module, stock: Dict[str, torch.Tensor]) -> Dict[s
     if "decoder.output_projection.weight" in stock_keys and "decoder.output_projection.weight" not in sd:
         sd["decoder.output_projection.weight"] = sd["decoder.embed_tokens.weight"]  # tied projection x E^T
     for key in stock_keys:  # --no-projection-bias: the stock layers' biases are zero
-        if key not in sd and key.endswith(".bias") and key[:-len("bias")] + "weight" in sd:
+        if key not in sd and key.endswith(".bias") and key[: -len("bias")] + "weight" in sd:
             sd[key] = torch.zeros_like(stock[key], dtype=torch.float32)
     missing = sorted(set(stock_keys) - set(sd))
     extra = sorted(set(sd) - set(stock_keys))
     if missing or extra:
-        raise ValueError(f"cannot map this model onto fairseq's transformer: missing {missing[:5]}, "
-                         f"unrecognized {extra[:5]}")
+        raise ValueError(
+            f"cannot map this model onto fairseq's transformer: missing {missing[:5]}, unrecognized {extra[:5]}"
+        )
     return {k: sd[k] for k in stock_keys}
 
 
 # ---------------------------------------------------------------- checkpoints
+
 
 class _Task:
     """What ``TransformerModel.build_model`` reads from a task: the dictionaries (sizes from the checkpoint)."""
@@ -194,8 +199,10 @@ def build_models(state: Dict[str, Any], path: str = "checkpoint"):
     model_cls = ARCH_MODEL_REGISTRY.get(arch)
     if model_cls is None or not issubclass(model_cls, FnlTransformerModel):
         what = "a stock fairseq model already" if model_cls is not None else "not a registered architecture"
-        raise ValueError(f"{path} is a {arch!r} checkpoint ({what}), not an fnl_transformer one: recompose only "
-                         "multiplies out checkpoints trained with --arch fnl_transformer*")
+        raise ValueError(
+            f"{path} is a {arch!r} checkpoint ({what}), not an fnl_transformer one: recompose only "
+            "multiplies out checkpoints trained with --arch fnl_transformer*"
+        )
     model_sd = state["model"]
     src = _dictionary(_vocab_size(model_sd, "encoder"))
     tgt = src if getattr(args, "share_all_embeddings", False) else _dictionary(_vocab_size(model_sd, "decoder"))
@@ -256,8 +263,9 @@ def _stock_cfg(cfg: Optional[dict], stock_args: argparse.Namespace) -> dict:
         cfg["common"]["user_dir"] = None
     crit = cfg.get("criterion")
     if isinstance(crit, dict) and crit.get("_name") == "fd_label_smoothed_cross_entropy":
-        cfg["criterion"] = {k: v for k, v in crit.items()
-                            if not k.startswith("fd_") and k != "form_diagnostics_interval"}
+        cfg["criterion"] = {
+            k: v for k, v in crit.items() if not k.startswith("fd_") and k != "form_diagnostics_interval"
+        }
         cfg["criterion"]["_name"] = STOCK_CRITERION
     opt = cfg.get("optimizer")
     if isinstance(opt, dict) and opt.get("_name") in OPTIMIZERS:
@@ -272,8 +280,10 @@ def recompose_state(state: Dict[str, Any], path: str = "checkpoint") -> Tuple[Di
     vocab = (len(stock.encoder.dictionary), len(stock.decoder.dictionary))
     diff = _compare(fnl, stock, vocab)
     if not diff <= VERIFY_RTOL:
-        raise RuntimeError(f"recomposed model differs from the fnl model by {diff:.3g} (relative) on a random batch; "
-                           "this is a bug in fnl recompose, please report it")
+        raise RuntimeError(
+            f"recomposed model differs from the fnl model by {diff:.3g} (relative) on a random batch; "
+            "this is a bug in fnl recompose, please report it"
+        )
     history = state.get("optimizer_history") or [{}]
     last = history[-1]
     extra = state.get("extra_state") or {}
@@ -282,19 +292,28 @@ def recompose_state(state: Dict[str, Any], path: str = "checkpoint") -> Tuple[Di
         "cfg": _stock_cfg(state.get("cfg"), stock_args),
         "model": stock.state_dict(),
         "criterion": None,
-        "optimizer_history": [{
-            "criterion_name": "LabelSmoothedCrossEntropyCriterion",
-            "optimizer_name": "none (recomposed by fnl_transformers)",
-            "lr_scheduler_state": {"best": None},
-            "num_updates": int(last.get("num_updates", 0)),
-        }],
+        "optimizer_history": [
+            {
+                "criterion_name": "LabelSmoothedCrossEntropyCriterion",
+                "optimizer_name": "none (recomposed by fnl_transformers)",
+                "lr_scheduler_state": {"best": None},
+                "num_updates": int(last.get("num_updates", 0)),
+            }
+        ],
         "task_state": state.get("task_state") or {},
-        "extra_state": {k: extra[k] for k in ("train_iterator", "epoch", "val_loss", "best", "previous_training_time")
-                        if k in extra and isinstance(extra[k], (dict, int, float, type(None)))},
+        "extra_state": {
+            k: extra[k]
+            for k in ("train_iterator", "epoch", "val_loss", "best", "previous_training_time")
+            if k in extra and isinstance(extra[k], (dict, int, float, type(None)))
+        },
     }
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    info = {"max_rel_diff": diff, "fnl_params": count(fnl), "stock_params": count(stock),
-            "num_updates": out["optimizer_history"][0]["num_updates"]}
+    info = {
+        "max_rel_diff": diff,
+        "fnl_params": count(fnl),
+        "stock_params": count(stock),
+        "num_updates": out["optimizer_history"][0]["num_updates"],
+    }
     return out, info
 
 

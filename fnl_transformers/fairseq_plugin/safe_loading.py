@@ -42,6 +42,7 @@ checkpoints contain. :func:`install` (called when the plugin is imported; idempo
 A file that needs anything else is refused before any of its code runs, with :class:`UnsafeCheckpointError`
 naming the file and the offending global.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,17 @@ def broadcast_globals() -> List[Any]:
     from omegaconf.nodes import AnyNode
 
     return fairseq_checkpoint_globals() + [
-        _TensorPlaceholder, DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, typing.Any,
-        collections.defaultdict, dict, list, int,
+        _TensorPlaceholder,
+        DictConfig,
+        ListConfig,
+        ContainerMetadata,
+        Metadata,
+        AnyNode,
+        typing.Any,
+        collections.defaultdict,
+        dict,
+        list,
+        int,
     ]
 
 
@@ -110,8 +120,9 @@ def _describe(f) -> str:
 def safe_load(f, *args, **kwargs):
     """``torch.load(f, ..., weights_only=True)``; a refused file raises :class:`UnsafeCheckpointError`."""
     if kwargs.pop("weights_only", None) is False:
-        warnings.warn("fnl_transformers safe loading: ignoring weights_only=False for a fairseq checkpoint",
-                      stacklevel=2)
+        warnings.warn(
+            "fnl_transformers safe loading: ignoring weights_only=False for a fairseq checkpoint", stacklevel=2
+        )
     if "pickle_module" in kwargs:
         raise ValueError("safe loading of fairseq checkpoints does not take a pickle_module")
     try:
@@ -125,8 +136,10 @@ def safe_load(f, *args, **kwargs):
                 "trust it, allow that class yourself with torch.serialization.add_safe_globals([...]) after "
                 "importing the plugin; otherwise do not use it."
             ) from exc
-        raise UnsafeCheckpointError(f"could not load {_describe(f)} safely (weights_only=True): "
-                                    f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}") from exc
+        raise UnsafeCheckpointError(
+            f"could not load {_describe(f)} safely (weights_only=True): "
+            f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
+        ) from exc
 
 
 class _SafeTorch(types.ModuleType):

@@ -19,6 +19,7 @@ layouts), ``plan`` (typed plan records, computed from shapes), ``apply`` (patch_
 ``fidelity`` (output-level comparison of two models on text), ``files`` (carrying a directory's other files),
 ``summary`` (parameter summary).
 """
+
 from .apply import patch_model
 from .config import FNLConfig
 from .persist import from_pretrained, get_fnl_config, is_patched
@@ -26,5 +27,14 @@ from .recompose import recompose
 from .summary import parameter_summary, print_parameter_summary
 from .trainer import FNLTrainer
 
-__all__ = ["FNLConfig", "FNLTrainer", "from_pretrained", "get_fnl_config", "is_patched", "parameter_summary",
-           "patch_model", "print_parameter_summary", "recompose"]
+__all__ = [
+    "FNLConfig",
+    "FNLTrainer",
+    "from_pretrained",
+    "get_fnl_config",
+    "is_patched",
+    "parameter_summary",
+    "patch_model",
+    "print_parameter_summary",
+    "recompose",
+]

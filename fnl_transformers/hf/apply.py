@@ -19,6 +19,7 @@ code's rule: ``1/sqrt(reduced QK head dim)``). The plan is recorded in ``model.c
 :func:`~fnl_transformers.hf.from_pretrained` rebuilds the same architecture from it (:func:`apply_plan`, shapes
 only).
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,8 +56,9 @@ from .plan import AttentionEntry, LayerEntry, Plan, make_plan, num_params
 Calibration = Union[Tuple[object, Sequence[str]], Mapping[str, object]]
 
 
-def patch_model(model: PreTrainedModel, config: Optional[FNLConfig] = None,
-                calibration: Optional[Calibration] = None) -> PreTrainedModel:
+def patch_model(
+    model: PreTrainedModel, config: Optional[FNLConfig] = None, calibration: Optional[Calibration] = None
+) -> PreTrainedModel:
     """Factorize ``model`` in place as ``config`` says (see :class:`FNLConfig`) and return it.
 
     With ``spectral_init`` (default) every factorized layer and every shrunk head form starts at the best
@@ -73,11 +75,15 @@ def patch_model(model: PreTrainedModel, config: Optional[FNLConfig] = None,
     _check_unpatched(model)
     structure = config.structure
     if structure.activation_aware and calibration is None:
-        raise ValueError("activation_aware=True truncates in the norm of the layers' outputs on calibration data: "
-                         "pass patch_model(model, config, calibration=(tokenizer, texts))")
+        raise ValueError(
+            "activation_aware=True truncates in the norm of the layers' outputs on calibration data: "
+            "pass patch_model(model, config, calibration=(tokenizer, texts))"
+        )
     if calibration is not None and not structure.activation_aware:
-        raise ValueError("calibration data is used by activation-aware truncation only: set "
-                         "FNLConfig(activation_aware=True), or drop calibration")
+        raise ValueError(
+            "calibration data is used by activation-aware truncation only: set "
+            "FNLConfig(activation_aware=True), or drop calibration"
+        )
     arch = arch_for(model)
     tied = model.get_expanded_tied_weights_keys(all_submodels=True)
     plan, weights = make_plan(model, config)  # every refusal happens here, before the model is touched
@@ -90,8 +96,9 @@ def patch_model(model: PreTrainedModel, config: Optional[FNLConfig] = None,
             head_stats = _head_calibration(arch, name, entry, stats or {}, structure.damping)
             if head_stats is None:  # the calibration never reached it: weight-only per-head SI
                 unreached.append(name)
-                entry.init_qk, entry.init_ov = (("spectral" if i == "activation" else i)
-                                                for i in (entry.init_qk, entry.init_ov))
+                entry.init_qk, entry.init_ov = (
+                    ("spectral" if i == "activation" else i) for i in (entry.init_qk, entry.init_ov)
+                )
         apply_attention(arch, model.get_submodule(name), entry, weights[name], fresh, head_stats)
     init = structure.layer_init
     fill = _dense_fill(model) if init == "dense" else None
@@ -105,9 +112,13 @@ def patch_model(model: PreTrainedModel, config: Optional[FNLConfig] = None,
         apply_layer(model, arch, name, layer_entry, layer_init, fill, layer_stats, structure.damping)
     if unreached:
         more = f" (+{len(unreached) - 3} more)" if len(unreached) > 3 else ""
-        warnings.warn(f"activation_aware: no calibration statistics for {', '.join(unreached[:3])}{more} (the "
-                      "calibration texts never reached them, or the statistics given lack them); weight-only SI "
-                      "there", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"activation_aware: no calibration statistics for {', '.join(unreached[:3])}{more} (the "
+            "calibration texts never reached them, or the statistics given lack them); weight-only SI "
+            "there",
+            UserWarning,
+            stacklevel=2,
+        )
     _finish(model, arch, plan, tied)
     return model
 
@@ -118,8 +129,10 @@ def _statistics(model: nn.Module, arch: Arch, plan: Plan, calibration: Calibrati
     if isinstance(calibration, Mapping):
         return calibration
     if not isinstance(calibration, (tuple, list)) or len(calibration) != 2:
-        raise TypeError("calibration must be (tokenizer, texts) or the statistics collect_input_stats returned, got "
-                        f"{type(calibration).__name__}")
+        raise TypeError(
+            "calibration must be (tokenizer, texts) or the statistics collect_input_stats returned, got "
+            f"{type(calibration).__name__}"
+        )
     from .calibration import collect_input_stats
 
     tokenizer, texts = calibration
@@ -130,12 +143,12 @@ def _statistics(model: nn.Module, arch: Arch, plan: Plan, calibration: Calibrati
             inputs += list(dict.fromkeys([f"{name}.{arch.q}", f"{name}.{arch.k}"]))
             if entry.init_ov == "activation":
                 mixing.append(name)
-    return collect_input_stats(model, tokenizer, texts, modules=list(dict.fromkeys(layers + inputs)),
-                               attention=mixing)
+    return collect_input_stats(model, tokenizer, texts, modules=list(dict.fromkeys(layers + inputs)), attention=mixing)
 
 
-def _head_calibration(arch: Arch, name: str, entry: AttentionEntry, stats: Mapping[str, object],
-                      damping: float) -> Optional[HeadCalibration]:
+def _head_calibration(
+    arch: Arch, name: str, entry: AttentionEntry, stats: Mapping[str, object], damping: float
+) -> Optional[HeadCalibration]:
     """The statistics of a self-attention's input (``None`` where there are none, or where queries and keys read
     different inputs, as in cross-attention), with each head's mixed-input statistics for the OV forms if
     recorded."""
@@ -199,8 +212,14 @@ def _fresh_init(model: nn.Module):
     return fresh
 
 
-def apply_attention(arch: Arch, att: nn.Module, entry: AttentionEntry, t: Optional[Tensors], fresh=None,
-                    calibration: Optional[HeadCalibration] = None) -> None:
+def apply_attention(
+    arch: Arch,
+    att: nn.Module,
+    entry: AttentionEntry,
+    t: Optional[Tensors],
+    fresh=None,
+    calibration: Optional[HeadCalibration] = None,
+) -> None:
     """Resize / re-initialize ``att`` as ``entry`` says from its weights ``t`` (full heads; ``None``: shapes only,
     the weights are loaded next), recording the per-form approximation errors of spectral and activation-aware
     initializations (``calibration``: the statistics activation-aware forms need)."""
@@ -225,8 +244,16 @@ def apply_attention(arch: Arch, att: nn.Module, entry: AttentionEntry, t: Option
 
 
 # ------------------------------------------------------------------------------------------------- layers
-def apply_layer(model: nn.Module, arch: Arch, name: str, entry: LayerEntry, init: str, fill=None, stats=None,
-                damping: Optional[float] = None) -> None:
+def apply_layer(
+    model: nn.Module,
+    arch: Arch,
+    name: str,
+    entry: LayerEntry,
+    init: str,
+    fill=None,
+    stats=None,
+    damping: Optional[float] = None,
+) -> None:
     """Replace layer ``name`` by its factorized form (``init``: spectral / activation / random / dense / skip;
     ``fill``: the dense layers' initialization, for ``dense``; ``activation`` needs the layer's input ``stats``
     and the ``damping``)."""
@@ -280,15 +307,19 @@ def apply_layer(model: nn.Module, arch: Arch, name: str, entry: LayerEntry, init
 
 def _counts(name: str, stats) -> torch.Tensor:
     if not isinstance(stats, TokenCounts):
-        raise TypeError(f"calibration statistics of the embedding {name} must be token counts (TokenCounts), got "
-                        f"{type(stats).__name__}")
+        raise TypeError(
+            f"calibration statistics of the embedding {name} must be token counts (TokenCounts), got "
+            f"{type(stats).__name__}"
+        )
     return stats.counts
 
 
 def _second_moment(name: str, stats) -> torch.Tensor:
     if not isinstance(stats, InputStats):
-        raise TypeError(f"calibration statistics of the layer {name} must be its input statistics (InputStats), got "
-                        f"{type(stats).__name__}")
+        raise TypeError(
+            f"calibration statistics of the layer {name} must be its input statistics (InputStats), got "
+            f"{type(stats).__name__}"
+        )
     return stats.second_moment
 
 

@@ -17,6 +17,7 @@ The math (per-head SI, bias folding, forms) is the core's; an adapter only maps 
 Supported: BERT, RoBERTa, DistilBERT, GPT-2 and the Llama layout (Llama, Mistral, Qwen2: RoPE, grouped-query
 attention). To add an architecture, add an :class:`Arch` (or a subclass for a fused layout) to :data:`ARCHS`.
 """
+
 from __future__ import annotations
 
 import re
@@ -123,7 +124,11 @@ class Arch:
 
     def form_specs(self, dims: HeadDims) -> List[FormSpec]:
         return attention_form_specs(
-            f"{self.q}.weight", f"{self.k}.weight", f"{self.v}.weight", f"{self.o}.weight", dims.heads,
+            f"{self.q}.weight",
+            f"{self.k}.weight",
+            f"{self.v}.weight",
+            f"{self.o}.weight",
+            dims.heads,
             num_kv_heads=dims.kv_heads if dims.kv_heads != dims.heads else None,
         )
 
@@ -150,8 +155,8 @@ class GPT2Arch(Arch):
         W, b = att.c_attn.weight.detach(), att.c_attn.bias.detach()
         out, start = {}, 0
         for key, inner in zip("qkv", (dims.qk, dims.qk, dims.ov)):
-            out[f"{key}_weight"] = W[:, start:start + H * inner].t()
-            out[f"{key}_bias"] = b[start:start + H * inner]
+            out[f"{key}_weight"] = W[:, start : start + H * inner].t()
+            out[f"{key}_bias"] = b[start : start + H * inner]
             start += H * inner
         out["o_weight"] = att.c_proj.weight.detach().t()
         out["o_bias"] = att.c_proj.bias.detach()
@@ -182,8 +187,15 @@ class GPT2Arch(Arch):
     def form_specs(self, dims: HeadDims) -> List[FormSpec]:
         H, qk, ov = dims.heads, dims.qk, dims.ov
         return attention_form_specs(
-            "c_attn.weight", "c_attn.weight", "c_attn.weight", "c_proj.weight", H, transposed=True,
-            q_slice=(0, H * qk), k_slice=(H * qk, 2 * H * qk), v_slice=(2 * H * qk, 2 * H * qk + H * ov),
+            "c_attn.weight",
+            "c_attn.weight",
+            "c_attn.weight",
+            "c_proj.weight",
+            H,
+            transposed=True,
+            q_slice=(0, H * qk),
+            k_slice=(H * qk, 2 * H * qk),
+            v_slice=(2 * H * qk, 2 * H * qk + H * ov),
         )
 
     def linear_weight(self, layer: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -193,28 +205,62 @@ class GPT2Arch(Arch):
 
 
 _BERT = dict(
-    attention=r"(^|\.)layer\.\d+\.(attention|crossattention)$", q="self.query", k="self.key", v="self.value",
-    o="output.dense", head_owner="self", head_dim_attr="attention_head_size", total_attr="all_head_size",
-    ffn=r"(^|\.)layer\.\d+\.(intermediate|output)\.dense$", position=r"(^|\.)embeddings\.position_embeddings$",
+    attention=r"(^|\.)layer\.\d+\.(attention|crossattention)$",
+    q="self.query",
+    k="self.key",
+    v="self.value",
+    o="output.dense",
+    head_owner="self",
+    head_dim_attr="attention_head_size",
+    total_attr="all_head_size",
+    ffn=r"(^|\.)layer\.\d+\.(intermediate|output)\.dense$",
+    position=r"(^|\.)embeddings\.position_embeddings$",
 )
 
 ARCHS: Dict[str, Arch] = {
     "bert": Arch("bert", ("bert",), **_BERT),
     "roberta": Arch("roberta", ("roberta",), **_BERT),
     "distilbert": Arch(
-        "distilbert", ("distilbert",), attention=r"(^|\.)transformer\.layer\.\d+\.attention$", q="q_lin",
-        k="k_lin", v="v_lin", o="out_lin", head_owner="", head_dim_attr="attention_head_size", total_attr=None,
-        ffn=r"(^|\.)transformer\.layer\.\d+\.ffn\.lin[12]$", position=r"(^|\.)embeddings\.position_embeddings$",
+        "distilbert",
+        ("distilbert",),
+        attention=r"(^|\.)transformer\.layer\.\d+\.attention$",
+        q="q_lin",
+        k="k_lin",
+        v="v_lin",
+        o="out_lin",
+        head_owner="",
+        head_dim_attr="attention_head_size",
+        total_attr=None,
+        ffn=r"(^|\.)transformer\.layer\.\d+\.ffn\.lin[12]$",
+        position=r"(^|\.)embeddings\.position_embeddings$",
     ),
     "gpt2": GPT2Arch(
-        "gpt2", ("gpt2",), attention=r"(^|\.)h\.\d+\.attn$", q="c_attn", k="c_attn", v="c_attn", o="c_proj",
-        head_owner="", head_dim_attr="head_dim", total_attr="split_size", ffn=r"(^|\.)h\.\d+\.mlp\.c_(fc|proj)$",
+        "gpt2",
+        ("gpt2",),
+        attention=r"(^|\.)h\.\d+\.attn$",
+        q="c_attn",
+        k="c_attn",
+        v="c_attn",
+        o="c_proj",
+        head_owner="",
+        head_dim_attr="head_dim",
+        total_attr="split_size",
+        ffn=r"(^|\.)h\.\d+\.mlp\.c_(fc|proj)$",
         position=r"(^|\.)wpe$",
     ),
     "llama": Arch(
-        "llama", ("llama", "mistral", "qwen2"), attention=r"(^|\.)layers\.\d+\.self_attn$", q="q_proj",
-        k="k_proj", v="v_proj", o="o_proj", head_owner="", head_dim_attr="head_dim", total_attr=None,
-        ffn=r"(^|\.)layers\.\d+\.mlp\.(gate|up|down)_proj$", rope=True,
+        "llama",
+        ("llama", "mistral", "qwen2"),
+        attention=r"(^|\.)layers\.\d+\.self_attn$",
+        q="q_proj",
+        k="k_proj",
+        v="v_proj",
+        o="o_proj",
+        head_owner="",
+        head_dim_attr="head_dim",
+        total_attr=None,
+        ffn=r"(^|\.)layers\.\d+\.mlp\.(gate|up|down)_proj$",
+        rope=True,
     ),
 }
 

@@ -18,6 +18,7 @@ reads the statistics of that projection. These are exactly the inputs of
 ``embedding_activation_init(E, rank, stats[name].counts)``, ``attention_activation_init(..., stats[q].second_moment,
 stats[q].mean)``).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, Optional, Sequence, Union
@@ -36,8 +37,9 @@ def batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, d
     if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padding positions are masked anyway
         tokenizer = _with_pad(tokenizer)
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        enc = tokenizer(
+            list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         yield {k: v.to(device) for k, v in enc.items()}
 
 
@@ -110,8 +112,10 @@ def collect_input_stats(
         names = list(modules)
         unknown = [n for n in names if n not in candidates]
         if unknown:
-            raise ValueError(f"modules {unknown[:3]} are not linear or embedding layers of the model "
-                             f"(names look like {list(candidates)[:3]})")
+            raise ValueError(
+                f"modules {unknown[:3]} are not linear or embedding layers of the model "
+                f"(names look like {list(candidates)[:3]})"
+            )
         chosen = {n: candidates[n] for n in names}
     attention = list(attention)
     missing = [n for n in attention if n not in dict(model.named_modules())]
@@ -140,6 +144,7 @@ def collect_input_stats(
                 if cached is None or cached[0] is not x:
                     cached = state["sums"][id(x)] = (x, InputStats.batch_sums(_real_tokens(x, state["mask"])))
                 stats[name].update(x, cached[1])
+
         return hook
 
     def mixing_hook_for(name: str):
@@ -147,12 +152,15 @@ def collect_input_stats(
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if probs is None or probs.dim() != 4:
-                raise ValueError(f"{name} returned no attention probabilities; per-head statistics need an attention "
-                                 "module whose forward returns (output, probabilities)")
+                raise ValueError(
+                    f"{name} returned no attention probabilities; per-head statistics need an attention "
+                    "module whose forward returns (output, probabilities)"
+                )
             z = torch.einsum("bhij,bjd->bihd", probs.float(), x.float())  # z_h,i = sum_j a_h,ij x_j
             if name not in stats:
                 stats[name] = HeadInputStats(z.shape[2], z.shape[3], device=device)
             stats[name].update(_real_tokens(z, state["mask"]))
+
         return hook
 
     for name, module in chosen.items():

@@ -7,6 +7,7 @@ as flags, ``fd_linear`` <-> ``--fd-linear``), validated and defaulted by the cor
 core (listed below). ``to_dict``/``from_dict`` round-trip through JSON, which is how a patched model's
 ``config.json`` stores it; dicts saved with the former names ``qk_head_dim``/``ov_head_dim`` still read.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -90,5 +91,8 @@ class FNLConfig:
         return cls(**data)
 
 
-FNLConfig.__doc__ = (FNLConfig.__doc__ or "") + "".join(
-    f"\n        {s.name} (default {s.default!r}): {s.help}" for s in flat_settings()) + "\n"
+FNLConfig.__doc__ = (
+    (FNLConfig.__doc__ or "")
+    + "".join(f"\n        {s.name} (default {s.default!r}): {s.help}" for s in flat_settings())
+    + "\n"
+)

@@ -14,6 +14,7 @@ models (same tokenizer) on the same texts:
 
 All functions run in eval mode without gradients and leave the models' modes unchanged.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -44,8 +45,9 @@ def _device(model: nn.Module):
     return next(model.parameters()).device
 
 
-def mean_pooled(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = BATCH_SIZE,
-                max_length: int = MAX_LENGTH) -> torch.Tensor:
+def mean_pooled(
+    model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = BATCH_SIZE, max_length: int = MAX_LENGTH
+) -> torch.Tensor:
     """Mean over real tokens of the last hidden state, one row per text (float32, on the CPU)."""
     texts = check_texts(texts, "texts")
     rows = []
@@ -58,8 +60,9 @@ def mean_pooled(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: i
     return torch.cat(rows)
 
 
-def embedding_cosine(reference: nn.Module, candidate: nn.Module, tokenizer, texts: Sequence[str],
-                     **kwargs) -> Dict[str, object]:
+def embedding_cosine(
+    reference: nn.Module, candidate: nn.Module, tokenizer, texts: Sequence[str], **kwargs
+) -> Dict[str, object]:
     """``{"per_text": [cosine per text], "mean": ..., "min": ...}`` of the two models' mean-pooled embeddings."""
     a = mean_pooled(reference, tokenizer, texts, **kwargs)
     b = mean_pooled(candidate, tokenizer, texts, **kwargs)
@@ -105,7 +108,7 @@ def _mask_tokens(batch: dict, tokenizer, generator: torch.Generator, mask_prob: 
         special |= ids == sid
     candidates = (~special) & batch["attention_mask"].bool()
     draw = torch.rand(ids.shape, generator=generator) < mask_prob
-    chosen = (draw.to(ids.device) & candidates)
+    chosen = draw.to(ids.device) & candidates
     for i in range(ids.shape[0]):  # at least one masked token per text that has any
         if not bool(chosen[i].any()) and bool(candidates[i].any()):
             pos = candidates[i].nonzero().flatten()
@@ -115,8 +118,16 @@ def _mask_tokens(batch: dict, tokenizer, generator: torch.Generator, mask_prob: 
     return {**batch, "input_ids": ids}, labels
 
 
-def lm_loss(model: nn.Module, tokenizer, texts: Sequence[str], *, seed: int = 0, mask_prob: float = 0.15,
-            batch_size: int = BATCH_SIZE, max_length: int = MAX_LENGTH) -> Optional[Dict[str, object]]:
+def lm_loss(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    seed: int = 0,
+    mask_prob: float = 0.15,
+    batch_size: int = BATCH_SIZE,
+    max_length: int = MAX_LENGTH,
+) -> Optional[Dict[str, object]]:
     """``{"kind": "mlm" | "clm", "loss": mean cross-entropy per predicted token, "tokens": count}``, or ``None``
     when ``model`` has no masked or causal LM head. Masked positions depend only on ``seed``, the tokenizer and
     the texts, so two models see the same masks."""
@@ -138,8 +149,9 @@ def lm_loss(model: nn.Module, tokenizer, texts: Sequence[str], *, seed: int = 0,
             else:
                 logits = model(**batch).logits[:, :-1]
                 labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                   ignore_index=-100, reduction="sum")
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
             total += float(loss)
             count += int((labels != -100).sum())
     if not count:
@@ -147,8 +159,16 @@ def lm_loss(model: nn.Module, tokenizer, texts: Sequence[str], *, seed: int = 0,
     return {"kind": kind, "loss": total / count, "tokens": count}
 
 
-def fidelity_report(reference: nn.Module, candidate: nn.Module, tokenizer, texts: Sequence[str], *, seed: int = 0,
-                    batch_size: int = BATCH_SIZE, max_length: int = MAX_LENGTH) -> Dict[str, object]:
+def fidelity_report(
+    reference: nn.Module,
+    candidate: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    seed: int = 0,
+    batch_size: int = BATCH_SIZE,
+    max_length: int = MAX_LENGTH,
+) -> Dict[str, object]:
     """How closely ``candidate`` reproduces ``reference`` on ``texts``: ``cosine`` (mean-pooled embeddings: mean,
     min, per text), ``neighbours`` (nearest-neighbour agreement, or None), ``lm_loss`` (``{"kind", "reference",
     "candidate", "tokens"}``, or None without an LM head) and ``texts`` (how many)."""
@@ -166,9 +186,12 @@ def fidelity_report(reference: nn.Module, candidate: nn.Module, tokenizer, texts
     ref_loss = lm_loss(reference, tokenizer, texts, seed=seed, **kw)
     if ref_loss is not None:
         cand_loss = lm_loss(candidate, tokenizer, texts, seed=seed, **kw)
-        report["lm_loss"] = {"kind": ref_loss["kind"], "reference": ref_loss["loss"],
-                             "candidate": None if cand_loss is None else cand_loss["loss"],
-                             "tokens": ref_loss["tokens"]}
+        report["lm_loss"] = {
+            "kind": ref_loss["kind"],
+            "reference": ref_loss["loss"],
+            "candidate": None if cand_loss is None else cand_loss["loss"],
+            "tokens": ref_loss["tokens"],
+        }
     return report
 
 
@@ -185,5 +208,11 @@ def format_fidelity(report: Dict[str, object]) -> str:
     return f"output fidelity on {report['texts']} texts: " + ", ".join(parts)
 
 
-__all__: List[str] = ["embedding_cosine", "fidelity_report", "format_fidelity", "lm_loss", "mean_pooled",
-                      "neighbour_agreement"]
+__all__: List[str] = [
+    "embedding_cosine",
+    "fidelity_report",
+    "format_fidelity",
+    "lm_loss",
+    "mean_pooled",
+    "neighbour_agreement",
+]

@@ -6,6 +6,7 @@ usually holds more that users load it with: tokenizer files, and for sentence-tr
 :func:`copy_non_weight_files` copies all of those, and never the weights of the source model in any format
 (copying them would put stale dense weights beside the new ones).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,24 @@ import shutil
 from typing import List, Tuple
 
 # files of weights in any format (and their shard indexes); OpenVINO's .xml graph goes with a same-named .bin
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data", ".ot",
-                   ".gguf", ".tflite", ".npz", ".mlmodel", ".safetensors.index.json", ".bin.index.json")
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".onnx_data",
+    ".ot",
+    ".gguf",
+    ".tflite",
+    ".npz",
+    ".mlmodel",
+    ".safetensors.index.json",
+    ".bin.index.json",
+)
 WRITTEN_BY_SAVE = ("config.json", "generation_config.json")  # save_pretrained writes these for the new model
 
 

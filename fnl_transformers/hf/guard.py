@@ -20,6 +20,7 @@ report; explicit options (``attn_implementation=``, ``config=``) route around an
 and the older unmarked layout (``model.safetensors``); :func:`unmark_config` removes the marks from a loaded
 config. Everything else in the directory (tokenizer, sentence-transformers files) is untouched.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,11 @@ from typing import Dict, List, Tuple
 
 import torch
 
-POINTER = ("fnl_transformers checkpoint (factorized weights that plain transformers cannot load): load it with "
-           "fnl_transformers.hf.from_pretrained(path), or save fnl_transformers.hf.recompose(model) for plain "
-           "transformers")
+POINTER = (
+    "fnl_transformers checkpoint (factorized weights that plain transformers cannot load): load it with "
+    "fnl_transformers.hf.from_pretrained(path), or save fnl_transformers.hf.recompose(model) for plain "
+    "transformers"
+)
 TRAP_KEY = "transformers_weights"  # config key transformers reads for the weights file name
 GUARD_KEY = "fnl_checkpoint"
 FORMAT = 1
@@ -141,8 +144,9 @@ def weight_files(save_dir: str) -> List[str]:
             if missing:
                 raise FileNotFoundError(f"{path} lists {missing[0]}, which is missing; the checkpoint is incomplete")
             return files
-    raise FileNotFoundError(f"{save_dir} has no {WEIGHTS} or {PLAIN_WEIGHTS} (or a sharded index); save the model "
-                            "with save_pretrained")
+    raise FileNotFoundError(
+        f"{save_dir} has no {WEIGHTS} or {PLAIN_WEIGHTS} (or a sharded index); save the model with save_pretrained"
+    )
 
 
 def load_weights(save_dir: str) -> Dict[str, torch.Tensor]:
@@ -156,8 +160,10 @@ def load_weights(save_dir: str) -> Dict[str, torch.Tensor]:
             state.update(load_file(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"{path} is not a readable safetensors file ({reason}); the checkpoint is corrupted or "
-                             "incomplete: save it again") from None
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({reason}); the checkpoint is corrupted or "
+                "incomplete: save it again"
+            ) from None
     return state
 
 

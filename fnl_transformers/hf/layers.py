@@ -10,6 +10,7 @@ before the output projection. Their state-dict keys and shapes are those of a pl
 :class:`TiedFactorizedHead` is the output projection tied to a :class:`~fnl_transformers.core.FactorizedEmbedding`
 (logits ``x E^T`` through :meth:`FactorizedEmbedding.project`, never forming ``E``).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -40,8 +41,9 @@ def slice_activations(x: torch.Tensor, heads: int, inner: int, outer: int) -> to
 class HeadPaddedLinear(nn.Linear):
     """``nn.Linear(in, heads * inner)`` whose output is zero-padded per head to ``heads * outer``."""
 
-    def __init__(self, in_features: int, heads: int, inner: int, outer: int, bias: bool = True, dtype=None,
-                 device=None):
+    def __init__(
+        self, in_features: int, heads: int, inner: int, outer: int, bias: bool = True, dtype=None, device=None
+    ):
         super().__init__(in_features, heads * inner, bias=bias, dtype=dtype, device=device)
         self.heads, self.inner, self.outer = heads, inner, outer
 
@@ -56,8 +58,9 @@ class HeadSlicedLinear(nn.Linear):
     """``nn.Linear(heads * inner, out)`` fed with ``heads * outer`` inputs of which each head's first ``inner``
     are used (the rest are the zero padding of :class:`HeadPaddedLinear` values)."""
 
-    def __init__(self, heads: int, inner: int, outer: int, out_features: int, bias: bool = True, dtype=None,
-                 device=None):
+    def __init__(
+        self, heads: int, inner: int, outer: int, out_features: int, bias: bool = True, dtype=None, device=None
+    ):
         super().__init__(heads * inner, out_features, bias=bias, dtype=dtype, device=device)
         self.heads, self.inner, self.outer = heads, inner, outer
 
@@ -81,8 +84,10 @@ class HeadPaddedConv1D(Conv1D):
         return torch.cat([pad_activations(p, self.heads, i, self.outer) for p, i in zip(parts, self.inners)], dim=-1)
 
     def __repr__(self) -> str:
-        return (f"HeadPaddedConv1D(nf={self.nf}, nx={self.nx}, heads={self.heads}, inners={self.inners}, "
-                f"outer={self.outer})")
+        return (
+            f"HeadPaddedConv1D(nf={self.nf}, nx={self.nx}, heads={self.heads}, inners={self.inners}, "
+            f"outer={self.outer})"
+        )
 
 
 class HeadSlicedConv1D(Conv1D):
@@ -96,8 +101,9 @@ class HeadSlicedConv1D(Conv1D):
         return super().forward(slice_activations(x, self.heads, self.inner, self.outer))
 
     def __repr__(self) -> str:
-        return (f"HeadSlicedConv1D(nf={self.nf}, nx={self.nx}, heads={self.heads}, inner={self.inner}, "
-                f"outer={self.outer})")
+        return (
+            f"HeadSlicedConv1D(nf={self.nf}, nx={self.nx}, heads={self.heads}, inner={self.inner}, outer={self.outer})"
+        )
 
 
 class TiedFactorizedHead(nn.Module):
@@ -125,5 +131,7 @@ class TiedFactorizedHead(nn.Module):
         return self.embedding.weight
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                "tied to a FactorizedEmbedding")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            "tied to a FactorizedEmbedding"
+        )

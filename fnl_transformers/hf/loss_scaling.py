@@ -11,6 +11,7 @@ and token weighting is lost. :func:`watch_num_items` watches each forward's ``lo
 with accumulation equals one update on the large batch. (Exact for models whose own mean is over the labels that
 are not ``-100``.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,7 +79,6 @@ def zero_with_graph(outputs) -> torch.Tensor:
     if logits is None:
         raise ValueError("a micro-batch has no labels != -100 and the model returned no logits to build a zero loss")
     return logits.sum() * 0.0
-
 
 
 __all__ = ["NumItemsSpy", "label_count", "watch_num_items", "zero_with_graph"]

@@ -12,6 +12,7 @@ directory marked by :func:`fnl_transformers.hf.guard.mark_checkpoint` cannot be 
 also be a Hugging Face Hub model id, resolved through the local cache (only the cache when offline:
 ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,10 @@ from .plan import Plan
 CONFIG_KEY = "fnl_config"  # key of the plan in model.config / config.json
 # Stored as `attn_implementation` in config.json: plain transformers then refuses to build the model with this
 # message (instead of silently re-initializing the factorized layers it does not know).
-LOAD_MARKER = ("fnl_transformers checkpoint: load it with fnl_transformers.hf.from_pretrained(path), "
-               "or save fnl_transformers.hf.recompose(model) for plain transformers")
+LOAD_MARKER = (
+    "fnl_transformers checkpoint: load it with fnl_transformers.hf.from_pretrained(path), "
+    "or save fnl_transformers.hf.recompose(model) for plain transformers"
+)
 MARKER_ATTR = "attn_implementation"
 
 
@@ -71,9 +74,11 @@ def save_pretrained(self: PreTrainedModel, save_directory, *args, **kwargs):
     of a patched model can be loaded wrongly by plain transformers. ``push_to_hub=True`` is refused (the upload would
     happen before the marks); ``model.push_to_hub(repo_id)`` saves through this method and uploads marked files."""
     if kwargs.get("push_to_hub"):
-        raise ValueError("save_pretrained(..., push_to_hub=True) would upload a patched checkpoint before "
-                         "fnl_transformers marks it: save it, then call model.push_to_hub(repo_id), which saves "
-                         "through this method")
+        raise ValueError(
+            "save_pretrained(..., push_to_hub=True) would upload a patched checkpoint before "
+            "fnl_transformers marks it: save it, then call model.push_to_hub(repo_id), which saves "
+            "through this method"
+        )
     out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     is_main = kwargs.get("is_main_process", args[0] if args else True)
     should = getattr(self, "should_save_on_this_rank", None)
@@ -103,10 +108,18 @@ WEIGHTS = guard.PLAIN_WEIGHTS
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def from_pretrained(path: str, dtype: Union[torch.dtype, str, None] = None, attn_implementation: Optional[str] = None,
-                    device=None, *, torch_dtype: Union[torch.dtype, str, None] = None, device_map=None,
-                    cache_dir: Optional[str] = None, revision: Optional[str] = None,
-                    local_files_only: bool = False) -> PreTrainedModel:
+def from_pretrained(
+    path: str,
+    dtype: Union[torch.dtype, str, None] = None,
+    attn_implementation: Optional[str] = None,
+    device=None,
+    *,
+    torch_dtype: Union[torch.dtype, str, None] = None,
+    device_map=None,
+    cache_dir: Optional[str] = None,
+    revision: Optional[str] = None,
+    local_files_only: bool = False,
+) -> PreTrainedModel:
     """Load a model saved (``save_pretrained``) after :func:`fnl_transformers.hf.patch_model`.
 
     Every parameter and persistent buffer of the rebuilt model must come from the checkpoint (tied weights
@@ -172,8 +185,9 @@ def _resolve_dtype(dtype, torch_dtype) -> Optional[torch.dtype]:
     if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
         value = getattr(torch, value)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype (e.g. torch.float16, \"bfloat16\") or \"auto\", "
-                         f"got {value!r}")
+        raise ValueError(
+            f'dtype must be a floating torch dtype (e.g. torch.float16, "bfloat16") or "auto", got {value!r}'
+        )
     return value
 
 
@@ -184,15 +198,18 @@ def _resolve_device(device, device_map):
     if device is not None:
         raise ValueError("give device or device_map, not both")
     if isinstance(device_map, dict):
-        raise ValueError("device_map as a dict (layers spread over devices) is not supported; give one device: "
-                         "device_map=\"cpu\", \"auto\" or \"cuda:0\"")
+        raise ValueError(
+            "device_map as a dict (layers spread over devices) is not supported; give one device: "
+            'device_map="cpu", "auto" or "cuda:0"'
+        )
     if device_map == "auto":
         return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
     try:
         return torch.device(device_map)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device_map must be \"cpu\", \"auto\" or a device name like \"cuda:0\", got "
-                         f"{device_map!r}") from None
+        raise ValueError(
+            f'device_map must be "cpu", "auto" or a device name like "cuda:0", got {device_map!r}'
+        ) from None
 
 
 def _resolve_path(path: str, cache_dir: Optional[str], revision: Optional[str], local_files_only: bool) -> str:
@@ -207,14 +224,18 @@ def _resolve_path(path: str, cache_dir: Optional[str], revision: Optional[str], 
     offline = bool(local_files_only or constants.HF_HUB_OFFLINE)
     patterns = ["config.json", guard.WEIGHTS, guard.WEIGHTS_INDEX, "*.safetensors", "*.safetensors.index.json"]
     try:
-        return snapshot_download(path, revision=revision, cache_dir=cache_dir, local_files_only=offline,
-                                 allow_patterns=patterns)
+        return snapshot_download(
+            path, revision=revision, cache_dir=cache_dir, local_files_only=offline, allow_patterns=patterns
+        )
     except LocalEntryNotFoundError:
         where = cache_dir or constants.HF_HUB_CACHE
         raise FileNotFoundError(
             f"{path} is neither a local directory nor a model in the Hugging Face cache ({where})"
-            + (" and downloading is off (HF_HUB_OFFLINE or local_files_only): download it first, or give its "
-               "directory" if offline else ": check the name, or give its directory")
+            + (
+                " and downloading is off (HF_HUB_OFFLINE or local_files_only): download it first, or give its directory"
+                if offline
+                else ": check the name, or give its directory"
+            )
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise FileNotFoundError(f"{path}: {str(exc).strip().splitlines()[0]}") from None
@@ -228,8 +249,11 @@ def _load_strict(model: PreTrainedModel, state: Dict[str, torch.Tensor], path: s
     mismatched = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if unexpected or missing or mismatched:
         show = lambda keys: ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")  # noqa
-        problems = [f"{what}: {show(keys)}" for what, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
+        problems = [
+            f"{what}: {show(keys)}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+            if keys
+        ]
         raise ValueError(
             f"{path}: the weights do not match the architecture its fnl_config describes ({'; '.join(problems)}); "
             "the checkpoint is incomplete or was saved from a different configuration"

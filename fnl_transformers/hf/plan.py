@@ -9,6 +9,7 @@ records, computed once from shapes before the model is touched, and stored as JS
 ``Plan.to_dict`` / ``Plan.from_dict`` round-trip through JSON; plans of the previous format (1: head-dim keys
 ``qk_head_dim``/``ov_head_dim``) are read and upgraded.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
@@ -92,10 +93,15 @@ class Plan:
     fidelity: Optional[dict] = None  # output-level comparison with the original (hf.fidelity), when measured
 
     def to_dict(self) -> dict:
-        out = {"format": self.format, "arch": self.arch, "config": self.config.to_dict(),
-               "attention": {n: asdict(e) for n, e in self.attention.items()},
-               "layers": {n: asdict(e) for n, e in self.layers.items()},
-               "params_before": self.params_before, "params_after": self.params_after}
+        out = {
+            "format": self.format,
+            "arch": self.arch,
+            "config": self.config.to_dict(),
+            "attention": {n: asdict(e) for n, e in self.attention.items()},
+            "layers": {n: asdict(e) for n, e in self.layers.items()},
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+        }
         if self.fidelity is not None:
             out["fidelity"] = self.fidelity
         return out
@@ -120,16 +126,24 @@ class Plan:
                 e["init_ov"] = init if e["head_dim_ov"] != e["head_dim"] else None
             attention[name] = AttentionEntry(**_known(AttentionEntry, e, name))
         layers = {name: LayerEntry(**_known(LayerEntry, e, name)) for name, e in data["layers"].items()}
-        return cls(data["arch"], config, attention, layers, data.get("params_before", 0), data.get("params_after"),
-                   fidelity=data.get("fidelity"))
+        return cls(
+            data["arch"],
+            config,
+            attention,
+            layers,
+            data.get("params_before", 0),
+            data.get("params_after"),
+            fidelity=data.get("fidelity"),
+        )
 
 
 def _known(cls, entry: dict, name: str) -> dict:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(entry) - known)
     if unknown:
-        raise ValueError(f"fnl_config entry {name!r} has unknown field(s) {unknown} (saved by another "
-                         "fnl_transformers version?)")
+        raise ValueError(
+            f"fnl_config entry {name!r} has unknown field(s) {unknown} (saved by another fnl_transformers version?)"
+        )
     return entry
 
 
@@ -143,16 +157,21 @@ def _qk_cause(config: FNLConfig, qk: int) -> Tuple[str, str]:
     if config.head_dim_qk is not None:
         return f"head_dim_qk={config.head_dim_qk}", "drop head_dim_qk (head_dim_ov shrinks the OV forms alone)"
     if config.head_dim is not None:
-        return (f"head_dim={config.head_dim} (both attention forms)",
-                f"give head_dim_ov={config.head_dim} instead to shrink the OV forms alone")
+        return (
+            f"head_dim={config.head_dim} (both attention forms)",
+            f"give head_dim_ov={config.head_dim} instead to shrink the OV forms alone",
+        )
     if "attention" in config.factorize and config.rank_scale is not None:
-        return (f"rank_scale={config.rank_scale:g} with 'attention' in factorize (QK heads to {qk} dims)",
-                "drop 'attention' from factorize (head_dim_ov shrinks the OV forms alone)")
+        return (
+            f"rank_scale={config.rank_scale:g} with 'attention' in factorize (QK heads to {qk} dims)",
+            "drop 'attention' from factorize (head_dim_ov shrinks the OV forms alone)",
+        )
     return "spectral_init_qk=True", "drop spectral_init_qk"
 
 
-def _attention_entry(arch: Arch, name: str, att: nn.Module, heads: Tuple[int, int],
-                     config: FNLConfig) -> Tuple[AttentionEntry, Tensors]:
+def _attention_entry(
+    arch: Arch, name: str, att: nn.Module, heads: Tuple[int, int], config: FNLConfig
+) -> Tuple[AttentionEntry, Tensors]:
     structure = config.structure
     H, G = heads
     hd = arch.original_head_dim(att, H)
@@ -173,12 +192,24 @@ def _attention_entry(arch: Arch, name: str, att: nn.Module, heads: Tuple[int, in
         )
     t = arch.read(att, dims.full)  # the one read of this module's weights
     if (ov != hd or init["ov"] == "spectral") and t["v_bias"] is not None and t["o_bias"] is None:
-        raise ValueError(f"{name}: a value bias can only be folded into an output bias, and the output projection "
-                         "has none; keep the OV head dim and spectral_init_ov unset")
+        raise ValueError(
+            f"{name}: a value bias can only be folded into an output bias, and the output projection "
+            "has none; keep the OV head dim and spectral_init_ov unset"
+        )
     before, after = form_param_counts(t, dims.full), form_param_counts(t, dims)
     score = structure.score_head_dim(hd, qk)
-    entry = AttentionEntry(H, G, hd, qk, ov, init["qk"], init["ov"], None if score == hd else score,
-                           [before["qk"], after["qk"]], [before["ov"], after["ov"]])
+    entry = AttentionEntry(
+        H,
+        G,
+        hd,
+        qk,
+        ov,
+        init["qk"],
+        init["ov"],
+        None if score == hd else score,
+        [before["qk"], after["qk"]],
+        [before["ov"], after["ov"]],
+    )
     return entry, t
 
 
@@ -189,18 +220,23 @@ def _layer_candidates(model: nn.Module, arch: Arch, factorize) -> Tuple[list, di
     if "ffn" in factorize:
         for name, layer in arch.ffn_modules(model):
             W, _ = arch.linear_weight(layer)
-            candidates.append((name, layer, "linear", "conv1d" if isinstance(layer, Conv1D) else "linear",
-                               tuple(W.shape)))
+            candidates.append(
+                (name, layer, "linear", "conv1d" if isinstance(layer, Conv1D) else "linear", tuple(W.shape))
+            )
     if "position" in factorize:
         found = arch.position_modules(model)
         if not found:
             why = "rotary position embeddings (RoPE) act inside the heads" if arch.rope else "no position table found"
-            raise ValueError(f"factorize 'position' needs learned position embeddings, but {arch.name} has none "
-                             f"({why}); drop 'position' from factorize")
+            raise ValueError(
+                f"factorize 'position' needs learned position embeddings, but {arch.name} has none "
+                f"({why}); drop 'position' from factorize"
+            )
         for name, table in found:
             if not isinstance(table, nn.Embedding) or not table.weight.requires_grad:
-                raise ValueError(f"{name} is a fixed (e.g. sinusoidal) position table, not a learned one: drop "
-                                 "'position' from factorize")
+                raise ValueError(
+                    f"{name} is a fixed (e.g. sinusoidal) position table, not a learned one: drop "
+                    "'position' from factorize"
+                )
             candidates.append((name, table, "embedding", "embedding", tuple(table.weight.shape)))
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     names = {id(m): n for n, m in model.named_modules()}
@@ -209,8 +245,13 @@ def _layer_candidates(model: nn.Module, arch: Arch, factorize) -> Tuple[list, di
         candidates.append((names[id(inp)], inp, "embedding", "embedding", tuple(inp.weight.shape)))
         if out is not None and not tied and isinstance(out, nn.Linear):
             candidates.append((names[id(out)], out, "embedding", "linear", tuple(out.weight.shape)))
-    tie = {"input": names.get(id(inp)), "output": names.get(id(out)) if out is not None else None, "tied": tied,
-           "bias": getattr(out, "bias", None) is not None, "shape": list(inp.weight.shape) if tied else None}
+    tie = {
+        "input": names.get(id(inp)),
+        "output": names.get(id(out)) if out is not None else None,
+        "tied": tied,
+        "bias": getattr(out, "bias", None) is not None,
+        "shape": list(inp.weight.shape) if tied else None,
+    }
     return candidates, tie
 
 
@@ -230,8 +271,9 @@ def _layer_entries(model, arch: Arch, structure, params_before: int, params_now:
             entry.padding_idx, entry.orig_padding_idx = (pad if keep else None), pad
         entries[name] = entry
     if tie["tied"] and tie["input"] in entries:
-        entries[tie["output"]] = LayerEntry("embedding", "tied_head", tie["shape"], entries[tie["input"]].rank,
-                                            embedding=tie["input"], bias=tie["bias"])
+        entries[tie["output"]] = LayerEntry(
+            "embedding", "tied_head", tie["shape"], entries[tie["input"]].rank, embedding=tie["input"], bias=tie["bias"]
+        )
     return entries
 
 
@@ -245,7 +287,8 @@ def make_plan(model: nn.Module, config: FNLConfig) -> Tuple[Plan, Dict[str, Tens
     weights: Dict[str, Tensors] = {}
     for name, att in arch.attention_modules(model):
         plan.attention[name], weights[name] = _attention_entry(arch, name, att, heads, config)
-    after_heads = plan.params_before - sum(e.qk_params[0] - e.qk_params[1] + e.ov_params[0] - e.ov_params[1]
-                                           for e in plan.attention.values())
+    after_heads = plan.params_before - sum(
+        e.qk_params[0] - e.qk_params[1] + e.ov_params[0] - e.ov_params[1] for e in plan.attention.values()
+    )
     plan.layers = _layer_entries(model, arch, structure, plan.params_before, after_heads)
     return plan, weights

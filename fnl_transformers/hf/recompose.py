@@ -5,6 +5,7 @@ multiplied out: teacher-free distillation); reduced heads are zero-padded back t
 core (:func:`~fnl_transformers.core.pad_heads`; heads scored by ``1/sqrt(reduced head dim)``, the rule
 ``reduced_heads='fresh'``, get that scaling folded into the query; the outputs are unchanged).
 """
+
 from __future__ import annotations
 
 import copy

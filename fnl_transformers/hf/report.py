@@ -8,6 +8,7 @@ activation-aware truncation, the relative error of the layer's outputs on the ca
 was not measured (random initialization; weight-only SI has no output error). The output-level fidelity to the
 original model is the last line when it was measured (``fnl compress``).
 """
+
 from __future__ import annotations
 
 import re
@@ -32,16 +33,34 @@ def table_rows(plan: Union[Plan, dict]) -> List[dict]:
         for form in ("qk", "ov"):
             params = getattr(e, f"{form}_params") or [None, None]
             fit = getattr(e, f"{form}_fit") or {}
-            rows.append({"layer": name, "kind": form, "shape": f"{e.heads} heads x {e.head_dim}",
-                         "rank": getattr(e, f"head_dim_{form}"), "before": params[0], "after": params[1],
-                         "error": getattr(e, f"{form}_rel_error"), "output_error": fit.get("output_rel_error")})
+            rows.append(
+                {
+                    "layer": name,
+                    "kind": form,
+                    "shape": f"{e.heads} heads x {e.head_dim}",
+                    "rank": getattr(e, f"head_dim_{form}"),
+                    "before": params[0],
+                    "after": params[1],
+                    "error": getattr(e, f"{form}_rel_error"),
+                    "output_error": fit.get("output_rel_error"),
+                }
+            )
     for name, layer in plan.layers.items():
         if layer.type == "tied_head":
             continue
         params = layer.params or [None, None]
-        rows.append({"layer": name, "kind": layer.kind, "shape": f"{layer.shape[0]} x {layer.shape[1]}",
-                     "rank": layer.rank, "before": params[0], "after": params[1], "error": layer.rel_error,
-                     "output_error": (layer.fit or {}).get("output_rel_error")})
+        rows.append(
+            {
+                "layer": name,
+                "kind": layer.kind,
+                "shape": f"{layer.shape[0]} x {layer.shape[1]}",
+                "rank": layer.rank,
+                "before": params[0],
+                "after": params[1],
+                "error": layer.rel_error,
+                "output_error": (layer.fit or {}).get("output_rel_error"),
+            }
+        )
     return sorted(rows, key=lambda r: (_natural(r["layer"]), _KIND_ORDER[r["kind"]]))
 
 
@@ -63,8 +82,10 @@ def format_table(plan: Union[Plan, dict]) -> str:
     if not lines:
         out.append("(no layer factorized and no head shrunk; attention forms registered for FD)")
     if calibrated:
-        out.append("rel. error: ||W - W'||_F / ||W||_F; output error: of the layer's outputs on the calibration "
-                   "inputs (activation-aware truncation)")
+        out.append(
+            "rel. error: ||W - W'||_F / ||W||_F; output error: of the layer's outputs on the calibration "
+            "inputs (activation-aware truncation)"
+        )
     before, after = plan.params_before, plan.params_after
     if before and after:
         out.append(f"total parameters: {before:,} -> {after:,} ({after / before:.3f} of the original)")

@@ -1,5 +1,6 @@
 """Parameter summary of a (patched) HuggingFace model: :mod:`fnl_transformers.core.summary` with the original
 parameter count read from the patch plan (``model.config.fnl_config["params_before"]``) when there is one."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional

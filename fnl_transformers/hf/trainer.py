@@ -49,6 +49,7 @@ What :class:`FNLTrainer` changes, and why:
   transformers cannot load them wrongly); resuming (``resume_from_checkpoint``) and ``load_best_model_at_end`` read
   the weights of marked checkpoints through :func:`~fnl_transformers.hf.guard.load_weights`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -143,9 +144,17 @@ class FNLTrainer(Trainer):
     # compute_loss returns a loss already normalized over the accumulated batch: Trainer must not rescale it.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, fnl_config=None, fd: Optional[str] = None, fd_optimizer: str = "adamwfd",
-                 weight_decay_factors: Optional[bool] = None, fnl_diagnostics: bool = True,
-                 check_finite: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        fnl_config=None,
+        fd: Optional[str] = None,
+        fd_optimizer: str = "adamwfd",
+        weight_decay_factors: Optional[bool] = None,
+        fnl_diagnostics: bool = True,
+        check_finite: bool = True,
+        **kwargs,
+    ):
         if "loss_is_scaled_for_ga" not in vars(Trainer):  # added in transformers 5.19.0
             import transformers
 
@@ -230,8 +239,12 @@ class FNLTrainer(Trainer):
 
             coeffs = self.fd
             groups = optim.param_groups(
-                self.model if model is None else model, fd_linear=coeffs.linear, fd_embedding=coeffs.embedding,
-                fd_qk=coeffs.qk, fd_ov=coeffs.ov, weight_decay=self.args.weight_decay,
+                self.model if model is None else model,
+                fd_linear=coeffs.linear,
+                fd_embedding=coeffs.embedding,
+                fd_qk=coeffs.qk,
+                fd_ov=coeffs.ov,
+                weight_decay=self.args.weight_decay,
                 weight_decay_factors=self.policy.weight_decay_factors,
             )
             cls = {"adamwfd": optim.AdamWFD, "flambe": optim.FLAMBe}[self.fd_optimizer]

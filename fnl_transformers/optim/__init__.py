@@ -30,6 +30,7 @@ Half-precision parameters (float16 / bfloat16, as fairseq's ``--memory-efficient
 float32: float32 moments, the update and decoupled FD computed in float32, the result rounded into the parameter
 once (``supports_memory_efficient_fp16``).
 """
+
 from ..core import default_no_decay
 from .adamw import AdamWFD, adamw_update
 from .groups import param_groups

@@ -10,6 +10,7 @@ reloads them without any allow-list, and nothing holds a reference to the model:
 
 The FD math itself lives in :func:`fnl_transformers.core.accumulate_fd_grads`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,15 @@ import torch
 from ..core import KINDS, FactorView, FormSpec, accumulate_fd_grads, check_fd_coefficients
 
 
-def check_number(name: str, value, low: float = 0.0, high: float = math.inf, low_open: bool = False,
-                 high_open: bool = False, fix: str = "") -> float:
+def check_number(
+    name: str,
+    value,
+    low: float = 0.0,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    fix: str = "",
+) -> float:
     """``value`` as a float in the interval; one clear ValueError otherwise."""
     try:
         x = float(value)

@@ -8,6 +8,7 @@ For each parameter tensor ``w`` (same operations, in the same order, as ``torch.
 * ``m = beta1 m + (1 - beta1) g``, ``v = beta2 v + (1 - beta2) g^2``;
 * ``w <- w - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,6 +71,17 @@ class AdamWFD(FDOptimizer):
             fd = fd_terms(group)  # from the weights before this step
             params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)
             beta1, beta2 = group["betas"]
-            adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, fd, lr=group["lr"], beta1=beta1, beta2=beta2,
-                         eps=group["eps"], weight_decay=group["weight_decay"])
+            adamw_update(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                fd,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
         return loss

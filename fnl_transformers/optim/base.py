@@ -4,6 +4,7 @@ Half-precision parameters (float16 / bfloat16, e.g. fairseq's ``--memory-efficie
 the moments are float32, the update (and decoupled FD, float32 from the half factors by the core's rule) is
 computed on a float32 working copy of the parameter, and the result is rounded into the parameter once.
 """
+
 from __future__ import annotations
 
 import torch

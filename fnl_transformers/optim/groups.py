@@ -1,5 +1,6 @@
 """Parameter groups from a model, by the one decay policy (:class:`fnl_transformers.core.DecayPolicy`): Frobenius
 decay on factors of forms with FD, weight decay elsewhere, none on biases and normalization layers."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
@@ -68,8 +69,10 @@ def param_groups(
         wanted = set()
         for p in params:
             if id(p) not in owner:
-                raise ValueError(f"a parameter of shape {tuple(p.shape)} passed in `params` is not a parameter of "
-                                 "`model`; pass the model that owns it")
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} passed in `params` is not a parameter of "
+                    "`model`; pass the model that owns it"
+                )
             wanted.add(id(p))
 
     # FD forms: those of active kinds with at least one wanted factor (all their factors join the FD group)
@@ -98,8 +101,14 @@ def param_groups(
     if fd_ids:
         fd_params = [owner[i][1] for i in fd_ids]
         coeffs = fd.coefficients()
-        groups.append({"params": fd_params, "weight_decay": 0.0, "fd": {k: coeffs[k] for k in fd.active},
-                       "fd_forms": encode_forms(fd_forms, len(fd_params), 0)})
+        groups.append(
+            {
+                "params": fd_params,
+                "weight_decay": 0.0,
+                "fd": {k: coeffs[k] for k in fd.active},
+                "fd_forms": encode_forms(fd_forms, len(fd_params), 0),
+            }
+        )
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay})
     if no:

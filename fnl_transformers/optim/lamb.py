@@ -26,6 +26,7 @@ FSDP2 parameters (DTensors, ``fully_shard``) are updated on their local shards; 
 and of ``max_grad_norm`` are completed by one all-reduce per batch of tensors, and FLAMBe's FD comes from the
 shards (:mod:`fnl_transformers.core.sharded`, one all-reduce of k x k pieces).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -64,8 +65,15 @@ def lamb_update(
 
     ``workspace``: a dict the caller keeps between steps; large tensors' update directions are computed in a
     buffer kept there instead of fresh memory each step (which costs page faults on every step)."""
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, bias_correction=bias_correction, trust_clip=trust_clip,
-                 scale=None if grad_scale is None else float(grad_scale))
+    hyper = dict(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        bias_correction=bias_correction,
+        trust_clip=trust_clip,
+        scale=None if grad_scale is None else float(grad_scale),
+    )
     if hyper["scale"] == 1.0:
         hyper["scale"] = None
     fd_ids = fd.param_ids() if fd is not None else set()
@@ -79,8 +87,15 @@ def lamb_update(
     sharded = [is_dtensor(w) for w in params]
     hyper["group"] = mesh_group(params) if any(sharded) else None
     local = [local_part(w) for w in work]
-    tensors = (local, [local_part(g) for g in grads], [local_part(m) for m in exp_avgs],
-               [local_part(v) for v in exp_avg_sqs], steps, [id(w) for w in params], sharded)
+    tensors = (
+        local,
+        [local_part(g) for g in grads],
+        [local_part(m) for m in exp_avgs],
+        [local_part(v) for v in exp_avg_sqs],
+        steps,
+        [id(w) for w in params],
+        sharded,
+    )
     if small:  # together: one foreach call per operation, directions in fresh (small) tensors
         _lamb_batch([[t[i] for i in small] for t in tensors], None, weight_decay, None, **hyper)
     for i, r in zip(large, _buffers(workspace, "large", [local[i] for i in large], one_at_a_time=True)):
@@ -115,8 +130,21 @@ def _buffers(workspace: Optional[Dict], name: str, like: List[torch.Tensor], one
     return out
 
 
-def _lamb_batch(tensors, rs: Optional[List[torch.Tensor]], weight_decay: float, fd: Optional[GroupForms], *, lr,
-                beta1, beta2, eps, bias_correction, trust_clip, scale, group=None) -> None:
+def _lamb_batch(
+    tensors,
+    rs: Optional[List[torch.Tensor]],
+    weight_decay: float,
+    fd: Optional[GroupForms],
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    bias_correction,
+    trust_clip,
+    scale,
+    group=None,
+) -> None:
     """LAMB on a list of tensors, the update directions in ``rs`` (or fresh tensors when None). Every element
     goes through the same operations whether the list holds one tensor or many (``torch._foreach_*``), so a
     tensor's result does not depend on its batch. Tensors flagged sharded are local shards of DTensors: their
@@ -158,8 +186,9 @@ def _lamb_batch(tensors, rs: Optional[List[torch.Tensor]], weight_decay: float, 
     _trust_steps(ws, r_list, lr, trust_clip, sharded, group)
 
 
-def tensor_norms(ts: List[torch.Tensor], sharded: Optional[List[bool]] = None, group=None,
-                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def tensor_norms(
+    ts: List[torch.Tensor], sharded: Optional[List[bool]] = None, group=None, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
     """The 2-norm of each tensor; for those flagged ``sharded`` (local shards of one tensor each), of the whole
     tensor: squared local norms summed over ``group`` by one all-reduce."""
     norms = torch.stack(torch._foreach_norm(ts, 2, dtype=dtype) if dtype is not None else torch._foreach_norm(ts))
@@ -173,8 +202,14 @@ def tensor_norms(ts: List[torch.Tensor], sharded: Optional[List[bool]] = None, g
     return torch.where(mask, sq.sqrt(), norms)
 
 
-def _trust_steps(ws: List[torch.Tensor], rs: List[torch.Tensor], lr: float, trust_clip: Optional[float],
-                 sharded: Optional[List[bool]] = None, group=None) -> None:
+def _trust_steps(
+    ws: List[torch.Tensor],
+    rs: List[torch.Tensor],
+    lr: float,
+    trust_clip: Optional[float],
+    sharded: Optional[List[bool]] = None,
+    group=None,
+) -> None:
     """``w -= lr * q * r`` with the trust ratio ``q = ||w|| / ||r||`` (1 if a norm is 0), ``min(q, trust_clip)``;
     all ratios in one vector operation, no host synchronization (one all-reduce of the norms for shards)."""
     both = tensor_norms(list(ws) + list(rs), None if sharded is None else list(sharded) * 2, group)
@@ -207,23 +242,39 @@ class Lamb(FDOptimizer):
 
     supports_fd = False
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01,
-                 bias_correction: bool = True, trust_clip: Optional[float] = None,
-                 max_grad_norm: Optional[float] = None):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        trust_clip: Optional[float] = None,
+        max_grad_norm: Optional[float] = None,
+    ):
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, low_open=True, fix=" (None disables pre-normalization)")
         self.max_grad_norm = max_grad_norm
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
-                        trust_clip=trust_clip)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            trust_clip=trust_clip,
+        )
         super().__init__(params, defaults)
 
     def check_group(self, group: dict, index: int) -> None:
         if group["trust_clip"] is not None:
-            check_number(f"param group {index}: trust_clip", group["trust_clip"], low_open=True,
-                         fix=" (None disables clipping)")
+            check_number(
+                f"param group {index}: trust_clip", group["trust_clip"], low_open=True, fix=" (None disables clipping)"
+            )
         if not isinstance(group["bias_correction"], bool):
-            raise ValueError(f"param group {index}: bias_correction must be True or False, "
-                             f"got {group['bias_correction']!r}")
+            raise ValueError(
+                f"param group {index}: bias_correction must be True or False, got {group['bias_correction']!r}"
+            )
 
     def _grad_scale(self) -> Optional[torch.Tensor]:
         """``max(1, ||G|| / max_grad_norm)`` over every gradient of the optimizer, or None."""
@@ -256,10 +307,23 @@ class Lamb(FDOptimizer):
             fd = group_forms(group) if self.supports_fd else None
             params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)
             beta1, beta2 = group["betas"]
-            lamb_update(params, grads, exp_avgs, exp_avg_sqs, steps, fd, lr=group["lr"], beta1=beta1, beta2=beta2,
-                        eps=group["eps"], weight_decay=group["weight_decay"],
-                        bias_correction=group["bias_correction"], trust_clip=group["trust_clip"],
-                        grad_scale=grad_scale, workspace=self._workspace())
+            lamb_update(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                fd,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                bias_correction=group["bias_correction"],
+                trust_clip=group["trust_clip"],
+                grad_scale=grad_scale,
+                workspace=self._workspace(),
+            )
         return loss
 
 

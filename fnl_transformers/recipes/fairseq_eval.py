@@ -12,6 +12,7 @@ and writes beside the checkpoint ``STEM.SUBSET.generate.txt`` / ``.generate.log`
 and the recipe settings (``recipe.json`` written by ``train.sh`` beside the checkpoint), so ``summary`` can plot
 it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ def bleu(hyps: List[str], refs: List[str]):
     from sacrebleu.metrics import BLEU
 
     if len(hyps) != len(refs):
-        raise EvalError(f"{len(hyps)} hypotheses but {len(refs)} references: the reference file does not match the "
-                        "test set")
+        raise EvalError(
+            f"{len(hyps)} hypotheses but {len(refs)} references: the reference file does not match the test set"
+        )
     metric = BLEU()
     score = metric.corpus_score(hyps, [refs])
     return score.score, str(metric.get_signature()), score
@@ -68,15 +70,20 @@ def checkpoint_info(checkpoint: str, user_dir: Optional[str] = None, data: Optio
     state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint)
     history = state.get("optimizer_history") or [{}]
     models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task(
-        [checkpoint], arg_overrides={"data": data} if data else None, state=state)
+        [checkpoint], arg_overrides={"data": data} if data else None, state=state
+    )
     model = models[0]
     total = embedding = 0
     for name, p in model.named_parameters():  # named_parameters() yields a shared tensor once
         total += p.numel()
         if "embed_tokens" in name or "output_projection" in name:
             embedding += p.numel()
-    return {"params": total, "params_embedding": embedding, "params_nonembedding": total - embedding,
-            "updates": int(history[-1].get("num_updates", 0))}
+    return {
+        "params": total,
+        "params_embedding": embedding,
+        "params_nonembedding": total - embedding,
+        "updates": int(history[-1].get("num_updates", 0)),
+    }
 
 
 @contextlib.contextmanager
@@ -98,16 +105,42 @@ def log_to(path: str, mode: str = "a"):
         root.handlers, root.level = saved
 
 
-def generate(data: str, checkpoint: str, subset: str, out_txt: str, log_path: str, beam: int, batch_size: int,
-             lenpen: float, user_dir: Optional[str], cpu: bool, extra: List[str]) -> None:
+def generate(
+    data: str,
+    checkpoint: str,
+    subset: str,
+    out_txt: str,
+    log_path: str,
+    beam: int,
+    batch_size: int,
+    lenpen: float,
+    user_dir: Optional[str],
+    cpu: bool,
+    extra: List[str],
+) -> None:
     """``fairseq-generate`` of ``subset`` in this process: hypotheses to ``out_txt``, fairseq's log to
     ``log_path``. A failure raises ``EvalError("fairseq-generate failed: Type: first line")``."""
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq_cli import generate as fairseq_generate
 
-    argv = [data, "--path", checkpoint, "--gen-subset", subset, "--beam", str(beam), "--batch-size",
-            str(batch_size), "--lenpen", str(lenpen), "--remove-bpe", "sentencepiece", "--log-format", "simple"]
+    argv = [
+        data,
+        "--path",
+        checkpoint,
+        "--gen-subset",
+        subset,
+        "--beam",
+        str(beam),
+        "--batch-size",
+        str(batch_size),
+        "--lenpen",
+        str(lenpen),
+        "--remove-bpe",
+        "sentencepiece",
+        "--log-format",
+        "simple",
+    ]
     argv += (["--user-dir", user_dir] if user_dir else []) + (["--cpu"] if cpu else []) + list(extra)
     tmp = out_txt + ".tmp"
     with log_to(log_path, mode="w"):
@@ -132,15 +165,19 @@ def _write_json(path: str, obj: dict) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(prog="python -m fnl_transformers.recipes.fairseq_eval",
-                                description=__doc__.splitlines()[0])
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(
+        prog="python -m fnl_transformers.recipes.fairseq_eval", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="the binarized data directory")
     p.add_argument("--subsets", default="test", help="comma-separated subsets (valid, test)")
-    p.add_argument("--refs", required=True, help="reference text per subset (comma-separated, in --subsets order), "
-                                                  "one line per sentence in subset order")
+    p.add_argument(
+        "--refs",
+        required=True,
+        help="reference text per subset (comma-separated, in --subsets order), one line per sentence in subset order",
+    )
     p.add_argument("--user-dir", help="fairseq --user-dir (the plugin)")
     p.add_argument("--recipe-json", help="train.sh's recipe.json with the run's settings")
     p.add_argument("--beam", type=int, default=5)
@@ -168,8 +205,19 @@ def main(argv=None) -> int:
                 os.remove(old)
         print(f"fairseq-generate {subset}, beam {args.beam}: {ckpt}", flush=True)
         try:
-            generate(args.data, ckpt, subset, gen, base + ".generate.log", args.beam, args.batch_size, args.lenpen,
-                     args.user_dir, args.cpu, extra)
+            generate(
+                args.data,
+                ckpt,
+                subset,
+                gen,
+                base + ".generate.log",
+                args.beam,
+                args.batch_size,
+                args.lenpen,
+                args.user_dir,
+                args.cpu,
+                extra,
+            )
             hyps = read_hypotheses(gen)
             with open(ref, encoding="utf-8") as f:
                 score, signature, full = bleu(hyps, f.read().splitlines())
@@ -182,9 +230,19 @@ def main(argv=None) -> int:
         if info is None:
             with log_to(base + ".generate.log"):
                 info = checkpoint_info(ckpt, args.user_dir, args.data)
-        result = {"recipe": "iwslt14", "metric": "bleu", "score": round(score, 2), "bleu": round(score, 2),
-                  "bleu_detail": str(full), "sacrebleu_signature": signature, "subset": subset, "beam": args.beam,
-                  "sentences": len(hyps), "checkpoint": ckpt, "hypotheses": hyp_out}
+        result = {
+            "recipe": "iwslt14",
+            "metric": "bleu",
+            "score": round(score, 2),
+            "bleu": round(score, 2),
+            "bleu_detail": str(full),
+            "sacrebleu_signature": signature,
+            "subset": subset,
+            "beam": args.beam,
+            "sentences": len(hyps),
+            "checkpoint": ckpt,
+            "hypotheses": hyp_out,
+        }
         result.update({k: v for k, v in recipe.items() if k not in result})
         result.update(info)
         _write_json(out, result)

@@ -6,6 +6,7 @@ weights are the training run's initialization (including spectral initialization
 and saves them with fairseq's own ``Trainer.save_checkpoint`` at update 0. ``eval.sh`` scores it like any
 checkpoint; its BLEU is what the demo compares trained models against.
 """
+
 from __future__ import annotations
 
 import os

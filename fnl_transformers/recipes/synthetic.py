@@ -12,6 +12,7 @@ Monolingual text (``write_monolingual``): source-side sentences of the same gram
 SQuAD v1.1 JSON (``write_squad``): English paragraphs of templated facts (who built what where, when) with
 questions whose answers are exact spans (character offsets checked), for fine-tuning a real BERT model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,8 +87,9 @@ def _surface(words: Sequence[str]) -> str:
     return text[0].upper() + text[1:]
 
 
-def write_parallel(out_dir: str, src: str = "de", tgt: str = "en", sizes=(12000, 400, 400),
-                   seed: int = 0) -> Dict[str, int]:
+def write_parallel(
+    out_dir: str, src: str = "de", tgt: str = "en", sizes=(12000, 400, 400), seed: int = 0
+) -> Dict[str, int]:
     """Write ``{train,valid,test}.{src,tgt}`` to ``out_dir``; returns {split: lines}. Splits are disjoint."""
     pair = ToyLanguagePair(seed)
     rng = random.Random(seed + 1)
@@ -126,12 +128,54 @@ def _write_lines(path: str, lines: Sequence[str]) -> None:
 
 
 # ---------------------------------------------------------------- SQuAD v1.1 format
-_PEOPLE = ["Anna Keller", "Omar Haddad", "Li Wei", "Maria Rossi", "John Carter", "Aiko Tanaka", "Pedro Alves",
-           "Fatima Noor", "Ivan Petrov", "Grace Okafor", "Lena Berg", "Samuel Reyes", "Nadia Amari", "Tom Walsh"]
-_CITIES = ["Lisbon", "Nairobi", "Oslo", "Kyoto", "Lima", "Cairo", "Dublin", "Quebec", "Hanoi", "Zurich",
-           "Austin", "Bergen", "Porto", "Seoul", "Tunis", "Malmo"]
-_THINGS = ["bridge", "library", "museum", "tower", "school", "theater", "hospital", "station", "harbor",
-           "garden", "observatory", "stadium"]
+_PEOPLE = [
+    "Anna Keller",
+    "Omar Haddad",
+    "Li Wei",
+    "Maria Rossi",
+    "John Carter",
+    "Aiko Tanaka",
+    "Pedro Alves",
+    "Fatima Noor",
+    "Ivan Petrov",
+    "Grace Okafor",
+    "Lena Berg",
+    "Samuel Reyes",
+    "Nadia Amari",
+    "Tom Walsh",
+]
+_CITIES = [
+    "Lisbon",
+    "Nairobi",
+    "Oslo",
+    "Kyoto",
+    "Lima",
+    "Cairo",
+    "Dublin",
+    "Quebec",
+    "Hanoi",
+    "Zurich",
+    "Austin",
+    "Bergen",
+    "Porto",
+    "Seoul",
+    "Tunis",
+    "Malmo",
+]
+_THINGS = [
+    "bridge",
+    "library",
+    "museum",
+    "tower",
+    "school",
+    "theater",
+    "hospital",
+    "station",
+    "harbor",
+    "garden",
+    "observatory",
+    "stadium",
+]
 _ADJS = ["old", "large", "famous", "small", "modern", "red", "white", "quiet"]
 _MATERIALS = ["stone", "glass", "steel", "wood", "brick", "concrete"]
 
@@ -145,8 +189,11 @@ def squad_examples(n_paragraphs: int, seed: int = 0, prefix: str = "q") -> dict:
         thing, adj, city = rng.choice(_THINGS), rng.choice(_ADJS), rng.choice(_CITIES)
         person, year, material = rng.choice(_PEOPLE), str(rng.randrange(1700, 2020)), rng.choice(_MATERIALS)
         sentences = [
-            (f"The {adj} {thing} of {city} was designed by {person}.", person,
-             f"Who designed the {adj} {thing} of {city}?"),
+            (
+                f"The {adj} {thing} of {city} was designed by {person}.",
+                person,
+                f"Who designed the {adj} {thing} of {city}?",
+            ),
             (f"Work on it started in {year}.", year, f"In which year did work on the {thing} in {city} start?"),
             (f"Its walls are made of {material}.", material, f"What are the walls of the {thing} in {city} made of?"),
         ]
@@ -155,13 +202,14 @@ def squad_examples(n_paragraphs: int, seed: int = 0, prefix: str = "q") -> dict:
         for sent, answer, question in sentences:
             start = len(context) + sent.index(answer)
             context += sent + " "
-            qas.append({"id": f"{prefix}{qid}", "question": question,
-                        "answers": [{"text": answer, "answer_start": start}]})
+            qas.append(
+                {"id": f"{prefix}{qid}", "question": question, "answers": [{"text": answer, "answer_start": start}]}
+            )
             qid += 1
         context = context.strip()
         for qa in qas:  # the answer is exactly the span at answer_start
             a = qa["answers"][0]
-            assert context[a["answer_start"]:a["answer_start"] + len(a["text"])] == a["text"]
+            assert context[a["answer_start"] : a["answer_start"] + len(a["text"])] == a["text"]
         paragraphs.append({"context": context, "qas": qas})
     return {"version": "1.1", "data": [{"title": "synthetic", "paragraphs": paragraphs}]}
 
@@ -180,8 +228,9 @@ def write_squad(out_dir: str, train_paragraphs: int = 200, dev_paragraphs: int =
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fnl_transformers.recipes.synthetic",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m fnl_transformers.recipes.synthetic", description=__doc__.splitlines()[0]
+    )
     sub = p.add_subparsers(dest="what", required=True)
     a = sub.add_parser("parallel", help="train/valid/test.{src,tgt} of the toy language pair")
     a.add_argument("out_dir")

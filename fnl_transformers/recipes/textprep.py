@@ -18,6 +18,7 @@ Subcommands (``python -m fnl_transformers.recipes.textprep CMD --help``):
 
 Every output file is written under a temporary name and renamed when complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -126,12 +127,14 @@ def clean_dir(raw_dir: str, out_dir: str, src: str, tgt: str, max_len: int = 175
             s_lines = _read(os.path.join(raw_dir, f"{split}.{src}"))
             t_lines = _read(os.path.join(raw_dir, f"{split}.{tgt}"))
         except UnicodeDecodeError as exc:
-            raise PrepError(f"{split}.{src}/{tgt} in {raw_dir} is not UTF-8 text ({exc.reason}): convert it with "
-                            "iconv") from None
+            raise PrepError(
+                f"{split}.{src}/{tgt} in {raw_dir} is not UTF-8 text ({exc.reason}): convert it with iconv"
+            ) from None
         kept, removed = clean_split(s_lines, t_lines, max_len, ratio, keep_all=(split == "test"))
         if not kept:
-            raise PrepError(f"no {split} pair survives cleaning (removed: {removed}); check the files or raise "
-                            "--max-len/--ratio")
+            raise PrepError(
+                f"no {split} pair survives cleaning (removed: {removed}); check the files or raise --max-len/--ratio"
+            )
         write_lines(os.path.join(out_dir, f"{split}.{src}"), [k[0] for k in kept])
         write_lines(os.path.join(out_dir, f"{split}.{tgt}"), [k[1] for k in kept])
         dropped = ", ".join(f"{v} {k}" for k, v in removed.items() if v) or "none"
@@ -140,8 +143,15 @@ def clean_dir(raw_dir: str, out_dir: str, src: str, tgt: str, max_len: int = 175
     return kept_counts
 
 
-def spm_train(clean_dir_: str, model_prefix: str, src: str, tgt: str, vocab_size: int, model_type: str = "bpe",
-              max_sentences: int = 2_000_000) -> str:
+def spm_train(
+    clean_dir_: str,
+    model_prefix: str,
+    src: str,
+    tgt: str,
+    vocab_size: int,
+    model_type: str = "bpe",
+    max_sentences: int = 2_000_000,
+) -> str:
     import sentencepiece as spm
 
     if vocab_size < 8:
@@ -151,9 +161,18 @@ def spm_train(clean_dir_: str, model_prefix: str, src: str, tgt: str, vocab_size
 
     def train(size: int, prefix: str) -> None:
         spm.SentencePieceTrainer.train(
-            input=",".join(inputs), model_prefix=prefix, vocab_size=size, model_type=model_type,
-            character_coverage=1.0, input_sentence_size=max_sentences, shuffle_input_sentence=True,
-            bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2,
+            input=",".join(inputs),
+            model_prefix=prefix,
+            vocab_size=size,
+            model_type=model_type,
+            character_coverage=1.0,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            unk_id=0,
+            minloglevel=2,
         )
 
     try:
@@ -162,8 +181,11 @@ def spm_train(clean_dir_: str, model_prefix: str, src: str, tgt: str, vocab_size
         m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(exc))
         if m:
             works = _largest_trainable(train, int(m.group(2)), tmp_prefix + ".probe")
-            hint = (f"pass --vocab-size {works} or less" if works else
-                    "no vocabulary size of at least 8 trains on it: use a larger corpus")
+            hint = (
+                f"pass --vocab-size {works} or less"
+                if works
+                else "no vocabulary size of at least 8 trains on it: use a larger corpus"
+            )
             raise PrepError(f"--vocab-size {m.group(1)} is too large for this training corpus: {hint}") from None
         raise PrepError(f"sentencepiece training failed: {str(exc).strip().splitlines()[-1]}") from None
     for ext in ("model", "vocab"):
@@ -174,6 +196,7 @@ def spm_train(clean_dir_: str, model_prefix: str, src: str, tgt: str, vocab_size
 def _largest_trainable(train, bound: int, prefix: str) -> int:
     """The largest vocabulary size <= ``bound`` (sentencepiece's own suggestion) that really trains on the corpus,
     found by training (a tiny corpus trains in a fraction of a second); 0 if none of at least 8 does."""
+
     def ok(size: int) -> bool:
         try:
             train(size, prefix)
@@ -209,17 +232,43 @@ def spm_encode(model: str, clean_dir_: str, out_dir: str, src: str, tgt: str) ->
         for lang in (src, tgt):
             lines = _read(os.path.join(clean_dir_, f"{split}.{lang}"))
             out = []
-            for i in tqdm(range(0, len(lines), 1000), desc=f"sentencepiece {split}.{lang}", unit="k lines",
-                          leave=False, mininterval=2, disable=None):
-                out += [" ".join(p) for p in sp.encode(lines[i:i + 1000], out_type=str)]
+            for i in tqdm(
+                range(0, len(lines), 1000),
+                desc=f"sentencepiece {split}.{lang}",
+                unit="k lines",
+                leave=False,
+                mininterval=2,
+                disable=None,
+            ):
+                out += [" ".join(p) for p in sp.encode(lines[i : i + 1000], out_type=str)]
             write_lines(os.path.join(out_dir, f"{split}.{lang}"), out)
 
 
 # ---------------------------------------------------------------- official IWSLT'14 archive
-_DROP_TAGS = ("<url>", "<talkid>", "<keywords>", "<speaker>", "<reviewer", "<translator", "<doc ", "</doc>",
-              "<?xml", "<mteval", "</mteval", "<srcset", "</srcset", "<refset", "</refset")
-_TEST_PARTS = ("IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010", "IWSLT14.TED.tst2011",
-               "IWSLT14.TED.tst2012")
+_DROP_TAGS = (
+    "<url>",
+    "<talkid>",
+    "<keywords>",
+    "<speaker>",
+    "<reviewer",
+    "<translator",
+    "<doc ",
+    "</doc>",
+    "<?xml",
+    "<mteval",
+    "</mteval",
+    "<srcset",
+    "</srcset",
+    "<refset",
+    "</refset",
+)
+_TEST_PARTS = (
+    "IWSLT14.TED.dev2010",
+    "IWSLT14.TEDX.dev2012",
+    "IWSLT14.TED.tst2010",
+    "IWSLT14.TED.tst2011",
+    "IWSLT14.TED.tst2012",
+)
 
 
 def _train_tags(path: str) -> List[str]:
@@ -245,13 +294,15 @@ def extract_iwslt(orig_dir: str, raw_dir: str, src: str = "de", tgt: str = "en",
     pair = pair or f"{src}-{tgt}"  # the archive's name for the pair (de-en also serves en -> de)
     found = glob.glob(os.path.join(orig_dir, "**", f"train.tags.{pair}.{src}"), recursive=True)
     if not found:
-        raise PrepError(f"train.tags.{pair}.{src} not found under {orig_dir}: is this the unpacked IWSLT'14 {pair} "
-                        "archive?")
+        raise PrepError(
+            f"train.tags.{pair}.{src} not found under {orig_dir}: is this the unpacked IWSLT'14 {pair} archive?"
+        )
     base = os.path.dirname(found[0])
     train = {lang: _train_tags(os.path.join(base, f"train.tags.{pair}.{lang}")) for lang in (src, tgt)}
     if len(train[src]) != len(train[tgt]):
-        raise PrepError(f"train.tags.{pair}: {len(train[src])} {src} lines but {len(train[tgt])} {tgt} lines after "
-                        "tag removal")
+        raise PrepError(
+            f"train.tags.{pair}: {len(train[src])} {src} lines but {len(train[tgt])} {tgt} lines after tag removal"
+        )
     test = {src: [], tgt: []}
     for part in _TEST_PARTS:
         for lang in (src, tgt):
@@ -284,8 +335,9 @@ def download(url: str, path: str) -> None:
     except OSError as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise PrepError(f"could not download {url} ({exc}); when offline, pass --raw-dir DIR with your own "
-                        "corpus") from None
+        raise PrepError(
+            f"could not download {url} ({exc}); when offline, pass --raw-dir DIR with your own corpus"
+        ) from None
     os.replace(tmp, path)
 
 
