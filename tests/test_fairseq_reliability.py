@@ -1,4 +1,4 @@
-"""Reliability of the fairseq plugin end to end (issue 7): gradient accumulation, resume, 2-worker distributed
+"""Reliability of the fairseq plugin end to end: gradient accumulation, resume, 2-worker distributed
 training, bad input.
 
 Comparisons read the parameters from the checkpoints fairseq writes (through its own, safe, loader).
