@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fnl_transformers.core.sharded as sharded  # noqa: E402
 from fnl_transformers.hf.trainer import FNLTrainer  # noqa: E402
 
+from distributed_helpers import forbid_collectives  # noqa: E402
 from hf_trainer_helpers import FD, MLMData, quiet, tiny_bert, training_args  # noqa: E402
 
 RUNS = {
@@ -42,28 +43,7 @@ def _own_optimizer(model):
     return FLAMBe(groups, lr=1e-2, eps=1e-6, max_grad_norm=0.5)
 
 
-FORBIDDEN = (
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_gather_object",
-    "broadcast",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "all_to_all",
-    "all_to_all_single",
-    "send",
-    "recv",
-    "gather",
-    "scatter",
-)
 CALLS = []  # per sharded FD call: its coefficients, CommLog calls and the collectives torch saw
-
-
-def _refuse(name):
-    def call(*args, **kwargs):
-        raise AssertionError(f"FD under FSDP called torch.distributed.{name}")
-
-    return call
 
 
 def _watch_fd():
@@ -73,15 +53,8 @@ def _watch_fd():
     def watched(specs, lookup, coeffs, comm):
         from torch.distributed.tensor.debug import CommDebugMode
 
-        saved = {name: getattr(dist, name) for name in FORBIDDEN}
-        for name in FORBIDDEN:
-            setattr(dist, name, _refuse(name))
-        try:
-            with CommDebugMode() as mode:  # also sees DTensor redistributions (functional collectives)
-                out = original(specs, lookup, coeffs, comm)
-        finally:
-            for name, fn in saved.items():
-                setattr(dist, name, fn)
+        with forbid_collectives("FD under FSDP"), CommDebugMode() as mode:  # mode: also DTensor redistributions
+            out = original(specs, lookup, coeffs, comm)
         counts = {str(op): n for op, n in mode.get_comm_counts().items()}
         CALLS.append(
             dict(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -47,6 +46,8 @@ from fnl_transformers.core.sharded import (
     shard_model,
     sharded_fd,
 )
+
+from distributed_helpers import forbid_collectives, free_port
 
 COEFFS = {"linear": 0.3, "embedding": 0.2, "qk": 0.5, "ov": 0.7}
 TOL = 1e-5
@@ -144,35 +145,8 @@ def _worker(rank, world, port, out_dir, qkv_dim1):
             if p.dim() == 2:
                 shards[n] = Sharded(p.to_local().detach(), ShardLayout.of_dtensor(p))
         comm = Comm()
-        forbidden = (
-            "all_gather",
-            "all_gather_into_tensor",
-            "all_gather_object",
-            "broadcast",
-            "reduce_scatter",
-            "reduce_scatter_tensor",
-            "all_to_all",
-            "all_to_all_single",
-            "send",
-            "recv",
-            "gather",
-            "scatter",
-        )
-        saved = {f: getattr(dist, f) for f in forbidden}
-
-        def refuse(f):
-            def call(*a, **k):
-                raise AssertionError(f"sharded FD called torch.distributed.{f}")
-
-            return call
-
-        for f in forbidden:
-            setattr(dist, f, refuse(f))
-        try:
+        with forbid_collectives("sharded FD"):
             penalty, grads = sharded_fd(model_specs(model), shards.__getitem__, COEFFS, comm)
-        finally:
-            for f, fn in saved.items():
-                setattr(dist, f, fn)
         scale = max(float(g.abs().max()) for g in ref_grads.values())
         grad_err = max(float((grads[n] - shards[n].layout.take(ref_grads[n])).abs().max()) for n in ref_grads)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -191,18 +165,12 @@ def _worker(rank, world, port, out_dir, qkv_dim1):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("qkv_dim1", [False, True], ids=["fsdp2-default", "qkv-dim1"])
 def test_fsdp2_shards_equal_unsharded_core(tmp_path, qkv_dim1):
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), qkv_dim1), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), qkv_dim1), nprocs=2, join=True)
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     dry = fd_comm_log(make_model(), COEFFS, 2, qkv_along_inputs(*QKV) if qkv_dim1 else fsdp_default)
     for res in results:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from distributed_helpers import free_port
 from fairseq_helpers import make_tiny_data, run_fairseq_train, tiny_train_args
 
 pytest.importorskip("fairseq")
@@ -170,15 +170,9 @@ def test_resume_mid_epoch_equals_uninterrupted(data64, tmp_path):
 # ---------------------------------------------------------------- distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _two_workers(argv, log_dir, timeout=600) -> None:
     """``fairseq-train argv`` as 2 CPU workers (gloo, explicit ranks, no spawn): fairseq's way for CPUs."""
-    port = _free_port()
+    port = free_port("localhost")
     dist = [
         "--distributed-world-size",
         "2",

@@ -16,8 +16,6 @@ no factor is ever materialized); the worker also makes every other torch.distrib
 
 import os
 import re
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -25,46 +23,13 @@ import torch
 
 pytest.importorskip("transformers")
 
+from distributed_helpers import run_worker, torchrun_worker  # noqa: E402
 from hf_trainer_helpers import FD, MLMData, max_rel_diff, params, tiny_bert, training_args  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "hf_trainer_fsdp_script.py")
 TOL, VALUE_TOL, STEPS = 1e-3, 1e-5, 3
 RUNS = ("coupled", "flambe", "adamwfd", "flambe_clip")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd, out):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return torch.load(out, weights_only=False)
-
-
-def _torchrun(out, *args):
-    return _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
-            SCRIPT,
-            "--out",
-            str(out),
-            *args,
-        ],
-        out,
-    )
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -75,9 +40,11 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 def launches(tmp_path_factory):
     """The three launches (one process; 2 processes; 2 processes with accumulation), shared by the tests here."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    single = _run([sys.executable, SCRIPT, "--out", str(tmp / "single.pt"), "--batch", "4"], tmp / "single.pt")
-    fsdp = _torchrun(tmp / "fsdp.pt", "--batch", "2", "--refusals")
-    fsdp_ga = _torchrun(tmp / "fsdp_ga.pt", "--batch", "1", "--accum", "2")
+    single = run_worker(
+        [sys.executable, SCRIPT, "--out", str(tmp / "single.pt"), "--batch", "4"], tmp / "single.pt", weights_only=False
+    )
+    fsdp = torchrun_worker(SCRIPT, tmp / "fsdp.pt", "--batch", "2", "--refusals", weights_only=False)
+    fsdp_ga = torchrun_worker(SCRIPT, tmp / "fsdp_ga.pt", "--batch", "1", "--accum", "2", weights_only=False)
     return single, fsdp, fsdp_ga
 
 
