@@ -113,8 +113,11 @@ def user_dir() -> str:
     return user_dir_path()
 
 
-def train_argv(data_bin: str, save_dir: str, arch: str, *extra: str, max_tokens: int = 2048) -> List[str]:
-    """fairseq-train flags of the IWSLT'14 de-en recipe (CPU, no dropout so runs are comparable)."""
+def train_argv(
+    data_bin: str, save_dir: str, arch: str, *extra: str, max_tokens: int = 2048, tie_output: bool = True
+) -> List[str]:
+    """fairseq-train flags of the IWSLT'14 de-en recipe (CPU, no dropout so runs are comparable); ``tie_output``:
+    the decoder's output projection shares its input embedding (``--share-decoder-input-output-embed``)."""
     return [
         data_bin,
         "--task",
@@ -125,7 +128,7 @@ def train_argv(data_bin: str, save_dir: str, arch: str, *extra: str, max_tokens:
         "tgt",
         "--arch",
         arch,
-        "--share-decoder-input-output-embed",
+        *(["--share-decoder-input-output-embed"] if tie_output else []),
         "--optimizer",
         "adam",
         "--adam-betas",

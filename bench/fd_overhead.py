@@ -44,13 +44,15 @@ ITEM, QUESTION = 2, "FD overhead in a fairseq training step"
 REPEATS = 3
 ROUNDS = 7  # per repeat: one step of each trainer per round, after one warm-up round; a repeat's ratio is the
 # median of its rounds' ratios (a single step's ratio scatters by a few percent on a shared machine)
-MODELS = {  # name -> (arch, dims)
+MODELS = {  # name -> (arch, whether the output projection shares the decoder's input embedding)
+    # the official model's output projection is its own
     "fnl_transformer_small (the paper's IWSLT model: 2+2 layers, d 256, 4 heads of 64, pre-norm)": (
         "fnl_transformer_small",
-        [],
+        False,
     ),
-    "fnl_transformer_iwslt_de_en (6+6 layers, d 512)": (ARCH, []),
+    "fnl_transformer_iwslt_de_en (6+6 layers, d 512)": (ARCH, True),
 }
+
 VARIANTS = {  # name -> (model flags, FD flags)
     "dense FFN/embeddings, FD on every QK and OV form": ([], ["--fd-qk", "1e-4", "--fd-ov", "1e-4"]),
     "FFN + embeddings at rank scale 0.5, FD on QK, OV, linear, embedding": (
@@ -95,11 +97,10 @@ def overhead_rows(data: str, root: str, quick: bool):
     repeats = 2 if quick else REPEATS
     batches = {128: 0.03, 256: 0.015} if quick else BATCHES
     cases = []
-    for model_name, (arch, dims) in MODELS.items():
+    for model_name, (arch, tie_output) in MODELS.items():
         for variant, (model_flags, fd_flags) in VARIANTS.items():
-            base = train_argv(data, root + "/ck", arch, *model_flags, *(QUICK_DIMS if quick else dims))
-            if arch == "fnl_transformer_small":  # the official model's output projection is its own
-                base.remove("--share-decoder-input-output-embed")
+            dims = QUICK_DIMS if quick else []
+            base = train_argv(data, root + "/ck", arch, *model_flags, *dims, tie_output=tie_output)
             for tokens in batches:
                 cases.append((model_name, variant, tokens, base, fd_flags))
     results = {i: [] for i in range(len(cases))}
