@@ -19,8 +19,9 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from test_fairseq_reliability import ATOL, FD_ARGS, _free_port, _max_diff, _params, _two_workers
+from test_fairseq_reliability import ATOL, FD_ARGS, _max_diff, _params, _two_workers
 
+from distributed_helpers import free_port
 from fairseq_helpers import _parse_stats, make_tiny_data, run_fairseq_train, tiny_train_args
 
 pytest.importorskip("fairseq")
@@ -104,7 +105,7 @@ def test_torchrun_equals_explicit_ranks(data16, tmp_path):
 
     two_nodes = tmp_path / "two_nodes"
     two_nodes.mkdir()
-    port = str(_free_port())
+    port = str(free_port("localhost"))
     nodes = [
         [
             "--nnodes",
@@ -165,7 +166,7 @@ def test_gpu_backends_on_cpu_are_refused(data16, tmp_path):
         "--distributed-rank",
         "0",
         "--distributed-init-method",
-        f"tcp://localhost:{_free_port()}",
+        f"tcp://localhost:{free_port('localhost')}",
     ]
     msg = _refusal(data16, tmp_path, *dist)  # fairseq's defaults: nccl, pytorch_ddp
     assert msg == (
@@ -183,7 +184,7 @@ def test_explicit_init_without_processes_is_refused(data16, tmp_path):
         "2",
         *CPU_DDP,
         "--distributed-init-method",
-        f"tcp://localhost:{_free_port()}",
+        f"tcp://localhost:{free_port('localhost')}",
     )
     assert "spawns one process per visible GPU and there is none" in msg
     assert "torchrun --nproc-per-node N fairseq-train" in msg
