@@ -8,7 +8,8 @@ Importing this package (which imports fairseq) registers, once per process:
 * the criterion ``fd_label_smoothed_cross_entropy`` (:mod:`.criterion`);
 * the optimizers ``fnl_adam``, ``flambe``, ``fnl_lamb`` (:mod:`.optim`);
 * the safe-loading allow-list for fairseq checkpoints under torch >= 2.6 (:mod:`.safe_loading`);
-* ``torchrun`` launch (``env://``) of ``fairseq-train`` on CPU and GPU (:mod:`.distributed`);
+* ``torchrun`` launch (``env://``) of ``fairseq-train`` on CPU and GPU (:mod:`.distributed`, run before training
+  by :mod:`.launch`);
 * mixed precision (``--fp16``, ``--bf16``, ``--memory-efficient-fp16/-bf16``, ``--amp``) that keeps the plugin
   optimizers' per-parameter groups (:mod:`.precision`).
 
@@ -21,7 +22,7 @@ duplicate". ``fnl userdir`` prints ``user_dir/fnl_fairseq_plugin``, a shim packa
 
 from __future__ import annotations
 
-from . import distributed, precision, safe_loading
+from . import launch, precision, safe_loading
 from .criterion import FDLabelSmoothedCrossEntropyConfig, FDLabelSmoothedCrossEntropyCriterion
 from .model import ARCHITECTURES, FnlTransformerModel, fnl_specs
 from .optim import OPTIMIZERS
@@ -51,7 +52,7 @@ def register() -> None:
 
 
 safe_loading.install()
-distributed.install()
+launch.install()
 precision.install()
 register()
 

@@ -8,8 +8,7 @@ CPU it fails computing the device as ``RANK % torch.cuda.device_count()`` (a div
 explicit ``--distributed-init-method`` without ``--distributed-no-spawn`` spawns one process per visible GPU,
 which on CPU is zero processes: the command exits 0 having trained nothing.
 
-:func:`install` (called when the plugin is imported; idempotent) wraps fairseq's ``call_main`` with
-:func:`resolve_launch`, which runs before fairseq's own inference:
+:func:`resolve_launch` runs before fairseq's ``call_main`` and its own inference (:mod:`.launch`):
 
 * under ``torchrun`` (all five variables set, ``WORLD_SIZE > 1``) and without ``--distributed-init-method``:
   ``env://`` initialization, world size ``WORLD_SIZE``, rank ``RANK``, device ``LOCAL_RANK``, no spawning (the
@@ -19,7 +18,7 @@ which on CPU is zero processes: the command exits 0 having trained nothing.
 * a launch that would spawn no process (no GPU visible, no ``--distributed-no-spawn``) is refused with the fix;
 * everything else (single process, Slurm, explicit ranks) is left to fairseq unchanged.
 
-**Backends.** :func:`check_backends` runs in the same place, before any process group or model exists:
+**Backends.** :func:`check_backends` runs in the same place (:mod:`.launch`), before any process group or model exists:
 
 * CPU workers (``--cpu``, or no GPU) need ``--distributed-backend gloo --ddp-backend legacy_ddp``: fairseq's
   defaults are GPU-only (``nccl``; ``pytorch_ddp`` hands ``DistributedDataParallel`` a GPU device id, which it
@@ -47,8 +46,6 @@ from ..core import KINDS
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 GPU_ONLY_DDP_BACKENDS = ("pytorch_ddp", "c10d")  # c10d: fairseq's alias of pytorch_ddp
-
-_INSTALLED = False
 
 
 def torchrun_env(environ=None) -> Optional[dict]:
@@ -146,24 +143,3 @@ def check_backends(cfg) -> None:
                 f"{' and '.join(wrong)} need{'s' if len(wrong) == 1 else ''} GPUs and these workers run on CPU: use "
                 "--distributed-backend gloo --ddp-backend legacy_ddp"
             )
-
-
-def install() -> None:
-    """Run :func:`resolve_launch` and :func:`check_backends` before fairseq's ``call_main`` (idempotent; imports
-    fairseq)."""
-    global _INSTALLED
-    if _INSTALLED:
-        return
-    from fairseq.distributed import utils as distributed_utils
-
-    stock = distributed_utils.call_main
-
-    def call_main(cfg, main, **kwargs):
-        resolve_launch(cfg.distributed_training, cpu=bool(getattr(cfg.common, "cpu", False)))
-        check_backends(cfg)
-        return stock(cfg, main, **kwargs)
-
-    call_main.__wrapped__ = stock
-    call_main.__doc__ = stock.__doc__
-    distributed_utils.call_main = call_main
-    _INSTALLED = True

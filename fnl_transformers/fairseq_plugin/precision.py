@@ -14,7 +14,8 @@ imported; idempotent) changes so that the groups survive in every mode:
 * ``--bf16``: the same ``FP16Optimizer``, which never flattens for bf16, without loss scaling. fairseq's command
   line turns ``--bf16`` into ``--bf16 --tpu`` (``options.parse_args_and_arch``), whose TPU path needs
   ``torch_xla``; where ``torch_xla`` is not installed that run cannot start anywhere, so :func:`resolve_bf16`
-  clears ``tpu`` and the run trains in bfloat16 on the GPU (on the CPU with ``--cpu``).
+  (run before training by :mod:`.launch`) clears ``tpu`` and the run trains in bfloat16 on the GPU (on the CPU
+  with ``--cpu``).
 * ``--memory-efficient-fp16`` / ``-bf16``: ``MemoryEfficientFP16Optimizer`` hands the optimizer the half-precision
   parameters themselves (groups and forms intact); the optimizer keeps its state in float32, computes the update
   (and FD, core rule: float32 from the half factors) in float32 and rounds the result into the parameter
@@ -98,7 +99,6 @@ def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
-    from fairseq.distributed import utils as distributed_utils
     from fairseq.optim.amp_optimizer import AMPOptimizer
     from fairseq.optim.fp16_optimizer import FP16Optimizer
 
@@ -127,13 +127,4 @@ def install() -> None:
     step.__wrapped__ = stock_step
     AMPOptimizer.step = step
 
-    stock_call_main = distributed_utils.call_main
-
-    def call_main(cfg, main, **kwargs):
-        resolve_bf16(cfg)
-        return stock_call_main(cfg, main, **kwargs)
-
-    call_main.__wrapped__ = stock_call_main
-    call_main.__doc__ = stock_call_main.__doc__
-    distributed_utils.call_main = call_main
     _INSTALLED = True
